@@ -1,0 +1,60 @@
+#!/usr/bin/env python3
+"""Benchmark localswarm.vote as a best-of-N selector on labelled HumanEval samples.
+
+Runs ../shared/reference/consensus/consensus_reference.py (the reference harness: fixed random
+subsets, paired bootstrap CI) with localswarm.vote as the selector, and times vote() on 8
+answers of ~2,000 tokens. Not a test; results go into BENCHMARKS.md.
+
+  python tests/bench_consensus.py [--half odd|even] [--reference DIR]
+"""
+import argparse, os, random, statistics, subprocess, sys, time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+import localswarm  # noqa: E402
+
+
+def select(prompt, completions):
+    """The selector the reference harness calls: (prompt, completions) -> index."""
+    return localswarm.vote(completions, prompt=prompt).index
+
+
+def cost_benchmark(repeats=5):
+    """Median seconds of vote() over 8 different ~2,000-token Python answers."""
+    rng = random.Random(1)
+    names = ["total", "items", "value", "result", "index", "count", "acc", "row"]
+    answers = []
+    for k in range(8):
+        lines = []
+        for f in range(56):
+            a, b = rng.sample(names, 2)
+            lines += [f"def helper_{f}({a}, {b}):", f"    {a} = {a} + {b} * {rng.randint(1, 9)}",
+                      f"    for {b} in range({rng.randint(2, 20)}):", f"        {a} += {b} if {b} % 2 else -{b}",
+                      f"    return {a}", ""]
+        answers.append("```python\n" + "\n".join(lines) + "\n```")
+    ntok = statistics.mean(len(localswarm.code_tokens(a.strip("`python\n"))) for a in answers)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        localswarm.vote(answers, prompt="Write Python helpers")
+        times.append(time.perf_counter() - t)
+    return ntok, statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--half", default="odd")
+    ap.add_argument("--reference", default=os.path.join(HERE, "..", "..", "shared", "reference", "consensus"))
+    ap.add_argument("--skip-eval", action="store_true")
+    args = ap.parse_args()
+    ntok, secs = cost_benchmark()
+    print(f"vote() over 8 answers of ~{ntok:.0f} tokens: {secs * 1000:.1f} ms (median of 5)")
+    if not args.skip_eval:
+        script = os.path.join(args.reference, "consensus_reference.py")
+        env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
+        subprocess.run([sys.executable, script, "--selector", f"{os.path.abspath(__file__)}:select",
+                        "--half", args.half, "--jobs", "2"], check=True, env=env)
+
+
+if __name__ == "__main__":
+    main()
