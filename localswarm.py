@@ -1483,12 +1483,16 @@ class LlamaCppEngine:
         return req
 
     def generate(self, prompt_tokens: list, params: SamplingParams, voters: Optional[int] = None,
-                 on_token=None, timeout: Optional[float] = None) -> GenRequest:
-        """Submit and wait; cancels the request on timeout."""
+                 on_token=None, timeout: Optional[float] = None,
+                 cancel: Optional[threading.Event] = None) -> GenRequest:
+        """Submit and wait; cancels the request on timeout or when `cancel` is set."""
         req = self.submit(GenRequest(prompt_tokens, params, voters or self.voters, on_token))
-        if not req.wait(timeout):
-            req.cancel()
-            req.wait(10)
+        deadline = time.monotonic() + (timeout or 1e9)
+        while not req.wait(0.1):
+            if (cancel is not None and cancel.is_set()) or time.monotonic() > deadline:
+                req.cancel()
+                req.wait(30)
+                break
         if req.error:
             raise req.error
         return req
@@ -1811,6 +1815,228 @@ class ChatFormatter:
             except ValueError:
                 pass
         return {**call, "function": fn}
+
+
+##############################################################################
+# Swarm: one request answered by N voters and a vote. Renders the chat
+# prompt, runs the engine's voters, turns tool-call text into OpenAI
+# tool_calls, votes (consensus section) and keeps the numbers that /health,
+# /metrics, MCP and the status line show.
+##############################################################################
+
+TOOL_CALL_TAG_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.S)
+JSON_FENCE_RE = re.compile(r"```(?:json)?\s*\n?(.*?)(?:```|\Z)", re.S)
+
+
+def _json_calls(text: str) -> Optional[list]:
+    """Parse text as one call object, or a list of them; None when it is not that."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    items = data if isinstance(data, list) else [data]
+    calls = []
+    for item in items:
+        if not isinstance(item, dict):
+            return None
+        fn = item.get("function") if isinstance(item.get("function"), dict) else item
+        name = fn.get("name")
+        args = fn.get("arguments", fn.get("parameters", {}))
+        if not isinstance(name, str):
+            return None
+        calls.append((name, args))
+    return calls
+
+
+def parse_tool_calls(text: str, offered: Iterable[str]) -> tuple:
+    """(content, tool_calls) from a model's answer: Qwen-style <tool_call>{..}</tool_call>,
+    a fenced JSON call, or a bare JSON object with name/arguments. Calls to functions that
+    were not offered are dropped (and left in the content)."""
+    offered = set(offered)
+    found, content = [], text
+    tagged = TOOL_CALL_TAG_RE.findall(text)
+    if tagged:
+        for body in tagged:
+            found += _json_calls(body) or []
+        content = TOOL_CALL_TAG_RE.sub("", text).strip()
+    else:
+        stripped = text.strip()
+        calls = _json_calls(stripped) if stripped.startswith(("{", "[")) else None
+        if calls is None:
+            fence = JSON_FENCE_RE.search(stripped)
+            if fence and stripped.startswith("```"):
+                calls = _json_calls(fence.group(1).strip())
+        if calls:
+            found, content = calls, ""
+    result = []
+    for name, args in found:
+        if name not in offered:
+            continue
+        if not isinstance(args, str):
+            args = json.dumps(args, ensure_ascii=False)
+        result.append({"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+                       "function": {"name": name, "arguments": args}})
+    if found and not result:
+        content = text        # nothing valid was called: the text is the answer
+    return content, result
+
+
+@dataclass
+class ChatRequest:
+    """A validated request, whatever API it came through."""
+    messages: Optional[list] = None       # chat
+    prompt: Optional[str] = None          # plain completion
+    params: SamplingParams = field(default_factory=SamplingParams)
+    voters: Optional[int] = None
+    strategy: Optional[str] = None
+    tools: Optional[list] = None
+    tool_choice: Any = "auto"
+    n: int = 1
+    max_tokens_requested: Optional[int] = None
+    cancel: threading.Event = field(default_factory=threading.Event)   # set when the client leaves
+
+    def offered_tools(self) -> list:
+        """Function names the model may call, after tool_choice."""
+        if not self.tools or self.tool_choice == "none":
+            return []
+        names = [t.get("function", {}).get("name") for t in self.tools if isinstance(t, dict)]
+        if isinstance(self.tool_choice, dict):
+            wanted = self.tool_choice.get("function", {}).get("name")
+            return [n for n in names if n == wanted]
+        return [n for n in names if n]
+
+    def question(self) -> str:
+        """The text the vote reads as the question (the last user message, or the prompt)."""
+        if self.prompt is not None:
+            return self.prompt
+        for m in reversed(self.messages or []):
+            if m.get("role") == "user":
+                return message_text(m.get("content"))
+        return ""
+
+
+@dataclass
+class SwarmAnswer:
+    """The swarm's answer to one request: the winner, the vote and how it was made."""
+    text: str
+    tool_calls: list
+    finish_reason: str
+    verdict: Verdict
+    results: list               # VoterResult per voter
+    parsed: list                # (content, tool_calls) per voter
+    prompt_tokens: int
+    cached_tokens: int
+    latency: float
+    model: str
+    max_tokens: int
+    max_tokens_clamped_from: Optional[int] = None
+    nodes: list = field(default_factory=list)   # federation: who voted
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.results[self.verdict.index].completion_tokens if self.results else 0
+
+    def distinct_choices(self, n: int) -> list:
+        """Up to n distinct (content, tool_calls, finish_reason), the winner first."""
+        order = [self.verdict.index] + [i for i in range(len(self.parsed)) if i != self.verdict.index]
+        seen, out = set(), []
+        for i in order:
+            content, calls = self.parsed[i]
+            key = (content, json.dumps([c["function"] for c in calls]))
+            if key in seen:
+                continue
+            seen.add(key)
+            out.append((content, calls, _finish(self.results[i].finish_reason, calls)))
+            if len(out) == n:
+                break
+        return out
+
+    def x_localswarm(self) -> dict:
+        """The extension field reported with every response."""
+        d = self.verdict.to_json()
+        d.update({"voters": len(self.results), "model": self.model, "latency_s": round(self.latency, 3),
+                  "prompt_tokens_cached": self.cached_tokens, "max_tokens": self.max_tokens,
+                  "per_voter": [{"latency_s": round(r.latency, 3), "ttft_s": round(r.ttft, 3),
+                                 "tokens": r.completion_tokens, "finish_reason": r.finish_reason,
+                                 "tokens_per_s": round(r.tokens_per_s, 1)} for r in self.results]})
+        if self.max_tokens_clamped_from is not None:
+            d["max_tokens_clamped_from"] = self.max_tokens_clamped_from
+        if self.nodes:
+            d["nodes"] = self.nodes
+        return d
+
+
+def _finish(reason: str, calls: list) -> str:
+    return "tool_calls" if calls else ("length" if reason == "length" else "stop")
+
+
+DEFAULT_MAX_TOKENS = 4096   # when a request names none (bounded by the context either way)
+
+
+class Swarm:
+    """N voters over one engine, and the vote that picks the answer."""
+
+    def __init__(self, engine, strategy: str = "similarity", timeout: float = 600.0,
+                 model_id: Optional[str] = None):
+        self.engine, self.strategy, self.timeout = engine, strategy, timeout
+        self.model_id = model_id or engine.model_id
+        self.last_confidence: Optional[float] = None
+        self.requests = 0
+        self.started = time.time()
+
+    @property
+    def voters(self) -> int:
+        return self.engine.voters
+
+    def prompt_text(self, req: ChatRequest) -> str:
+        if req.prompt is not None:
+            return req.prompt
+        tools = req.tools if req.offered_tools() else None
+        return self.engine.formatter.render(req.messages, tools)
+
+    def answer(self, req: ChatRequest, on_token: Optional[Callable[[int, str], None]] = None) -> SwarmAnswer:
+        """Run the voters on one request and vote. on_token(voter, text) streams tokens live."""
+        t0 = time.monotonic()
+        tokens = self.engine.tokenize(self.prompt_text(req))
+        room = self.engine.ctx_limit - len(tokens)
+        if room < 1:
+            raise ContextLengthError(f"the prompt has {len(tokens)} tokens; this model's context is "
+                                     f"{self.engine.ctx_limit} tokens")
+        asked = req.max_tokens_requested
+        params = dataclasses.replace(req.params, max_tokens=min(asked or DEFAULT_MAX_TOKENS, room))
+        voters = req.voters or self.voters
+        g = self.engine.generate(tokens, params, voters, on_token, self.timeout, req.cancel)
+        offered = req.offered_tools()
+        parsed = [parse_tool_calls(r.text, offered) if offered else (r.text, []) for r in g.results]
+        cands = [Candidate(content, r.finish_reason, r.latency, calls or None, r.completion_tokens)
+                 for (content, calls), r in zip(parsed, g.results)]
+        live = [c for c in cands if c.finish_reason not in ("cancelled", "error")] or cands
+        verdict = vote(live, req.strategy or self.strategy, req.question(), tools=offered or None)
+        verdict.index = cands.index(live[verdict.index])
+        if req.tool_choice == "required" and not parsed[verdict.index][1]:
+            with_calls = [i for i, (_, c) in enumerate(parsed) if c]
+            if with_calls:
+                verdict.index = with_calls[0]
+        content, calls = parsed[verdict.index]
+        win = g.results[verdict.index]
+        self.requests += 1
+        self.last_confidence = verdict.confidence
+        return SwarmAnswer(content, calls, _finish(win.finish_reason, calls), verdict, g.results, parsed,
+                           len(tokens), g.cached_tokens, time.monotonic() - t0, self.model_id,
+                           params.max_tokens, asked if asked and asked > params.max_tokens else None)
+
+    def status(self) -> dict:
+        """Numbers for /health, MCP's get_swarm_status and the status line."""
+        e = self.engine
+        return {"model": self.model_id, "backend": e.backend, "voters": self.voters,
+                "healthy_voters": sum(1 for w in e.workers if w.healthy), "busy_voters": e.busy_voters(),
+                "queue_depth": e.queue_depth(), "strategy": self.strategy, "ctx": e.ctx_limit,
+                "requests": self.requests, "last_confidence": self.last_confidence,
+                "uptime_s": round(time.time() - self.started, 1)}
+
+    def workers(self) -> list:
+        return [dict(dataclasses.asdict(w), backend=self.engine.backend) for w in self.engine.workers]
+
 
 
 ##############################################################################
@@ -2243,3 +2469,1492 @@ def cross_vote(answers: list, threshold: float = AGREEMENT_THRESHOLD) -> Verdict
     groups = _groups(list(range(n)), sim, threshold)
     return Verdict(w, min(1.0, scores[w] / total), "cross-swarm", groups, scores, qual,
                    [r for _, r in qs])
+
+
+##############################################################################
+# HTTP API: OpenAI-compatible endpoints on ThreadingHTTPServer (HTTP/1.1,
+# keep-alive, chunked SSE). App holds the state that handlers need (passed
+# in, never global); Metrics renders Prometheus text; every error leaves as
+# OpenAI's error JSON with its status, and is logged once.
+##############################################################################
+
+KEEPALIVE_INTERVAL = 2.0    # seconds between SSE comments while the voters work
+READ_TIMEOUT = 30.0         # seconds a client may take to send its request
+DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+class Histogram:
+    def __init__(self, buckets):
+        self.buckets, self.counts, self.sum, self.count = buckets, [0] * len(buckets), 0.0, 0
+
+    def observe(self, v: float) -> None:
+        for i, b in enumerate(self.buckets):
+            if v <= b:
+                self.counts[i] += 1
+        self.sum += v
+        self.count += 1
+
+    def lines(self, name: str, labels: str = "") -> list:
+        sep = "," if labels else ""
+        out = [f'{name}_bucket{{{labels}{sep}le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)]
+        out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.count}')
+        lab = f"{{{labels}}}" if labels else ""
+        return out + [f"{name}_sum{lab} {self.sum}", f"{name}_count{lab} {self.count}"]
+
+
+class Metrics:
+    """Counters and histograms, rendered in the Prometheus text format."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests = collections.Counter()        # (endpoint, status) -> n
+        self.durations = collections.defaultdict(lambda: Histogram(DURATION_BUCKETS))
+        self.confidence = Histogram(CONFIDENCE_BUCKETS)
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.last_tokens_per_s = 0.0
+
+    def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
+        with self.lock:
+            self.requests[(endpoint, status)] += 1
+            self.durations[endpoint].observe(seconds)
+
+    def observe_answer(self, ans: "SwarmAnswer") -> None:
+        with self.lock:
+            self.confidence.observe(ans.verdict.confidence)
+            self.prompt_tokens += ans.prompt_tokens
+            self.completion_tokens += sum(r.completion_tokens for r in ans.results)
+            rates = [r.tokens_per_s for r in ans.results if r.tokens_per_s]
+            if rates:
+                self.last_tokens_per_s = sum(rates)
+
+    def render(self, app: "App") -> str:
+        st = app.swarm.status() if app.swarm else {}
+        out = []
+
+        def metric(name, kind, help, samples):
+            out.extend([f"# HELP localswarm_{name} {help}", f"# TYPE localswarm_{name} {kind}"])
+            out.extend(samples)
+
+        with self.lock:
+            metric("requests_total", "counter", "HTTP requests by endpoint and status",
+                   [f'localswarm_requests_total{{endpoint="{e}",status="{s}"}} {n}'
+                    for (e, s), n in sorted(self.requests.items())])
+            metric("request_duration_seconds", "histogram", "HTTP request duration",
+                   [l for e, h in sorted(self.durations.items())
+                    for l in h.lines("localswarm_request_duration_seconds", f'endpoint="{e}"')])
+            metric("prompt_tokens_total", "counter", "prompt tokens processed",
+                   [f"localswarm_prompt_tokens_total {self.prompt_tokens}"])
+            metric("generated_tokens_total", "counter", "tokens generated by all voters",
+                   [f"localswarm_generated_tokens_total {self.completion_tokens}"])
+            metric("tokens_per_second", "gauge", "generation speed of the last request, all voters",
+                   [f"localswarm_tokens_per_second {self.last_tokens_per_s:.3f}"])
+            metric("consensus_confidence", "histogram", "confidence of the consensus pick",
+                   self.confidence.lines("localswarm_consensus_confidence"))
+        metric("queue_depth", "gauge", "requests waiting for voters", [f"localswarm_queue_depth {st.get('queue_depth', 0)}"])
+        metric("busy_voters", "gauge", "voters decoding now", [f"localswarm_busy_voters {st.get('busy_voters', 0)}"])
+        metric("voters", "gauge", "voters per request", [f"localswarm_voters {st.get('voters', 0)}"])
+        metric("peers", "gauge", "live federation peers", [f"localswarm_peers {app.peer_count()}"])
+        if app.federation:
+            metric("federation_dropped_total", "counter", "discovery packets and requests dropped",
+                   [f'localswarm_federation_dropped_total{{reason="{r}"}} {n}'
+                    for r, n in sorted(app.federation.dropped.items())])
+        return "\n".join(out) + "\n"
+
+
+class App:
+    """What the handlers need: the swarm (None while loading), config and metrics."""
+
+    def __init__(self, cfg: Config, swarm: Optional[Swarm] = None, hardware: Optional[HardwareProfile] = None,
+                 plan: Optional[Plan] = None):
+        self.cfg, self.swarm, self.hardware, self.plan = cfg, swarm, hardware, plan
+        self.metrics = Metrics()
+        self.federation = None        # set by the federation section when enabled
+        self.load_error: Optional[str] = None
+        self.started = time.time()
+
+    @property
+    def model_ids(self) -> list:
+        return [self.swarm.model_id, "localswarm"] if self.swarm else ["localswarm"]
+
+    def peer_count(self) -> int:
+        return len(self.federation.live_peers()) if self.federation else 0
+
+    def ready_swarm(self) -> Swarm:
+        if self.swarm is None:
+            msg = f"model failed to load: {self.load_error}" if self.load_error else "Loading model"
+            raise ApiError(503, msg, type="unavailable_error", headers={"Retry-After": "5"})
+        return self.swarm
+
+    def answer(self, req: ChatRequest, on_token=None) -> SwarmAnswer:
+        """The consensus answer: local, or federated when peers are live."""
+        swarm = self.ready_swarm()
+        if self.federation and self.federation.live_peers() and on_token is None:
+            ans = self.federation.answer(swarm, req)
+        else:
+            ans = swarm.answer(req, on_token)
+        self.metrics.observe_answer(ans)
+        log.info("answered: %d voters, %s, confidence %.2f, %.2fs", len(ans.results), ans.verdict.strategy,
+                 ans.verdict.confidence, ans.latency)
+        return ans
+
+
+# Request fields: name -> (types, minimum, maximum). Unknown fields are ignored.
+_NUM = (int, float)
+REQUEST_FIELDS = {
+    "temperature": (_NUM, 0.0, 2.0), "top_p": (_NUM, 0.0, 1.0), "top_k": (int, 0, 10000),
+    "min_p": (_NUM, 0.0, 1.0), "repeat_penalty": (_NUM, 0.0, 10.0),
+    "presence_penalty": (_NUM, -2.0, 2.0), "frequency_penalty": (_NUM, -2.0, 2.0),
+    "max_tokens": (int, 1, 10 ** 7), "max_completion_tokens": (int, 1, 10 ** 7),
+    "seed": (int, -2 ** 63, 2 ** 64), "n": (int, 1, 64), "voters": (int, 1, 64),
+    "stream": (bool, None, None), "model": (str, None, None), "consensus": (str, None, None),
+    "stream_options": (dict, None, None), "tools": (list, None, None), "prompt": ((str, list), None, None),
+    "messages": (list, None, None), "stop": ((str, list), None, None),
+}
+ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+def check_fields(body: dict) -> None:
+    """400 naming the first known field with a wrong type or range."""
+    for name, (types, lo, hi) in REQUEST_FIELDS.items():
+        if name not in body or body[name] is None:
+            continue
+        v = body[name]
+        if isinstance(v, bool) and types is not bool or not isinstance(v, types):
+            raise ApiError(400, f"'{name}' has the wrong type", param=name, code="invalid_type")
+        if lo is not None and not (lo <= v <= hi):
+            raise ApiError(400, f"'{name}' must be between {lo} and {hi}", param=name, code="invalid_value")
+
+
+def parse_request(body: Any, chat: bool, swarm: Swarm, cfg: Config) -> ChatRequest:
+    """Validate an OpenAI request body into a ChatRequest."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    check_fields(body)
+    model = body.get("model")
+    if model and model not in (swarm.model_id, "localswarm") and not model.startswith("localswarm"):
+        raise ApiError(404, f"The model '{model}' does not exist; this server has "
+                       f"'{swarm.model_id}' (alias 'localswarm')", type="invalid_request_error",
+                       param="model", code="model_not_found")
+    req = ChatRequest()
+    if chat:
+        msgs = body.get("messages")
+        if not msgs:
+            raise ApiError(400, "'messages' must be a non-empty array", param="messages")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in ROLES:
+                raise ApiError(400, f"messages[{i}] needs a role of {', '.join(ROLES)}", param=f"messages[{i}]")
+            message_text(m.get("content"))
+        req.messages = [dict(m, role="system") if m["role"] == "developer" else m for m in msgs]
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list):
+            if len(prompt) != 1 or not isinstance(prompt[0], str):
+                raise ApiError(400, "'prompt' must be a string (or a list of one string)", param="prompt")
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise ApiError(400, "'prompt' is required", param="prompt")
+        req.prompt = prompt
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not all(isinstance(s, str) for s in stop) or len(stop) > 16:
+        raise ApiError(400, "'stop' must be a string or up to 16 strings", param="stop")
+    p = SamplingParams()
+    for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty",
+                 "frequency_penalty", "seed"):
+        if body.get(name) is not None:
+            setattr(p, name, body[name])
+    p.stop = tuple(stop)
+    req.params = p
+    req.max_tokens_requested = body.get("max_completion_tokens") or body.get("max_tokens")
+    req.n = body.get("n") or 1
+    req.voters = body.get("voters")
+    limit = swarm.engine.llm.n_seq_max - 1 if hasattr(swarm.engine, "llm") else 64
+    if req.voters and req.voters > limit:
+        raise ApiError(400, f"'voters' must be at most {limit} on this server", param="voters")
+    if req.n > (req.voters or swarm.voters):
+        raise ApiError(400, f"'n' must be at most the number of voters ({req.voters or swarm.voters})", param="n")
+    strategy = body.get("consensus")
+    if strategy is not None and strategy not in STRATEGIES:
+        raise ApiError(400, f"'consensus' must be one of {', '.join(STRATEGIES)}", param="consensus")
+    req.strategy = strategy
+    tools = body.get("tools")
+    if tools:
+        for i, t in enumerate(tools):
+            if not isinstance(t, dict) or not isinstance(t.get("function", {}).get("name"), str):
+                raise ApiError(400, f"tools[{i}] must be {{type: function, function: {{name, ...}}}}",
+                               param=f"tools[{i}]")
+        req.tools = tools
+    choice = body.get("tool_choice", "auto")
+    if not (choice in ("auto", "none", "required") or isinstance(choice, dict) and
+            isinstance(choice.get("function", {}).get("name"), str)):
+        raise ApiError(400, "'tool_choice' must be auto, none, required or a named function", param="tool_choice")
+    req.tool_choice = choice
+    return req
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """Routes requests to App; one catch turns any failure into an OpenAI error."""
+
+    protocol_version = "HTTP/1.1"          # keep-alive
+    server_version = f"localswarm/{__version__}"
+    timeout = READ_TIMEOUT                  # a slow or half-sent request cannot hold a thread forever
+    ROUTES = {
+        ("GET", "/v1/models"): "models", ("GET", "/health"): "health", ("GET", "/metrics"): "metrics",
+        ("POST", "/v1/chat/completions"): "chat", ("POST", "/v1/completions"): "completions",
+        ("GET", "/v1/federation/health"): "fed_health", ("GET", "/v1/federation/info"): "fed_info",
+        ("POST", "/v1/federation/vote"): "fed_vote",
+    }
+    OPEN = {"health", "metrics", "fed_health", "fed_info", "fed_vote"}   # no API key needed
+
+    @property
+    def app(self) -> App:
+        return self.server.app
+
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+    def do_PUT(self):
+        self._dispatch("PUT")
+
+    def do_DELETE(self):
+        self._dispatch("DELETE")
+
+    def do_OPTIONS(self):
+        self._dispatch("OPTIONS")
+
+    def _dispatch(self, method: str) -> None:
+        t0 = time.monotonic()
+        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        if path.startswith("/v1/v1/"):
+            path = path[3:]
+        name = self.ROUTES.get((method, path))
+        self._status = 200
+        self._sse_started = False
+        try:
+            if name is None:
+                if any(p == path for _, p in self.ROUTES):
+                    raise ApiError(405, f"{method} is not allowed on {path}", code="method_not_allowed")
+                raise ApiError(404, f"no route {method} {path}", code="not_found")
+            if name not in self.OPEN:
+                self._check_key()
+            getattr(self, "route_" + name)()
+        except ApiError as exc:
+            log.log(logging.WARNING if exc.status < 500 else logging.ERROR, "%s %s -> %d %s",
+                    method, path, exc.status, exc.message)
+            self._error(exc)
+        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+            self.close_connection = True
+        except Exception as exc:     # the boundary: a bug becomes a 500, never a traceback to the client
+            log.exception("%s %s failed", method, path)
+            self._error(ApiError(500, f"internal error: {type(exc).__name__}", type="server_error"))
+        finally:
+            self.app.metrics.observe_request(name or "unknown", self._status, time.monotonic() - t0)
+
+    def _check_key(self) -> None:
+        key = self.app.cfg["server.api_key"]
+        if not key:
+            return
+        got = self.headers.get("Authorization", "")
+        token = got[7:].strip() if got.lower().startswith("bearer ") else self.headers.get("x-api-key", "")
+        if not hmac.compare_digest(token.encode(), key.encode()):
+            raise ApiError(401, "Incorrect or missing API key (Authorization: Bearer ...)",
+                           type="authentication_error", code="invalid_api_key")
+
+    # --- plumbing ---------------------------------------------------------
+    def _error(self, exc: ApiError) -> None:
+        if self._sse_started:        # headers are gone: report in the stream, then end it
+            try:
+                self._chunk(b"data: " + json.dumps(exc.body()).encode() + b"\n\n")
+                self._chunk(b"")
+            except OSError:
+                pass
+            self.close_connection = True
+            return
+        self._send_json(exc.status, exc.body(), exc.headers)
+
+    def _send_json(self, status: int, obj: Any, headers: Optional[dict] = None) -> None:
+        self._send(status, json.dumps(obj).encode(), "application/json", headers)
+
+    def _send(self, status: int, data: bytes, ctype: str, headers: Optional[dict] = None) -> None:
+        self._status = status
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        if status >= 400 and status not in (401, 404, 429, 503):
+            self.close_connection = self.close_connection or status in (411, 413) or status >= 500
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _read_raw(self) -> bytes:
+        """The request body: 411 without Content-Length, 413 over the limit."""
+        length = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            self.close_connection = True
+            raise ApiError(411, "chunked request bodies are not supported; send Content-Length")
+        if length is None:
+            raise ApiError(411, "Content-Length is required", code="length_required")
+        try:
+            n = int(length)
+            if n < 0:
+                raise ValueError
+        except ValueError:
+            self.close_connection = True
+            raise ApiError(400, "bad Content-Length") from None
+        limit = self.app.cfg["server.max_body_bytes"]
+        if n > limit:
+            self.close_connection = True
+            raise ApiError(413, f"request body of {n} bytes is over the limit of {limit}",
+                           code="request_too_large")
+        raw = self.rfile.read(n)
+        if len(raw) < n:
+            self.close_connection = True
+            raise ApiError(400, "request body shorter than Content-Length")
+        return raw
+
+    def _read_json(self) -> Any:
+        try:
+            return json.loads(self._read_raw())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"invalid JSON body: {exc}", code="invalid_json") from None
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
+
+    def _start_sse(self, headers: Optional[dict] = None) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self._sse_started = True
+
+    def _event(self, obj: Any) -> None:
+        self._chunk(b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n")
+
+    # --- routes -----------------------------------------------------------
+    def route_models(self) -> None:
+        created = int(self.app.started)
+        self._send_json(200, {"object": "list", "data": [
+            {"id": mid, "object": "model", "created": created, "owned_by": "localswarm"}
+            for mid in self.app.model_ids]})
+
+    def route_health(self) -> None:
+        if self.app.swarm is None:
+            msg = f"model failed to load: {self.app.load_error}" if self.app.load_error else "Loading model"
+            self._send_json(503, {"status": "loading" if not self.app.load_error else "error",
+                                  "error": {"code": 503, "message": msg, "type": "unavailable_error"}})
+            return
+        st = self.app.swarm.status()
+        st.update(status="ok" if st["healthy_voters"] else "error", peers=self.app.peer_count())
+        self._send_json(200 if st["healthy_voters"] else 503, st)
+
+    def route_metrics(self) -> None:
+        self._send(200, self.app.metrics.render(self.app).encode(), "text/plain; version=0.0.4")
+
+    def route_chat(self) -> None:
+        self._completion(chat=True)
+
+    def route_completions(self) -> None:
+        self._completion(chat=False)
+
+    def _completion(self, chat: bool) -> None:
+        body = self._read_json()
+        swarm = self.app.ready_swarm()
+        req = parse_request(body, chat, swarm, self.app.cfg)
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        if body.get("stream"):
+            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            self._stream(req, chat, rid, include_usage)
+            return
+        ans = self._run_with_disconnect_check(req)
+        self._send_json(200, completion_json(ans, req, chat, rid),
+                        {"X-Localswarm-Confidence": f"{ans.verdict.confidence:.3f}"})
+
+    def _run_with_disconnect_check(self, req: ChatRequest, on_token=None, keepalive=None) -> SwarmAnswer:
+        """Run the swarm in a worker thread; send keep-alives; cancel when the client leaves."""
+        box = {}
+        live = []
+
+        def work():
+            try:
+                box["ans"] = self.app.answer(req, on_token)
+            except BaseException as exc:
+                box["err"] = exc
+        t = threading.Thread(target=work, daemon=True)
+        t.start()
+        while t.is_alive():
+            t.join(KEEPALIVE_INTERVAL)
+            if t.is_alive() and keepalive is not None:
+                try:
+                    keepalive()
+                except OSError:
+                    req.cancel.set()
+                    t.join()
+                    raise BrokenPipeError("client went away") from None
+        if "err" in box:
+            raise box["err"]
+        return box["ans"]
+
+    def _stream(self, req: ChatRequest, chat: bool, rid: str, include_usage: bool) -> None:
+        created = int(time.time())
+        model = self.app.swarm.model_id
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        fastest = self.app.cfg["swarm.stream_mode"] == "fastest" and not req.offered_tools()
+
+        def chunk(delta=None, finish=None, text=None, usage=None, extra=None):
+            if chat:
+                choices = [] if usage else [{"index": 0, "delta": delta or {}, "finish_reason": finish,
+                                             "logprobs": None}]
+            else:
+                choices = [] if usage else [{"index": 0, "text": text or "", "finish_reason": finish,
+                                             "logprobs": None}]
+            c = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
+            if usage:
+                c["usage"] = usage
+            if extra:
+                c.update(extra)
+            return c
+
+        self._start_sse()
+        lock = threading.Lock()
+        if chat:
+            self._event(chunk({"role": "assistant", "content": ""}))
+        else:
+            self._chunk(b": localswarm is voting\n\n")
+
+        def keepalive():
+            with lock:
+                self._chunk(b": voters working\n\n")
+
+        def live_token(voter, text):
+            if voter == 0:
+                with lock:
+                    self._event(chunk({"content": text}) if chat else chunk(text=text))
+        ans = self._run_with_disconnect_check(req, live_token if fastest else None, keepalive)
+        if not fastest:
+            if ans.text:
+                self._event(chunk({"content": ans.text}) if chat else chunk(text=ans.text))
+            for i, call in enumerate(ans.tool_calls if chat else []):
+                self._event(chunk({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
+                                                   "function": {"name": call["function"]["name"], "arguments": ""}}]}))
+                self._event(chunk({"tool_calls": [{"index": i, "function": {"arguments": call["function"]["arguments"]}}]}))
+        finish = ans.finish_reason
+        if fastest:
+            finish = _finish(ans.results[0].finish_reason, [])
+        self._event(chunk({}, finish, extra={"x_localswarm": dict(ans.x_localswarm(), streamed_voter=0 if fastest
+                                                                 else ans.verdict.index)}))
+        if include_usage:
+            self._event(chunk(usage=usage_json(ans)))
+        self._event(b"[DONE]")
+        self._chunk(b"")
+
+    def route_fed_health(self) -> None:
+        fed = self._federation()
+        fed.check_request(self, b"")
+        self._send_json(200, {"status": "ok" if self.app.swarm else "loading", "node_id": fed.node_id})
+
+    def route_fed_info(self) -> None:
+        fed = self._federation()
+        fed.check_request(self, b"")
+        self._send_json(200, fed.info(self.app))
+
+    def route_fed_vote(self) -> None:
+        fed = self._federation()
+        body = self._read_raw()
+        fed.check_request(self, body)
+        try:
+            data = json.loads(body)
+        except ValueError:
+            raise ApiError(400, "invalid JSON body") from None
+        self._send_json(200, fed.local_vote(self.app, data))
+
+    def _federation(self):
+        if self.app.federation is None:
+            raise ApiError(404, "federation is off on this node (start it with --federate)", code="not_found")
+        return self.app.federation
+
+    def log_message(self, fmt, *args):
+        log.debug("%s - %s", self.address_string(), fmt % args)
+
+
+def usage_json(ans: SwarmAnswer) -> dict:
+    return {"prompt_tokens": ans.prompt_tokens, "completion_tokens": ans.completion_tokens,
+            "total_tokens": ans.prompt_tokens + ans.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": ans.cached_tokens}}
+
+
+def completion_json(ans: SwarmAnswer, req: ChatRequest, chat: bool, rid: str) -> dict:
+    """The non-streaming response body: the consensus pick first, then distinct runners-up up to n."""
+    choices = []
+    for i, (content, calls, finish) in enumerate(ans.distinct_choices(req.n)):
+        if chat:
+            msg = {"role": "assistant", "content": content if content or not calls else None}
+            if calls:
+                msg["tool_calls"] = calls
+            choices.append({"index": i, "message": msg, "finish_reason": finish, "logprobs": None})
+        else:
+            choices.append({"index": i, "text": content, "finish_reason": finish, "logprobs": None})
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": ans.model, "choices": choices, "usage": usage_json(ans), "x_localswarm": ans.x_localswarm()}
+
+
+class Server(http.server.ThreadingHTTPServer):
+    """ThreadingHTTPServer with the App attached and quick restarts."""
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 64
+
+    def __init__(self, addr, app: App):
+        self.app = app
+        super().__init__(addr, Handler)
+
+
+def make_server(app: App, host: str = "127.0.0.1", port: int = 0) -> Server:
+    """An HTTP server for app (port 0 picks a free port); call serve_forever() on it."""
+    try:
+        return Server((host, port), app)
+    except OSError as exc:
+        raise LocalswarmError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+##############################################################################
+# Federation: nodes on one LAN find each other by UDP broadcast and vote
+# together. Pure framing (announcements, HMAC signatures, packet checks) is
+# kept apart from the sockets and threads of Federation. The node that gets
+# a request asks every live peer's /v1/federation/vote in parallel and a
+# cross-swarm vote (consensus section) picks the answer; peers never forward.
+##############################################################################
+
+FED_PROTOCOL = "localswarm-fed"
+FED_VERSION = 1
+MAX_PACKET = 4096           # bytes; bigger discovery packets are dropped
+MAX_SKEW = 30.0             # seconds a signed message stays valid
+EXPIRE_INTERVALS = 3        # a peer silent for this many intervals is gone
+
+
+class DropPacket(Exception):
+    """A discovery packet or federation request that is refused; the reason is counted."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def sign(token: str, ts: str, nonce: str, body: bytes) -> str:
+    """HMAC-SHA256 over timestamp, nonce and body."""
+    return hmac.new(token.encode(), ts.encode() + b"\n" + nonce.encode() + b"\n" + body, hashlib.sha256).hexdigest()
+
+
+class ReplayGuard:
+    """Remembers nonces for MAX_SKEW seconds so a captured message cannot be replayed."""
+
+    def __init__(self):
+        self.seen: dict = {}
+        self.lock = threading.Lock()
+
+    def check(self, token: str, ts: str, nonce: str, sig: str, body: bytes, now: Optional[float] = None) -> None:
+        now = time.time() if now is None else now
+        if not (ts and nonce and sig):
+            raise DropPacket("unsigned")
+        try:
+            age = abs(now - float(ts))
+        except ValueError:
+            raise DropPacket("unsigned") from None
+        if age > MAX_SKEW:
+            raise DropPacket("stale")
+        if not hmac.compare_digest(sig, sign(token, ts, nonce, body)):
+            raise DropPacket("bad_signature")
+        with self.lock:
+            for k in [k for k, t in self.seen.items() if now - t > 2 * MAX_SKEW]:
+                del self.seen[k]
+            if nonce in self.seen:
+                raise DropPacket("replay")
+            self.seen[nonce] = now
+
+
+def encode_announcement(ann: dict, token: str = "") -> bytes:
+    """An announcement as a packet: JSON, signed when a token is set."""
+    body = json.dumps(ann, separators=(",", ":"), sort_keys=True).encode()
+    if not token:
+        return body
+    ts, nonce = f"{time.time():.3f}", secrets.token_hex(8)
+    return json.dumps({"signed": body.decode(), "ts": ts, "nonce": nonce,
+                       "sig": sign(token, ts, nonce, body)}, separators=(",", ":")).encode()
+
+
+def decode_announcement(data: bytes, token: str, guard: ReplayGuard, now: Optional[float] = None) -> dict:
+    """Check and parse one discovery packet; raises DropPacket with the reason."""
+    if len(data) > MAX_PACKET:
+        raise DropPacket("oversized")
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise DropPacket("malformed") from None
+    if not isinstance(obj, dict):
+        raise DropPacket("malformed")
+    if token:
+        if "signed" not in obj:
+            raise DropPacket("unsigned")
+        body = str(obj.get("signed", "")).encode()
+        guard.check(token, str(obj.get("ts", "")), str(obj.get("nonce", "")), str(obj.get("sig", "")), body, now)
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            raise DropPacket("malformed") from None
+    elif "signed" in obj:
+        raise DropPacket("signed_without_token")
+    if not isinstance(obj, dict) or obj.get("proto") != FED_PROTOCOL:
+        raise DropPacket("foreign")
+    if obj.get("v") != FED_VERSION:
+        raise DropPacket("version")
+    ok = (isinstance(obj.get("node_id"), str) and isinstance(obj.get("port"), int) and 0 < obj["port"] < 65536
+          and isinstance(obj.get("instance"), str))
+    if not ok:
+        raise DropPacket("malformed")
+    return obj
+
+
+def is_private(host: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return ip.is_private or ip.is_loopback or ip.is_link_local
+
+
+def parse_ip_addr(text: str) -> list:
+    """Broadcast addresses from `ip -o -4 addr show` ("... inet A/N brd B ...")."""
+    return [m.group(1) for m in re.finditer(r"\binet \S+ brd (\d+\.\d+\.\d+\.\d+)", text)]
+
+
+def default_broadcasts() -> list:
+    """Each interface's subnet broadcast plus 255.255.255.255."""
+    out = run_probe(["ip", "-o", "-4", "addr", "show"]) or ""
+    return list(dict.fromkeys(parse_ip_addr(out) + ["255.255.255.255"]))
+
+
+@dataclass
+class Peer:
+    """A node we have heard from (or a static --peer)."""
+    host: str
+    port: int
+    node_id: str = ""
+    name: str = ""
+    model: str = ""
+    voters: int = 0
+    hardware: dict = field(default_factory=dict)
+    version: str = ""
+    last_seen: float = 0.0
+    static: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+class Federation:
+    """Discovery (announce + listen), the peer table, signed requests and the cross-swarm flow."""
+
+    def __init__(self, cfg: Config, app: App, api_port: int):
+        self.cfg, self.app, self.api_port = cfg, app, api_port
+        self.token = cfg["network.auth_token"]
+        self.interval = cfg["network.advertise_interval"]
+        self.node_id = os.environ.get("LOCALSWARM_NODE_ID") or uuid.uuid4().hex[:12]
+        self.instance = secrets.token_hex(8)     # never copied: tells our own packets from a clone's
+        self.name = cfg["network.name"] or socket.gethostname()
+        self.broadcasts = cfg["network.broadcast_addresses"] or default_broadcasts()
+        self.peers: dict = {}
+        self.dropped = collections.Counter()
+        self.guard = ReplayGuard()
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.sock: Optional[socket.socket] = None
+        self.threads: list = []
+        for spec in cfg["network.peers"]:
+            host, _, port = spec.rpartition(":")
+            if not host or not port.isdigit():
+                raise LocalswarmError(f"peer {spec!r}: expected HOST:PORT")
+            self.peers[f"static:{host}:{port}"] = Peer(host, int(port), static=True)
+
+    # --- lifecycle --------------------------------------------------------
+    def start(self) -> None:
+        if not self.token:
+            log.warning("federation without auth_token: accepting peers from private and loopback "
+                        "addresses only (set LOCALSWARM_FEDERATION_TOKEN to sign)")
+        self.sock = self._open_socket()
+        for target in (self._listen, self._announce, self._check_static):
+            t = threading.Thread(target=target, name=f"localswarm-{target.__name__[1:]}", daemon=True)
+            t.start()
+            self.threads.append(t)
+        log.info("federation on: node %s, UDP %d, announcing to %s", self.node_id,
+                 self.cfg["network.discovery_port"], ", ".join(self.broadcasts))
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for t in self.threads:
+            t.join(2)
+        if self.sock:
+            self.sock.close()
+
+    def _open_socket(self) -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_REUSEPORT"):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        # All-loopback targets: bind the loopback broadcast address so nothing else is heard.
+        loop = all(ipaddress.ip_address(b).is_loopback for b in self.broadcasts)
+        try:
+            s.bind(("127.255.255.255" if loop else "", self.cfg["network.discovery_port"]))
+        except OSError as exc:
+            s.close()
+            raise LocalswarmError(f"cannot open UDP discovery port {self.cfg['network.discovery_port']}: "
+                                  f"{exc.strerror}") from None
+        s.settimeout(0.25)
+        return s
+
+    # --- discovery --------------------------------------------------------
+    def announcement(self) -> dict:
+        sw = self.app.swarm
+        hw = self.app.hardware
+        return {"proto": FED_PROTOCOL, "v": FED_VERSION, "node_id": self.node_id, "instance": self.instance,
+                "name": self.name, "port": self.api_port, "model": sw.model_id if sw else "",
+                "voters": sw.voters if sw else 0, "version": __version__,
+                "hw": {"cpu": hw.cpu_model[:60], "ram": hw.ram_total_bytes, "gpus": [g.name[:40] for g in hw.gpus][:4]}
+                if hw else {}}
+
+    def _announce(self) -> None:
+        while not self.stopping.is_set():
+            packet = encode_announcement(self.announcement(), self.token)
+            for addr in self.broadcasts:
+                try:
+                    self.sock.sendto(packet, (addr, self.cfg["network.discovery_port"]))
+                except OSError as exc:
+                    log.debug("announce to %s failed: %s", addr, exc)
+            self.stopping.wait(self.interval)
+
+    def _listen(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                data, (host, _port) = self.sock.recvfrom(MAX_PACKET + 1)
+            except socket.timeout:
+                continue
+            except OSError:
+                if self.stopping.is_set():
+                    return
+                continue
+            try:
+                self.receive(data, host)
+            except DropPacket as exc:
+                self.dropped[exc.reason] += 1
+            except Exception:       # the listener must survive anything a packet does
+                self.dropped["error"] += 1
+                log.debug("bad discovery packet from %s", host, exc_info=True)
+
+    def receive(self, data: bytes, host: str, now: Optional[float] = None) -> Optional[Peer]:
+        """Handle one discovery packet from host; returns the peer it updated."""
+        if not self.token and not is_private(host):
+            raise DropPacket("not_private")
+        ann = decode_announcement(data, self.token, self.guard, now)
+        if ann["node_id"] == self.node_id:
+            if ann["instance"] == self.instance:
+                return None           # our own broadcast
+            if ann["instance"] < self.instance:   # a clone: the smaller instance keeps the id
+                old, self.node_id = self.node_id, uuid.uuid4().hex[:12]
+                log.warning("node id %s clashes with %s:%s (copied config or cloned VM?); now %s",
+                            old, host, ann["port"], self.node_id)
+        key = ann["node_id"]
+        with self.lock:
+            if key not in self.peers and len(self.live_peers()) >= self.cfg["network.max_peers"]:
+                raise DropPacket("table_full")
+            peer = self.peers.get(key) or Peer(host, ann["port"])
+            peer.host, peer.port, peer.node_id = host, ann["port"], key
+            peer.name, peer.model = str(ann.get("name", ""))[:64], str(ann.get("model", ""))[:128]
+            peer.voters = int(ann.get("voters") or 0) if str(ann.get("voters", 0)).isdigit() else 0
+            peer.hardware = ann.get("hw") if isinstance(ann.get("hw"), dict) else {}
+            peer.version, peer.last_seen = str(ann.get("version", ""))[:16], time.monotonic() if now is None else now
+            if key not in self.peers:
+                log.info("peer joined: %s (%s:%d, %s)", peer.name or key, host, peer.port, peer.model)
+            self.peers[key] = peer
+        return peer
+
+    def live_peers(self, now: Optional[float] = None) -> list:
+        """Peers heard from within EXPIRE_INTERVALS intervals (static ones after a good check)."""
+        now = time.monotonic() if now is None else now
+        limit = EXPIRE_INTERVALS * self.interval
+        return [p for p in list(self.peers.values()) if p.last_seen and now - p.last_seen <= limit
+                and (self.cfg["network.mix_models"] or not self.app.swarm or p.model == self.app.swarm.model_id)]
+
+    def _check_static(self) -> None:
+        while not self.stopping.is_set():
+            for key, peer in list(self.peers.items()):
+                if peer.static:
+                    try:
+                        info = self.request(peer, "GET", "/v1/federation/info", None, timeout=max(1.0, self.interval))
+                        peer.node_id, peer.name = info.get("node_id", ""), info.get("name", "")
+                        peer.model, peer.voters = info.get("model", ""), int(info.get("voters") or 0)
+                        peer.last_seen = time.monotonic()
+                    except Exception as exc:
+                        log.debug("static peer %s:%d unreachable: %s", peer.host, peer.port, exc)
+            self.stopping.wait(self.interval)
+
+    # --- requests between nodes -------------------------------------------
+    def request(self, peer: Peer, method: str, path: str, payload: Optional[dict], timeout: float) -> dict:
+        body = json.dumps(payload).encode() if payload is not None else b""
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            ts, nonce = f"{time.time():.3f}", secrets.token_hex(8)
+            headers.update({"X-Localswarm-Timestamp": ts, "X-Localswarm-Nonce": nonce,
+                            "X-Localswarm-Signature": sign(self.token, ts, nonce, body)})
+        req = urllib.request.Request(peer.url + path, data=body if payload is not None else None,
+                                     headers=headers, method=method)
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read(self.cfg["server.max_body_bytes"]))
+
+    def check_request(self, handler, body: bytes) -> None:
+        """Refuse federation requests that are unsigned, stale, replayed (token) or from outside (no token)."""
+        host = handler.client_address[0]
+        try:
+            if self.token:
+                h = handler.headers
+                self.guard.check(self.token, h.get("X-Localswarm-Timestamp", ""), h.get("X-Localswarm-Nonce", ""),
+                                 h.get("X-Localswarm-Signature", ""), body)
+            elif not is_private(host):
+                raise DropPacket("not_private")
+        except DropPacket as exc:
+            self.dropped["request_" + exc.reason] += 1
+            raise ApiError(401 if self.token else 403, f"federation request refused: {exc.reason}",
+                           type="authentication_error", code=exc.reason) from None
+
+    def info(self, app: App) -> dict:
+        st = app.swarm.status() if app.swarm else {}
+        hw = self.announcement()["hw"]
+        return {"node_id": self.node_id, "name": self.name, "model": st.get("model", ""),
+                "voters": st.get("voters", 0), "hardware": hw, "version": __version__,
+                "load": {"queue_depth": st.get("queue_depth", 0), "busy_voters": st.get("busy_voters", 0)},
+                "peers": len(self.live_peers())}
+
+    def local_vote(self, app: App, data: Any) -> dict:
+        """POST /v1/federation/vote: the local swarm's best answer. Never forwards (hop limit 1)."""
+        if not isinstance(data, dict):
+            raise ApiError(400, "the vote request must be a JSON object")
+        chat = data.get("messages") is not None
+        req = parse_request(data, chat, app.ready_swarm(), self.cfg)
+        ans = app.ready_swarm().answer(req)
+        app.metrics.observe_answer(ans)
+        return {"node_id": self.node_id, "name": self.name, "text": ans.text, "tool_calls": ans.tool_calls,
+                "finish_reason": ans.finish_reason, "confidence": ans.verdict.confidence,
+                "voters": len(ans.results), "model": ans.model, "latency": ans.latency,
+                "completion_tokens": ans.completion_tokens}
+
+    def answer(self, swarm: Swarm, req: ChatRequest) -> SwarmAnswer:
+        """Local swarm + every live peer in parallel; a cross-swarm vote picks the answer.
+        A late or failed peer is skipped and logged; the request never fails because of one."""
+        peers = self.live_peers()
+        payload = {"messages": req.messages, "prompt": req.prompt, "tools": req.tools,
+                   "tool_choice": req.tool_choice, "stop": list(req.params.stop), "model": None,
+                   "max_tokens": req.max_tokens_requested, "seed": req.params.seed,
+                   **{k: getattr(req.params, k) for k in ("temperature", "top_p", "top_k", "min_p",
+                                                          "repeat_penalty", "presence_penalty", "frequency_penalty")}}
+        payload = {k: v for k, v in payload.items() if v is not None}
+        timeout = self.cfg["network.peer_timeout"]
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(peers) + 1)
+        try:
+            futures = {pool.submit(self.request, p, "POST", "/v1/federation/vote", payload, timeout): p for p in peers}
+            local = swarm.answer(req)
+            remote = []
+            done, late = concurrent.futures.wait(futures, timeout=max(0.0, timeout - local.latency))
+            for f in done:
+                p = futures[f]
+                try:
+                    r = f.result()
+                    if isinstance(r, dict) and isinstance(r.get("text"), str):
+                        remote.append(r)
+                except Exception as exc:
+                    log.warning("peer %s (%s:%d) failed: %s", p.name or p.node_id, p.host, p.port, exc)
+            for f in late:
+                p = futures[f]
+                log.warning("peer %s (%s:%d) too late (> %.0fs); skipped", p.name or p.node_id, p.host, p.port, timeout)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        return merge_federated(local, remote, self.node_id, self.name)
+
+
+def merge_federated(local: SwarmAnswer, remote: list, node_id: str, name: str) -> SwarmAnswer:
+    """The cross-swarm vote over the local winner and each peer's answer."""
+    if not remote:
+        return local
+    entries = [{"node_id": node_id, "name": name, "text": local.text, "tool_calls": local.tool_calls or None,
+                "finish_reason": local.finish_reason, "confidence": local.verdict.confidence,
+                "voters": len(local.results), "model": local.model, "latency": local.latency,
+                "completion_tokens": local.completion_tokens}]
+    entries += [dict(r, tool_calls=r.get("tool_calls") or None) for r in remote]
+    verdict = cross_vote(entries)
+    results = [VoterResult(i, e["text"], e.get("finish_reason", "stop"), local.prompt_tokens,
+                           int(e.get("completion_tokens") or 0), 0.0, float(e.get("latency") or 0.0))
+               for i, e in enumerate(entries)]
+    parsed = [(e["text"], e.get("tool_calls") or []) for e in entries]
+    win = entries[verdict.index]
+    nodes = [{"node_id": e.get("node_id"), "name": e.get("name"), "model": e.get("model"),
+              "voters": e.get("voters"), "confidence": round(float(e.get("confidence") or 0), 4),
+              "latency_s": round(float(e.get("latency") or 0), 3), "winner": i == verdict.index}
+             for i, e in enumerate(entries)]
+    return dataclasses.replace(local, text=win["text"], tool_calls=win.get("tool_calls") or [],
+                               finish_reason=win.get("finish_reason") or "stop", verdict=verdict,
+                               results=results, parsed=parsed, nodes=nodes)
+
+
+##############################################################################
+# MCP: the swarm as Model Context Protocol tools over stdio (JSON-RPC 2.0,
+# one compact JSON object per line; stdout carries protocol only). Runs
+# beside the HTTP API (--mcp) or alone (--mcp-only), sharing one App.
+##############################################################################
+
+MCP_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")   # newest first
+MCP_TOOLS = [
+    {"name": "get_hardware_info", "description": "The machine's CPU, RAM and GPUs, the memory rule and budget.",
+     "inputSchema": {"type": "object", "properties": {}}},
+    {"name": "get_swarm_status", "description": "Model, voters, queue, requests and last consensus confidence.",
+     "inputSchema": {"type": "object", "properties": {}}},
+    {"name": "generate_code", "description": "Ask the swarm for code: every voter answers and a consensus "
+     "vote picks one. Returns the answer with strategy, confidence, voters and latency.",
+     "inputSchema": {"type": "object", "properties": {
+         "prompt": {"type": "string", "description": "what to write"},
+         "language": {"type": "string", "description": "programming language (optional)"},
+         "max_tokens": {"type": "integer", "minimum": 1, "maximum": 32768, "default": 512},
+         "temperature": {"type": "number", "minimum": 0, "maximum": 2, "default": 0.8},
+         "voters": {"type": "integer", "minimum": 1, "maximum": 64}}, "required": ["prompt"]}},
+    {"name": "list_available_models", "description": "Model families, sizes and quantizations in the registry "
+     "and which fit this machine.", "inputSchema": {"type": "object", "properties": {}}},
+    {"name": "get_worker_details", "description": "Per voter: backend, health, requests, latency, tokens/s.",
+     "inputSchema": {"type": "object", "properties": {}}},
+]
+
+
+class McpError(Exception):
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class ToolFailure(Exception):
+    """A tool's own failure: reported as a result with isError true."""
+
+
+class McpServer:
+    """JSON-RPC dispatch for the five tools; serve() runs it over a line stream."""
+
+    def __init__(self, app: App, registry: list, budget: Budget):
+        self.app, self.registry, self.budget = app, registry, budget
+        self.version = MCP_VERSIONS[0]
+
+    def handle(self, line: str) -> Optional[dict]:
+        """One JSON-RPC message in, the reply out (None for notifications)."""
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            return _rpc_error(None, -32700, "parse error: not JSON")
+        if not isinstance(msg, dict) or msg.get("jsonrpc") != "2.0" or not isinstance(msg.get("method", ""), str):
+            return _rpc_error(msg.get("id") if isinstance(msg, dict) else None, -32600, "invalid request")
+        if "method" not in msg:
+            return None       # a response to something we never asked: ignore
+        mid, method, params = msg.get("id"), msg["method"], msg.get("params") or {}
+        notification = "id" not in msg
+        try:
+            if not isinstance(params, dict):
+                raise McpError(-32602, "params must be an object")
+            result = self._call(method, params)
+        except McpError as exc:
+            return None if notification else _rpc_error(mid, exc.code, exc.message)
+        except Exception as exc:      # the boundary: never a traceback on stdout
+            log.exception("MCP %s failed", method)
+            return None if notification else _rpc_error(mid, -32603, f"internal error: {type(exc).__name__}")
+        return None if notification else {"jsonrpc": "2.0", "id": mid, "result": result}
+
+    def _call(self, method: str, params: dict) -> Any:
+        if method == "initialize":
+            asked = params.get("protocolVersion")
+            self.version = asked if asked in MCP_VERSIONS else MCP_VERSIONS[0]
+            return {"protocolVersion": self.version, "capabilities": {"tools": {"listChanged": False}},
+                    "serverInfo": {"name": "localswarm", "version": __version__},
+                    "instructions": "A local swarm of coding models; generate_code returns the consensus answer."}
+        if method.startswith("notifications/"):
+            return {}
+        if method == "ping":
+            return {}
+        if method == "tools/list":
+            return {"tools": MCP_TOOLS}
+        if method == "tools/call":
+            name, args = params.get("name"), params.get("arguments") or {}
+            tool = getattr(self, "tool_" + name, None) if isinstance(name, str) else None
+            if tool is None or name not in {t["name"] for t in MCP_TOOLS}:
+                raise McpError(-32602, f"unknown tool: {name!r}")
+            if not isinstance(args, dict):
+                raise McpError(-32602, "arguments must be an object")
+            try:
+                text = tool(args)
+                return {"content": [{"type": "text", "text": text}], "isError": False}
+            except (ToolFailure, LocalswarmError) as exc:
+                return {"content": [{"type": "text", "text": str(exc)}], "isError": True}
+        raise McpError(-32601, f"method not found: {method}")
+
+    # --- the five tools ---------------------------------------------------
+    def tool_get_hardware_info(self, args: dict) -> str:
+        hw = self.app.hardware or detect_hardware()
+        return json.dumps({"hardware": hw.to_json(), "rule": self.budget.rule,
+                           "budget_bytes": self.budget.bytes, "backend": self.budget.backend}, indent=1)
+
+    def tool_get_swarm_status(self, args: dict) -> str:
+        if self.app.swarm is None:
+            return json.dumps({"status": "loading" if not self.app.load_error else "error",
+                               "error": self.app.load_error, "plan": self.app.plan.to_json() if self.app.plan else None})
+        return json.dumps(dict(self.app.swarm.status(), status="ok", peers=self.app.peer_count()), indent=1)
+
+    def tool_generate_code(self, args: dict) -> str:
+        prompt = args.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ToolFailure("generate_code needs a non-empty 'prompt' string")
+        try:
+            check_fields({k: args[k] for k in ("max_tokens", "temperature", "voters") if k in args})
+        except ApiError as exc:
+            raise ToolFailure(f"bad argument {exc.param}: {exc.message}") from None
+        if self.app.swarm is None:
+            raise ToolFailure("the model is not ready yet (still loading); try again shortly"
+                              if not self.app.load_error else f"the model failed to load: {self.app.load_error}")
+        lang = args.get("language")
+        ask = prompt + (f"\n\nAnswer in {lang}, with the code in one fenced block." if lang else "")
+        req = ChatRequest(messages=[{"role": "user", "content": ask}],
+                          params=SamplingParams(temperature=float(args.get("temperature", 0.8))),
+                          voters=args.get("voters"), max_tokens_requested=int(args.get("max_tokens", 512)))
+        try:
+            ans = self.app.answer(req)
+        except ApiError as exc:
+            raise ToolFailure(exc.message) from None
+        meta = ans.x_localswarm()
+        return (f"{ans.text}\n\n---\nstrategy: {meta['strategy']}, confidence: {meta['confidence']:.2f}, "
+                f"voters: {meta['voters']}, latency: {meta['latency_s']:.2f}s, model: {ans.model}")
+
+    def tool_list_available_models(self, args: dict) -> str:
+        rows = []
+        for v in self.registry:
+            fits = _plan_for(v, min_ctx(v), 2, self.budget)
+            rows.append({"id": v.id, "family": v.family_name, "size": v.size, "quant": v.quant,
+                         "file_bytes": v.size_bytes, "fits": bool(fits),
+                         "memory_with_2_voters": fits.memory_bytes if fits else
+                         estimate_memory(v, min_ctx(v), 2)["total"], "license": v.license})
+        return json.dumps({"budget_bytes": self.budget.bytes, "models": rows}, indent=1)
+
+    def tool_get_worker_details(self, args: dict) -> str:
+        if self.app.swarm is None:
+            raise ToolFailure("the model is not ready yet (still loading)")
+        return json.dumps({"voters": self.app.swarm.workers()}, indent=1)
+
+    # --- transport --------------------------------------------------------
+    def serve(self, inp, out) -> None:
+        """Read lines until end of input; write one reply line per request, flushed."""
+        for line in inp:
+            if not line.strip():
+                continue
+            reply = self.handle(line)
+            if reply is not None:
+                out.write(json.dumps(reply, separators=(",", ":")) + "\n")
+                out.flush()
+
+
+def _rpc_error(mid, code: int, message: str) -> dict:
+    return {"jsonrpc": "2.0", "id": mid, "error": {"code": code, "message": message}}
+
+
+##############################################################################
+# CLI and main: flags, --detect, the interactive menu, the start-up summary,
+# serving until SIGINT/SIGTERM. Every user error is one line and exit 1.
+##############################################################################
+
+# flag dest -> config key (each also has the LOCALSWARM_* variable of its Setting)
+FLAG_SETTINGS = {
+    "host": "server.host", "port": "server.port", "api_key": "server.api_key",
+    "voters": "swarm.voters", "ctx": "swarm.ctx", "strategy": "swarm.consensus_strategy",
+    "stream_mode": "swarm.stream_mode", "parallel": "swarm.parallel", "model": "models.model",
+    "model_path": "models.model_path", "models_dir": "models.cache_dir", "federate": "network.enabled",
+    "peer": "network.peers", "broadcast": "network.broadcast_addresses",
+    "discovery_port": "network.discovery_port", "advertise_interval": "network.advertise_interval",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (every help says its default and environment variable)."""
+    p = argparse.ArgumentParser(
+        prog="localswarm", description="Run a swarm of small coding LLMs with consensus voting behind an "
+        "OpenAI-compatible API. With no flags: detect the hardware, pick a model, download it, serve.",
+        epilog="Precedence: command line > LOCALSWARM_* environment > config file > defaults.")
+    env = lambda key: SETTINGS_BY_KEY[tuple(key.split("."))].env
+    dflt = lambda key: SETTINGS_BY_KEY[tuple(key.split("."))].default
+    g = p.add_argument_group("model")
+    g.add_argument("--model", metavar="FAMILY:SIZE[:QUANT]", help=f"model from the registry, e.g. qwen2.5-coder:7b:q4 (default: the plan's; env {env('models.model')})")
+    g.add_argument("--model-path", metavar="FILE.gguf", help=f"serve a local GGUF file (env {env('models.model_path')})")
+    g.add_argument("--voters", "--instances", type=int, metavar="N", help=f"voters per request (default: the plan's; env {env('swarm.voters')})")
+    g.add_argument("--ctx", type=int, metavar="TOKENS", help=f"context per request (default: the plan's; env {env('swarm.ctx')})")
+    g.add_argument("--parallel", type=int, metavar="N", help=f"requests decoded at once (default: {dflt('swarm.parallel')}; env {env('swarm.parallel')})")
+    g.add_argument("--models-dir", metavar="DIR", help=f"model cache (default: {dflt('models.cache_dir')}; env {env('models.cache_dir')})")
+    g.add_argument("--force", action="store_true", help="try a model/voters/context over the memory budget")
+    g.add_argument("--download-only", action="store_true", help="fetch the planned (or --model) file and exit")
+    s = p.add_argument_group("server")
+    s.add_argument("--host", help=f"address to bind (default: {dflt('server.host')}; env {env('server.host')})")
+    s.add_argument("--port", type=int, help=f"port (default: {dflt('server.port')}; env {env('server.port')})")
+    s.add_argument("--api-key", help=f"require this bearer key (default: none; env {env('server.api_key')})")
+    s.add_argument("--strategy", choices=STRATEGIES, help=f"consensus strategy (default: {dflt('swarm.consensus_strategy')}; env {env('swarm.consensus_strategy')})")
+    s.add_argument("--stream-mode", choices=("consensus", "fastest"), help=f"what a streamed request gets (default: consensus; env {env('swarm.stream_mode')})")
+    s.add_argument("--mcp", action="store_true", help="also serve MCP on stdin/stdout (with the HTTP API)")
+    s.add_argument("--mcp-only", action="store_true", help="serve MCP on stdio only, no HTTP port")
+    f = p.add_argument_group("federation")
+    f.add_argument("--federate", action="store_true", default=None, help=f"find peers on the LAN and vote together (default: off; env {env('network.enabled')})")
+    f.add_argument("--peer", action="append", metavar="HOST:PORT", help=f"a static peer, repeatable (env {env('network.peers')}, comma-separated)")
+    f.add_argument("--broadcast", action="append", metavar="ADDR", help=f"announce to this address, repeatable (default: every subnet; env {env('network.broadcast_addresses')})")
+    f.add_argument("--discovery-port", type=int, help=f"UDP discovery port (default: {dflt('network.discovery_port')}; env {env('network.discovery_port')})")
+    f.add_argument("--advertise-interval", type=float, help=f"seconds between announcements (default: {dflt('network.advertise_interval')}; env {env('network.advertise_interval')})")
+    o = p.add_argument_group("other")
+    o.add_argument("--detect", action="store_true", help="print the hardware report and the plan, then exit")
+    o.add_argument("--json", action="store_true", help="with --detect or --download-only: JSON output")
+    o.add_argument("--config", metavar="FILE", help=f"config file (default: {DEFAULT_CONFIG_PATH}; env LOCALSWARM_CONFIG)")
+    o.add_argument("--print-config", action="store_true", help="show the merged config and where each value came from")
+    o.add_argument("--hardware-profile", metavar="FILE", help="plan for a HardwareProfile JSON instead of this machine (as --detect --json writes it)")
+    o.add_argument("-y", "--yes", "--non-interactive", dest="yes", action="store_true", help="no menu: take the recommended plan")
+    o.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: llama.cpp's too)")
+    o.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    o.add_argument("--version", action="version", version=f"localswarm {__version__}")
+    return p
+
+
+def cli_overrides(args: argparse.Namespace) -> dict:
+    """The flags that were given, as {config key: value}."""
+    out = {}
+    for dest, key in FLAG_SETTINGS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def fractions(cfg: Config) -> dict:
+    return {k: cfg[f"hardware.{k}"] for k in ("gpu_memory_fraction", "unified_memory_fraction",
+                                              "ram_fraction", "mobile_ram_fraction")}
+
+
+def choose_plan(cfg: Config, registry: list, budget: Budget, force: bool = False) -> Plan:
+    """The plan from the config (explicit model/voters/ctx honoured or refused)."""
+    if cfg["models.model_path"]:
+        path = os.path.expanduser(cfg["models.model_path"])
+        if not os.path.isfile(path):
+            raise LocalswarmError(f"--model-path {path}: no such file")
+        v = variant_from_gguf(path)
+        voters = cfg["swarm.voters"] or cfg["swarm.min_instances"]
+        ctx = cfg["swarm.ctx"] or min(v.n_ctx_train, 32768)
+        parts = estimate_memory(v, ctx, voters)
+        return Plan(v, voters, ctx, parts["total"], parts, budget.backend, None, "--model-path")
+    return plan_explicit(registry, budget, cfg["models.model"], cfg["swarm.voters"], cfg["swarm.ctx"],
+                         cfg["swarm.min_instances"], cfg["swarm.max_instances"], force,
+                         cfg["models.preferred_models"])
+
+
+def detect_report(hw: HardwareProfile, budget: Budget, p: Optional[Plan], error: str = "") -> str:
+    """The human-readable --detect report."""
+    lines = [f"localswarm {__version__} hardware report",
+             f"  OS:       {hw.os} ({hw.arch})" + ("  [Termux]" if hw.is_termux else ""),
+             f"  CPU:      {hw.cpu_model}, {hw.cpu_cores} cores / {hw.cpu_threads} threads"
+             + (f", {' '.join(hw.cpu_flags)}" if hw.cpu_flags else ""),
+             f"  RAM:      {human_bytes(hw.ram_total_bytes)} total, {human_bytes(hw.ram_available_bytes)} available"]
+    for g in hw.gpus or []:
+        lines.append(f"  GPU {g.index}:    {g.vendor} {g.name}, {human_bytes(g.vram_total_bytes)} "
+                     f"({human_bytes(g.vram_free_bytes)} free)")
+    if not hw.gpus:
+        lines.append("  GPU:      none found")
+    lines += [f"  Rule:     {budget.rule}", f"  Budget:   {human_bytes(budget.bytes)}"]
+    lines += [f"  Note:     {n}" for n in hw.notes]
+    if p is None:
+        return "\n".join(lines + [f"  Plan:     none: {error}"])
+    v = p.variant
+    lines += ["", f"Recommended: {v.id}  ({v.family_name} {v.size.upper()} {v.quant})",
+              f"  voters {p.voters}, context {p.ctx}, memory {human_bytes(p.memory_bytes)} "
+              f"({100 * p.memory_bytes / max(budget.bytes, 1):.0f}% of budget), placement {p.placement}",
+              f"  file {v.repo}/{v.file}" + (" (size estimated)" if v.estimated else ""),
+              f"  licence {v.license}", f"  why: {p.reason}"]
+    if p.runners_up:
+        lines.append("  runners-up:")
+        lines += [f"    {r['id']}: {r['lost']}" for r in p.runners_up]
+    return "\n".join(lines)
+
+
+def detect_json(hw: HardwareProfile, budget: Budget, p: Optional[Plan], registry: list, error: str = "") -> dict:
+    alts = []
+    if p is not None:
+        seen = {p.variant.id}
+        for v in registry:
+            if v.id in seen or v.pip:
+                continue
+            alt = _plan_for(v, min_ctx(v), 2, budget)
+            if alt:
+                alts.append(alt.to_json())
+                seen.add(v.id)
+    return {"hardware": hw.to_json(), "budget_bytes": budget.bytes, "rule": budget.rule,
+            "backend": budget.backend, "plan": p.to_json() if p else None, "error": error or None,
+            "alternatives": alts[:12]}
+
+
+def opencode_snippet(url: str, model_id: str, api_key: str = "", ctx: int = 32768) -> dict:
+    """A ready-to-paste opencode.json provider block for this server."""
+    return {"$schema": "https://opencode.ai/config.json", "provider": {"localswarm": {
+        "npm": "@ai-sdk/openai-compatible", "name": "localswarm",
+        "options": {"baseURL": url + "/v1", "apiKey": api_key or "none"},
+        "models": {model_id: {"name": f"localswarm ({model_id})", "limit": {"context": ctx, "output": 4096}}}}},
+        "model": f"localswarm/{model_id}"}
+
+
+# --- the interactive menu ----------------------------------------------------
+
+def fitting_plans(registry: list, budget: Budget, min_voters: int = 2, max_voters: int = 8) -> list:
+    """Every family/size/quant that fits, each with the most voters that fit at its minimum context."""
+    out = []
+    for v in registry:
+        if v.pip:
+            continue
+        n = max((k for k in range(min_voters, max_voters + 1) if _plan_for(v, min_ctx(v), k, budget)), default=0)
+        if n:
+            out.append(_plan_for(v, min_ctx(v), n, budget))
+    return out
+
+
+def _ask(prompt: str, valid: Callable[[str], Any], out) -> Any:
+    """Ask until valid() returns a value (it raises ValueError for bad input)."""
+    while True:
+        out.write(prompt)
+        out.flush()
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        try:
+            return valid(line.strip())
+        except ValueError as exc:
+            out.write(f"  {exc}\n")
+
+
+def interactive_plan(registry: list, budget: Budget, recommended: Plan, cfg: Config, out=sys.stdout) -> Plan:
+    """The start menu: 1) recommended, 2) browse what fits, 3) custom, q) quit."""
+    def pick_menu(s):
+        if s.lower() in ("1", "2", "3", "q"):
+            return s.lower()
+        raise ValueError("choose 1, 2, 3 or q")
+    out.write("\n  1) Recommended configuration: " + _plan_line(recommended, budget) +
+              "\n  2) Browse all configurations that fit\n  3) Custom\n  q) Quit\n")
+    choice = _ask("Choice [1]: ", lambda s: pick_menu(s or "1"), out)
+    if choice == "q":
+        raise KeyboardInterrupt
+    if choice == "1":
+        return recommended
+    if choice == "2":
+        plans = fitting_plans(registry, budget, cfg["swarm.min_instances"], cfg["swarm.max_instances"])
+        out.write(f"\n  {'#':>3}  {'model':<16} {'size':<6} {'quant':<7} {'voters':>6} {'context':>8} "
+                  f"{'memory':>10} {'budget':>7}\n")
+        for i, p in enumerate(plans, 1):
+            out.write(f"  {i:>3}  {p.variant.family:<16} {p.variant.size:<6} {p.variant.quant:<7} {p.voters:>6} "
+                      f"{p.ctx:>8} {human_bytes(p.memory_bytes):>10} {100 * p.memory_bytes / budget.bytes:>6.0f}%\n")
+        return _ask(f"Configuration [1-{len(plans)}]: ", lambda s: _index(s, plans), out)
+    fams = list(dict.fromkeys(v.family for v in registry if not v.pip))
+    fam = _ask(f"Family ({', '.join(fams)}): ", lambda s: _one_of(s, fams), out)
+    sizes = [s for s in dict.fromkeys(v.size for v in registry if v.family == fam)
+             if any(_plan_for(v, min_ctx(v), 1, budget) for v in registry if v.family == fam and v.size == s and not v.pip)]
+    if not sizes:
+        raise LocalswarmError(f"no size of {fam} fits the budget of {human_bytes(budget.bytes)}")
+    size = _ask(f"Size ({', '.join(sizes)}; largest that fits: {sizes[-1]}): ", lambda s: _one_of(s, sizes), out)
+    quants = [v.quant for v in registry if v.family == fam and v.size == size and not v.pip
+              and _plan_for(v, min_ctx(v), 1, budget)]
+    quant = _ask(f"Quantization ({', '.join(quants)}): ", lambda s: _one_of(s.upper(), quants), out)
+    v = next(v for v in registry if v.family == fam and v.size == size and v.quant == quant)
+    most = max(k for k in range(1, cfg["swarm.max_instances"] + 1) if _plan_for(v, min_ctx(v), k, budget)
+               or k == 1)
+    voters = _ask(f"Voters (1-{most}) [{most}]: ", lambda s: _in_range(s or str(most), 1, most), out)
+    return _plan_for(v, min_ctx(v), voters, budget) or recommended
+
+
+def _plan_line(p: Plan, budget: Budget) -> str:
+    return (f"{p.variant.id}, {p.voters} voters, context {p.ctx}, {human_bytes(p.memory_bytes)} "
+            f"({100 * p.memory_bytes / max(budget.bytes, 1):.0f}% of budget)")
+
+
+def _index(s: str, items: list):
+    if s.isdigit() and 1 <= int(s) <= len(items):
+        return items[int(s) - 1]
+    raise ValueError(f"enter a number from 1 to {len(items)}")
+
+
+def _one_of(s: str, options: list):
+    if s in options:
+        return s
+    raise ValueError(f"choose one of {', '.join(options)}")
+
+
+def _in_range(s: str, lo: int, hi: int) -> int:
+    if s.isdigit() and lo <= int(s) <= hi:
+        return int(s)
+    raise ValueError(f"enter a number from {lo} to {hi}")
+
+
+# --- serving ---------------------------------------------------------------
+
+def make_engine(path: str, p: Plan, cfg: Config, verbose: bool = False):
+    """The inference engine for a plan: llama.cpp (Metal/CUDA/ROCm/SYCL/CPU as it was built)."""
+    gpu = p.placement not in ("cpu",)
+    return LlamaCppEngine(path, p.voters, p.ctx, parallel=cfg["swarm.parallel"], max_queue=cfg["server.max_queue"],
+                          n_gpu_layers=-1 if gpu else 0, tensor_split=p.tensor_split, verbose=verbose,
+                          template=p.variant.template)
+
+
+def startup_summary(app: App, url: str, budget: Budget, p: Plan) -> str:
+    cfg = app.cfg
+    key = cfg["server.api_key"]
+    fed = "on" if cfg["network.enabled"] else "off (--federate to join peers)"
+    snippet = json.dumps(opencode_snippet(url, p.variant.id.replace(":", "-") if p.variant.family != "local"
+                                          else "localswarm", key, p.ctx), indent=2)
+    return "\n".join([
+        f"localswarm {__version__}",
+        f"  hardware:   {app.hardware.cpu_model if app.hardware else '?'}; {budget.rule}",
+        f"  plan:       {_plan_line(p, budget)}",
+        f"  url:        {url}/v1   (OpenAI-compatible; model ids: see /v1/models)",
+        f"  api key:    {'required' if key else 'none (anyone who can reach the port can use it)'}",
+        f"  federation: {fed}",
+        "  opencode.json:", snippet])
+
+
+def status_line(app: App) -> str:
+    st = app.swarm.status() if app.swarm else {}
+    conf = st.get("last_confidence")
+    return (f"[localswarm] requests {st.get('requests', 0)}, {app.metrics.last_tokens_per_s:.1f} tok/s, "
+            f"busy voters {st.get('busy_voters', 0)}/{st.get('voters', 0)}, queue {st.get('queue_depth', 0)}, "
+            f"confidence {'-' if conf is None else f'{conf:.2f}'}, peers {app.peer_count()}")
+
+
+def serve(cfg: Config, hw: HardwareProfile, budget: Budget, p: Plan, registry: list, args) -> int:
+    """Start the HTTP API (and MCP/federation when asked), load the model, serve until a signal."""
+    app = App(cfg, hardware=hw, plan=p)
+    host, port = cfg["server.host"], cfg["server.port"]
+    if host not in ("127.0.0.1", "localhost", "::1") and not cfg["server.api_key"]:
+        log.warning("listening on %s without --api-key: anyone on the network can use this server", host)
+    server = None if args.mcp_only else make_server(app, host, port)
+    stop = threading.Event()
+    if server:
+        threading.Thread(target=server.serve_forever, name="localswarm-http", daemon=True).start()
+        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{server.server_address[1]}"
+        if not (args.mcp or args.mcp_only):
+            print(startup_summary(app, url, budget, p), flush=True)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(sig, lambda *_: stop.set())
+        except ValueError:      # not the main thread (embedded use)
+            pass
+    mcp_thread = None
+    if args.mcp or args.mcp_only:
+        mcp = McpServer(app, registry, budget)
+        mcp_thread = threading.Thread(target=lambda: (mcp.serve(sys.stdin, sys.stdout), stop.set()),
+                                      name="localswarm-mcp", daemon=True)
+        mcp_thread.start()
+    engine = None
+    try:
+        path, p = resolve_model_file(p, os.path.expanduser(cfg["models.cache_dir"]), registry, budget)
+        app.plan = p
+        engine = make_engine(path, p, cfg, verbose=args.verbose >= 2)
+        app.swarm = Swarm(engine, cfg["swarm.consensus_strategy"], cfg["swarm.timeout"],
+                          model_id=p.variant.id.replace(":", "-") if p.variant.family != "local" else engine.model_id)
+        log.info("ready: %s with %d voters", app.swarm.model_id, p.voters)
+        if cfg["network.enabled"] and server:
+            app.federation = Federation(cfg, app, server.server_address[1])
+            app.federation.start()
+        last = time.monotonic()
+        while not stop.wait(1.0):
+            if not args.quiet and not (args.mcp or args.mcp_only) and time.monotonic() - last >= 30:
+                print(status_line(app), file=sys.stderr, flush=True)
+                last = time.monotonic()
+    except LocalswarmError as exc:
+        app.load_error = str(exc)
+        raise
+    finally:
+        log.info("shutting down")
+        if app.federation:
+            app.federation.stop()
+        if server:
+            server.shutdown()
+            server.server_close()
+        if engine:
+            engine.close()
+    return 0
+
+
+def setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+def main(argv: Optional[list] = None) -> int:
+    """The command line: returns the exit status."""
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose, args.quiet)
+    try:
+        cfg = load_config(cli_overrides(args), path=args.config)
+        if args.print_config:
+            print(format_config(cfg))
+            return 0
+        if args.hardware_profile:
+            try:
+                with open(args.hardware_profile, encoding="utf-8") as f:
+                    data = json.load(f)
+                hw = HardwareProfile.from_json(data.get("hardware", data))
+            except (OSError, ValueError, TypeError) as exc:
+                raise LocalswarmError(f"--hardware-profile {args.hardware_profile}: {exc}") from None
+        else:
+            hw = detect_hardware()
+        budget = memory_budget(hw, fractions(cfg))
+        registry = load_registry()
+        if args.detect:
+            try:
+                p, err = choose_plan(cfg, registry, budget, args.force), ""
+            except LocalswarmError as exc:
+                p, err = None, str(exc)
+            print(json.dumps(detect_json(hw, budget, p, registry, err), indent=2) if args.json
+                  else detect_report(hw, budget, p, err))
+            return 0 if p else 1
+        p = choose_plan(cfg, registry, budget, args.force)
+        interactive = (sys.stdin.isatty() and not args.yes and not cfg["models.model"]
+                       and not cfg["models.model_path"] and not args.download_only
+                       and not (args.mcp or args.mcp_only))
+        if interactive:
+            print(detect_report(hw, budget, p))
+            p = interactive_plan(registry, budget, p, cfg)
+        if args.download_only:
+            path = download_model(p.variant, os.path.expanduser(cfg["models.cache_dir"]), args.quiet) \
+                if p.variant.family != "local" else p.variant.file
+            summary = {"model": p.variant.id, "path": path, "bytes": os.path.getsize(path),
+                       "sha256_verified": bool(p.variant.sha256)}
+            print(json.dumps(summary) if args.json else
+                  f"downloaded {p.variant.id}: {path} ({human_bytes(summary['bytes'])}"
+                  f"{', sha256 verified' if summary['sha256_verified'] else ''})")
+            return 0
+        return serve(cfg, hw, budget, p, registry, args)
+    except LocalswarmError as exc:
+        print(f"localswarm: error: {exc}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, EOFError):
+        print("\nlocalswarm: bye", file=sys.stderr)
+        return 130 if not args.yes else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
