@@ -2253,7 +2253,7 @@ def quality(c: Candidate, prompt: Optional[str] = None, wants_code: bool = True)
     if wants_code and not any(re.search(r"\w", LINE_COMMENT_RE.sub("", code)) for _, code in blocks):
         if continuation or not prompt or CODE_REQUEST_RE.search(prompt or ""):
             return 0.0, "no code"
-    score, reason = 1.0, ""
+    score, reason, py_nodes = 1.0, "", []
     for lang, code in blocks:
         if _is_python(lang, code):
             try:
@@ -2262,14 +2262,12 @@ def quality(c: Candidate, prompt: Optional[str] = None, wants_code: bool = True)
                 return 0.0, "does not parse"
             # Cost bound: long answers get the top-level checks only, not a walk of every node.
             nodes = list(ast.walk(tree)) if len(code) <= LONG_ANSWER_CHARS else tree.body
+            py_nodes += nodes
             funcs = [n for n in nodes if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
             if funcs and _is_placeholder(funcs[-1].body):
                 return 0.0, "placeholder body"
             if any(_never_returns(f) for f in funcs if f.name in _function_names(prompt or "")):
                 return 0.0, "never returns a value"
-            if _undefined_names(nodes):
-                score = min(score, 0.1)       # a likely NameError: last resort only
-                reason = "uses undefined names"
             if continuation and any(not isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef,
                                                        ast.Import, ast.ImportFrom, ast.Expr)) for n in tree.body):
                 score -= 0.4                  # module-level code after a completed function: junk
@@ -2277,6 +2275,8 @@ def quality(c: Candidate, prompt: Optional[str] = None, wants_code: bool = True)
             return 0.0, "unbalanced brackets or quotes"
         if any(PLACEHOLDER_RE.match(l) for l in code.splitlines() if l.strip()) and len(code.splitlines()) < 3:
             return 0.0, "placeholder body"
+    if _undefined_names(py_nodes):            # across blocks: an example may use an earlier definition
+        score, reason = min(score, 0.1), "uses undefined names"   # a likely NameError: last resort only
     names = _function_names(prompt or "")
     if names and blocks and not continuation and not any(
             re.search(rf"\b(def|function|fn|func)\s+{re.escape(names[0])}\b|\b{re.escape(names[0])}\s*=", code)
