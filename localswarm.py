@@ -317,21 +317,22 @@ def read_config_file(path: str) -> dict:
 
 
 def load_config(cli: Optional[dict] = None, env: Optional[dict] = None,
-                path: Optional[str] = None) -> Config:
-    """Merge defaults < config file < environment < CLI ({"section.key": value})."""
+                path: Optional[str] = None, read_file: bool = True) -> Config:
+    """Merge defaults < config file < environment < CLI ({"section.key": value}).
+    read_file=False skips the file (embedding, tests)."""
     env = os.environ if env is None else env
     cli = cli or {}
     explicit = path or env.get("LOCALSWARM_CONFIG")
-    path = os.path.expanduser(explicit or DEFAULT_CONFIG_PATH)
+    path = os.path.expanduser(explicit or DEFAULT_CONFIG_PATH) if read_file else ""
     values: dict = collections.defaultdict(dict)
     sources = {}
     for s in SETTINGS:
         values[s.section][s.key] = list(s.default) if s.type is list else s.default
         sources[f"{s.section}.{s.key}"] = "default"
     from_file = {}
-    if explicit and not os.path.exists(path):
+    if read_file and explicit and not os.path.exists(path):
         raise LocalswarmError(f"config file {path} does not exist")
-    if os.path.exists(path):
+    if read_file and os.path.exists(path):
         from_file = read_config_file(path)
     for (section, key), value in from_file.items():
         values[section][key] = value
@@ -344,7 +345,7 @@ def load_config(cli: Optional[dict] = None, env: Optional[dict] = None,
         s = SETTINGS_BY_KEY[tuple(dotted.split("."))]
         values[s.section][s.key] = coerce_setting(s, value, "command line")
         sources[dotted] = "command line"
-    return Config(dict(values), sources, path if os.path.exists(path) else None)
+    return Config(dict(values), sources, path if read_file and os.path.exists(path) else None)
 
 
 def format_config(cfg: Config) -> str:
@@ -409,21 +410,33 @@ class HardwareProfile:
         return cls(**d)
 
 
-def run_probe(cmd: list, timeout: float = PROBE_TIMEOUT) -> Optional[str]:
-    """Run a vendor tool; its stdout, or None when missing, failing or hung."""
+def run_probe(cmd: list, timeout: Optional[float] = None) -> Optional[str]:
+    """Run a vendor tool; its stdout, or None when missing, failing or hung. A hung tool's
+    whole process group is killed (a child holding the pipe open must not hang us either)."""
     exe = shutil.which(cmd[0])
     if exe is None:
         return None
     try:
-        proc = subprocess.run([exe, *cmd[1:]], capture_output=True, text=True,
-                              timeout=timeout, stdin=subprocess.DEVNULL, errors="replace")
-    except (subprocess.TimeoutExpired, OSError) as exc:
+        proc = subprocess.Popen([exe, *cmd[1:]], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    except OSError as exc:
         log.debug("probe %s failed: %s", cmd[0], exc)
+        return None
+    timeout = PROBE_TIMEOUT if timeout is None else timeout
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            proc.kill()
+        proc.wait()
+        log.debug("probe %s timed out after %.1fs", cmd[0], timeout)
         return None
     if proc.returncode != 0:
         log.debug("probe %s exited %s", cmd[0], proc.returncode)
         return None
-    return proc.stdout
+    return out.decode("utf-8", "replace")
 
 
 def read_text(path: str) -> Optional[str]:
@@ -478,21 +491,21 @@ def parse_rocm_smi(text: str) -> list:
 
 
 def parse_sycl_ls(text: str) -> list:
-    """sycl-ls lines -> Intel GPUs (one per device; level_zero preferred over opencl)."""
-    gpus, seen = [], set()
+    """sycl-ls lines -> Intel GPUs. Each GPU is listed once per backend; the Level-Zero
+    entries are used when there are any (llama.cpp's SYCL backend runs on those)."""
+    by_backend: dict = collections.defaultdict(list)
     for line in text.splitlines():
-        m = re.match(r"\s*\[(\w+):gpu(?::(\d+))?\]\s*(.*)", line)
+        m = re.match(r"\s*\[(\w+):gpu(?::(\d+))?\](?:\[\w+:(\d+)\])?\s*(.*)", line)
         if not m or "intel" not in line.lower():
             continue
-        backend, idx, rest = m.group(1), int(m.group(2) or 0), m.group(3)
+        backend, idx, rest = m.group(1), int(m.group(2) or m.group(3) or 0), m.group(4)
         name = rest.split(",", 1)[-1].strip()
-        name = re.sub(r"\s+(OpenCL|\d+\.\d+).*$", "", name).strip()
-        if (name, idx) in seen:
-            continue
-        seen.add((name, idx))
+        name = re.sub(r"\s+(OpenCL\b|\d+\.\d+).*$", "", name).strip()
         discrete = bool(re.search(r"\bArc\b|Data Center|Flex|Max", name))
-        gpus.append(GPU("intel", name, 0, 0, idx, backend, discrete))
-    return gpus
+        by_backend[backend].append(GPU("intel", name, 0, 0, idx, backend, discrete))
+    level_zero = [b for b in by_backend if "level_zero" in b]
+    chosen = by_backend[level_zero[0]] if level_zero else next(iter(by_backend.values()), [])
+    return sorted(chosen, key=lambda g: g.index)
 
 
 def parse_meminfo(text: str) -> tuple:
@@ -635,7 +648,7 @@ def detect_hardware() -> HardwareProfile:
                                    hw.ram_available_bytes, discrete=False))
     if hw.is_termux:
         hw.soc = parse_getprop("\n".join(run_probe(["getprop", key]) or "" for key in GETPROP_KEYS))
-        if "qualcomm" in hw.soc.lower():
+        if re.search(r"qualcomm|\bqti\b|\bsm\d{4}", hw.soc.lower()):
             hw.gpus.append(GPU("qualcomm", "Adreno (" + hw.soc + ")", 0, 0, discrete=False))
             hw.notes.append("Adreno GPU found; localswarm runs on the CPU here (no Vulkan/OpenCL build)")
     else:
@@ -693,11 +706,12 @@ QUANT_SHORT = {"q4": "Q4_K_M", "q5": "Q5_K_M", "q6": "Q6_K", "q8": "Q8_0"}
 MIN_CTX = 16384          # opencode's first request alone is ~8k prompt tokens
 VOTER_TOKENS = 4096      # KV cells each extra voter needs for its own answer
 KV_BYTES_PER_ELEMENT = 2 # f16 cache
-# llama.cpp's compute buffers, measured on the starter model and a 1B model
-# (BENCHMARKS.md, "planner overhead"): a fixed part plus a part per KV cell.
-COMPUTE_FIXED = 160 * MiB
-COMPUTE_PER_CELL = 2048
-MARGIN = 1.05            # headroom over the estimate
+# llama.cpp's compute buffer, measured (BENCHMARKS.md, "planner overhead"): with flash
+# attention (on by default) it does not grow with the context; it is the logits of one
+# batch (n_vocab x N_BATCH floats) plus the activations, under COMPUTE_FIXED for these models.
+N_BATCH = 512
+COMPUTE_FIXED = 64 * MiB
+MARGIN = 1.10            # headroom over the estimate (sizes of some files are estimated)
 
 
 @dataclass(frozen=True)
@@ -715,12 +729,14 @@ class Variant:
     n_kv_heads: int
     head_dim: int
     n_ctx_train: int
+    n_vocab: int
     template: str
     license: str
     commercial_use: bool = True
     estimated: bool = False
     revision: Optional[str] = None
     pip: Optional[str] = None     # shipped inside this PyPI package instead of the hub
+    auto: bool = True             # False: never chosen by the planner, only by name
 
     @property
     def id(self) -> str:
@@ -741,9 +757,9 @@ def load_registry(text: Optional[str] = None) -> list:
                 variants.append(Variant(
                     fam["id"], fam["name"], size["size"], quant, size["repo"], q["file"],
                     q["size_bytes"], q.get("sha256"), size["n_layers"], size["n_kv_heads"],
-                    size["head_dim"], size["n_ctx_train"], fam["template"], size["license"],
+                    size["head_dim"], size["n_ctx_train"], size.get("n_vocab", 152064), fam["template"], size["license"],
                     size.get("commercial_use", True), q.get("estimated", False),
-                    size.get("revision"), q.get("pip")))
+                    size.get("revision"), q.get("pip"), fam.get("auto", True)))
     return variants
 
 
@@ -787,7 +803,7 @@ def estimate_memory(v: Variant, ctx: int, voters: int) -> dict:
     """Bytes needed to serve v with this many voters and this context."""
     cells = kv_cells(ctx, voters)
     parts = {"weights": v.size_bytes, "kv_cache": cells * v.kv_bytes_per_token,
-             "compute": COMPUTE_FIXED + cells * COMPUTE_PER_CELL}
+             "compute": COMPUTE_FIXED + 4 * N_BATCH * v.n_vocab}
     parts["margin"] = int(sum(parts.values()) * (MARGIN - 1))
     parts["total"] = sum(parts.values())
     return parts
@@ -830,7 +846,7 @@ def ctx_choices(v: Variant) -> list:
 
 def _priority(registry: list, preferred: Iterable[str] = ()) -> list:
     """(family, size) groups in the order they are tried: preferred ones, then models.json order."""
-    groups = list(dict.fromkeys((v.family, v.size) for v in registry if not v.pip))
+    groups = list(dict.fromkeys((v.family, v.size) for v in registry if v.auto))
     sizes = {}
     for fam, size in groups:
         sizes.setdefault(fam, []).append(size)
@@ -873,7 +889,7 @@ def plan(registry: list, budget: Budget, min_voters: int = 2, max_voters: int = 
                          f"(max {max_voters}) at {ctx} context")
         chosen.runners_up = runners_up[-6:]
         return chosen
-    smallest = min((v for v in registry if not v.pip), key=lambda v: estimate_memory(v, min_ctx(v), min_voters)["total"])
+    smallest = min((v for v in registry if v.auto), key=lambda v: estimate_memory(v, min_ctx(v), min_voters)["total"])
     need = estimate_memory(smallest, min_ctx(smallest), min_voters)["total"]
     raise LocalswarmError(f"no model fits the memory budget of {human_bytes(budget.bytes)} ({budget.rule}); "
                           f"the smallest option, {smallest.id} with {min_voters} voters at "
@@ -983,8 +999,10 @@ def variant_from_gguf(path: str) -> Variant:
     kv_heads = g("attention.head_count_kv", heads) or heads
     head_dim = g("attention.key_length", 0) or (g("embedding_length", 4096) // heads)
     name = meta.get("general.name") or os.path.basename(path)
+    vocab = meta.get("tokenizer.ggml.tokens", "<array of 32000>")
+    n_vocab = int(re.sub(r"\D", "", vocab) or 32000) if isinstance(vocab, str) else len(vocab)
     return Variant("local", name, os.path.basename(path), "file", "", path, os.path.getsize(path), None,
-                   g("block_count", 32), kv_heads, head_dim, g("context_length", 4096), "gguf", "see file")
+                   g("block_count", 32), kv_heads, head_dim, g("context_length", 4096), n_vocab, "gguf", "see file")
 
 
 ##############################################################################
@@ -1231,7 +1249,7 @@ class LlamaAdapter:
     """Thin wrapper over llama-cpp-python's low-level API (written for LLAMA_CPP_VERSION):
     the only place that touches llama_cpp, so an upgrade changes this class alone."""
 
-    def __init__(self, path: str, n_ctx: int, n_seq_max: int, n_batch: int = 512,
+    def __init__(self, path: str, n_ctx: int, n_seq_max: int, n_batch: int = N_BATCH,
                  n_threads: int = 0, n_gpu_layers: int = -1, tensor_split: Optional[list] = None,
                  verbose: bool = False):
         L = self.L = require("llama_cpp")
@@ -1418,7 +1436,7 @@ class LlamaCppEngine:
 
     def __init__(self, model_path: str, voters: int, ctx: int, parallel: int = 2,
                  max_queue: int = 16, n_gpu_layers: int = -1, tensor_split: Optional[list] = None,
-                 n_threads: int = 0, n_batch: int = 512, n_cells: int = 0, verbose: bool = False,
+                 n_threads: int = 0, n_batch: int = N_BATCH, n_cells: int = 0, verbose: bool = False,
                  template: str = "chatml", adapter: Optional[LlamaAdapter] = None):
         self.model_path, self.voters, self.ctx_limit = model_path, voters, ctx
         self.max_queue = max_queue
@@ -1539,6 +1557,13 @@ class LlamaCppEngine:
             if len(self._free) < req.voters or any(r.prefilling for r in self._runs):
                 return
             self._waiting.popleft()
+            if req.params.seed is not None and not self._runs:
+                # llama.cpp's sums depend on the batch shape and on which KV cells hold what, so
+                # a seeded request on an idle engine starts from an empty cache: same seed, same
+                # answers. (Beside other requests no such promise holds, as with llama-server.)
+                self.llm.clear()
+                self._cache = []
+            self._free.sort()
             seqs = [self._free.pop(0) for _ in range(req.voters)]
             reuse = min(common_prefix_len(self._cache, req.prompt_tokens), len(req.prompt_tokens) - 1)
             if reuse:
@@ -2131,11 +2156,12 @@ def _parses(code: str) -> bool:
         return False
 
 
-def code_tokens(code: str, by_line: bool = False) -> list:
-    """Normalised tokens: Python via tokenize (comments and layout dropped), else a regex.
-    by_line=True gives one item per source line instead (the tokens of that line joined)."""
+def code_tokens(code: str, by_line: bool = False, python: bool = True) -> list:
+    """Normalised tokens: Python via tokenize (comments and layout dropped), other languages
+    (and long code) via a regex with // and # comments dropped. by_line=True gives one item
+    per source line instead (the tokens of that line joined)."""
     toks = []
-    if len(code) <= LONG_ANSWER_CHARS:
+    if python and len(code) <= LONG_ANSWER_CHARS:
         try:
             for t in tokenize.generate_tokens(io.StringIO(code).readline):
                 if t.type not in _DROP_TOKENS:
@@ -2179,7 +2205,8 @@ class _Features:
 
 def _features(text: str) -> _Features:
     blocks, prose = split_answer(text)
-    lines = [line for _, code in blocks for line in code_tokens(code, by_line=True)]
+    lines = [line for lang, code in blocks
+             for line in code_tokens(code, by_line=True, python=lang in PY_LANGS or lang == "")]
     # Cost bound: long answers are compared as sequences of normalised lines, short ones by token.
     long = sum(line.count(" ") + 1 for line in lines) > LONG_ANSWER_TOKENS
     toks = lines if long else [t for line in lines for t in line.split(" ")]

