@@ -1,0 +1,97 @@
+"""MCP over stdio with the official mcp SDK as the client, spawning the built pyz on the starter
+model, in both modes (MCP beside the HTTP API, and MCP only)."""
+import json
+import os
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, free_port
+
+mcp = pytest.importorskip("mcp")
+anyio = pytest.importorskip("anyio")
+from mcp import ClientSession, StdioServerParameters, stdio_client  # noqa: E402
+from mcp import MCPError  # noqa: E402
+
+import localswarm as ls  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pyz(tmp_path_factory):
+    sys.path.insert(0, ROOT)
+    import build_pyz
+    return build_pyz.build(str(tmp_path_factory.mktemp("mcp") / "localswarm.pyz"))
+
+
+def params(pyz, *mode):
+    # The SDK passes only a few variables to the server; the venv's python finds llama_cpp itself.
+    return StdioServerParameters(command=sys.executable, args=[pyz, "--model", "smollm2:135m:q4_1", "--voters", "3",
+                                                               "--ctx", "2048", "-q", *mode],
+                                 env={"HF_HUB_OFFLINE": "1", "LOCALSWARM_MODELS_DIR": os.path.join(ROOT, ".cache", "none")})
+
+
+@pytest.mark.parametrize("mode", [["--mcp-only"], ["--mcp", "--port", "0"]], ids=["mcp-only", "mcp+http"])
+def test_sdk_client_against_the_pyz(pyz, mode):
+    async def main():
+        p = params(pyz, *mode)
+        async with stdio_client(p) as (r, w):
+            async with ClientSession(r, w) as s:
+                init = await s.initialize()
+                assert init.server_info.name == "localswarm" and init.server_info.version == ls.__version__
+                tools = {t.name: t for t in (await s.list_tools()).tools}
+                assert set(tools) == {"get_hardware_info", "get_swarm_status", "generate_code",
+                                      "list_available_models", "get_worker_details"}
+                assert all(t.input_schema["type"] == "object" for t in tools.values())
+                await s.send_ping()
+                deadline = time.monotonic() + 90
+                while True:                       # the model loads in the background
+                    st = json.loads((await s.call_tool("get_swarm_status", {})).content[0].text)
+                    if st.get("status") == "ok" or time.monotonic() > deadline:
+                        break
+                    await anyio.sleep(0.5)
+                assert st["status"] == "ok" and st["voters"] == 3
+                hw = json.loads((await s.call_tool("get_hardware_info", {})).content[0].text)
+                assert hw["hardware"]["ram_total_bytes"] > 0 and hw["budget_bytes"] > 0
+                models = json.loads((await s.call_tool("list_available_models", {})).content[0].text)
+                assert any(m["fits"] for m in models["models"])
+                gen = await s.call_tool("generate_code", {"prompt": "Write a Python function add(a, b).",
+                                                          "max_tokens": 48, "temperature": 0.7, "language": "python"})
+                assert not gen.is_error, gen.content[0].text
+                text = gen.content[0].text
+                assert "strategy: similarity" in text and "voters: 3" in text and "confidence:" in text
+                workers = json.loads((await s.call_tool("get_worker_details", {})).content[0].text)
+                assert len(workers["voters"]) == 3 and workers["voters"][0]["requests"] >= 1
+                bad = await s.call_tool("generate_code", {"prompt": ""})
+                assert bad.is_error and "prompt" in bad.content[0].text
+                bad = await s.call_tool("generate_code", {"prompt": "x", "max_tokens": "many"})
+                assert bad.is_error and "max_tokens" in bad.content[0].text
+                with pytest.raises(MCPError) as e:
+                    await s.call_tool("launch_rockets", {})
+                assert e.value.error.code == -32602
+                t_close = time.monotonic()
+        assert time.monotonic() - t_close < 2.5, "the server must exit promptly when stdin closes"
+    anyio.run(main)
+
+
+def rpc(server, obj):
+    line = obj if isinstance(obj, str) else json.dumps(obj)
+    return server.handle(line)
+
+
+def test_dispatch_errors_and_version_negotiation():
+    app = ls.App(ls.load_config(env={}, read_file=False))
+    server = ls.McpServer(app, ls.load_registry(), ls.Budget(8 * ls.GiB, "test", [8 * ls.GiB], "cpu"))
+    r = rpc(server, {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2024-11-05"}})
+    assert r["result"]["protocolVersion"] == "2024-11-05"
+    r = rpc(server, {"jsonrpc": "2.0", "id": 2, "method": "initialize", "params": {"protocolVersion": "1999-01-01"}})
+    assert r["result"]["protocolVersion"] == ls.MCP_VERSIONS[0]
+    assert rpc(server, {"jsonrpc": "2.0", "method": "notifications/initialized"}) is None
+    assert rpc(server, "{not json")["error"]["code"] == -32700
+    assert rpc(server, {"id": 3, "method": "ping"})["error"]["code"] == -32600
+    assert rpc(server, {"jsonrpc": "2.0", "id": 4, "method": "server/discover"})["error"]["code"] == -32601
+    assert rpc(server, {"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": []})["error"]["code"] == -32602
+    r = rpc(server, {"jsonrpc": "2.0", "id": 6, "method": "tools/call", "params": {"name": "generate_code",
+                                                                                     "arguments": {"prompt": "x"}}})
+    assert r["result"]["isError"] and "not ready" in r["result"]["content"][0]["text"]
+    assert rpc(server, {"jsonrpc": "2.0", "id": 7, "method": "ping"})["result"] == {}
