@@ -1,0 +1,289 @@
+"""Federation: packet framing and signatures (pure), three nodes on loopback, and separate test
+hosts in network namespaces made by the test itself (root only). Traffic goes only to 127.0.0.0/8
+or to the namespaces' own 10.77.0.0/24; every wait is bounded."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+
+import localswarm as ls
+from conftest import ROOT, free_port, start_node, wait_http
+
+CHAT = {"messages": [{"role": "user", "content": "Write a Python function add(a, b)."}], "max_tokens": 24}
+
+
+# --- pure framing ---------------------------------------------------------------
+
+def fed(token="", **cfg):
+    c = ls.load_config(env={}, read_file=False)
+    c.set("network.auth_token", token)
+    c.set("network.broadcast_addresses", ["127.255.255.255"])
+    for k, v in cfg.items():
+        c.set(k, v)
+    return ls.Federation(c, ls.App(c), 8080)
+
+
+def ann(f, **over):
+    a = f.announcement()
+    a.update(over)
+    return a
+
+
+def test_announcements_roundtrip_and_own_packets_are_ignored():
+    a, b = fed(), fed()
+    assert b.receive(ls.encode_announcement(a.announcement()), "127.0.0.1").node_id == a.node_id
+    assert a.receive(ls.encode_announcement(a.announcement()), "127.0.0.1") is None
+    assert len(b.live_peers()) == 1
+
+
+@pytest.mark.parametrize("data,reason", [
+    (b"\xff\xfe garbage", "malformed"), (b"[1, 2]", "malformed"), (b"x" * 5000, "oversized"),
+    (json.dumps({"proto": "exo", "v": 1}).encode(), "foreign"),
+    (json.dumps({"proto": ls.FED_PROTOCOL, "v": 99}).encode(), "version"),
+    (json.dumps({"proto": ls.FED_PROTOCOL, "v": 1, "node_id": "x", "port": "http", "instance": "i"}).encode(), "malformed"),
+])
+def test_bad_packets_are_dropped_with_a_reason(data, reason):
+    with pytest.raises(ls.DropPacket) as e:
+        fed().receive(data, "127.0.0.1")
+    assert e.value.reason == reason
+
+
+def test_signed_announcements_stale_replayed_and_unsigned_are_refused():
+    a, b = fed("tok"), fed("tok")
+    packet = ls.encode_announcement(a.announcement(), "tok")
+    assert b.receive(packet, "10.0.0.5")
+    with pytest.raises(ls.DropPacket, match="replay"):
+        b.receive(packet, "10.0.0.5")
+    with pytest.raises(ls.DropPacket, match="stale"):
+        b.receive(ls.encode_announcement(a.announcement(), "tok"), "10.0.0.5", now=time.time() + 60)
+    with pytest.raises(ls.DropPacket, match="unsigned"):
+        b.receive(ls.encode_announcement(a.announcement()), "10.0.0.5")
+    with pytest.raises(ls.DropPacket, match="bad_signature"):
+        b.receive(ls.encode_announcement(a.announcement(), "other"), "10.0.0.5")
+
+
+def test_without_token_only_private_addresses():
+    a, b = fed(), fed()
+    with pytest.raises(ls.DropPacket, match="not_private"):
+        b.receive(ls.encode_announcement(a.announcement()), "8.8.8.8")
+    assert b.receive(ls.encode_announcement(a.announcement()), "192.168.1.9")
+
+
+def test_node_id_clash_is_resolved():
+    a, b = fed(), fed()
+    b.node_id = a.node_id                     # a cloned VM
+    smaller, larger = sorted((a, b), key=lambda f: f.instance)
+    larger.receive(ls.encode_announcement(smaller.announcement()), "127.0.0.1")
+    assert larger.node_id != smaller.node_id
+
+
+def test_peers_expire_and_the_table_is_bounded():
+    b = fed(**{"network.max_peers": 2})
+    now = time.monotonic()
+    for i in range(2):
+        b.receive(ls.encode_announcement(ann(fed(), node_id=f"n{i}")), "127.0.0.1", now=now)
+    with pytest.raises(ls.DropPacket, match="table_full"):
+        b.receive(ls.encode_announcement(ann(fed(), node_id="n9")), "127.0.0.1", now=now)
+    assert len(b.live_peers(now + b.interval * 2.5)) == 2
+    assert b.live_peers(now + b.interval * 3.5) == []
+
+
+def test_parse_ip_addr():
+    out = "2: eth0    inet 10.77.0.2/24 brd 10.77.0.255 scope global eth0\\       valid_lft forever\n1: lo    inet 127.0.0.1/8 scope host lo"
+    assert ls.parse_ip_addr(out) == ["10.77.0.255"]
+
+
+# --- three nodes on loopback -------------------------------------------------
+
+def node_args(port, disc, *extra):
+    return ["--model", "smollm2:135m:q4_1", "--voters", "2", "--ctx", "2048", "--port", str(port), "--yes", "-q",
+            "--federate", "--broadcast", "127.255.255.255", "--discovery-port", str(disc),
+            "--advertise-interval", "0.5", *extra]
+
+
+def post_json(url, body, timeout=120):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def peers_of(url):
+    with urllib.request.urlopen(url + "/v1/federation/info", timeout=5) as r:
+        return json.loads(r.read())["peers"]
+
+
+def stop(procs):
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def test_three_loopback_nodes_discover_vote_and_survive_a_kill():
+    disc = free_port()
+    ports = [free_port() for _ in range(3)]
+    procs = [start_node(node_args(p, disc), env={"HF_HUB_OFFLINE": "1"}) for p in ports]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    try:
+        for u in urls:
+            wait_http(u + "/health", timeout=90)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 10 and not all(peers_of(u) == 2 for u in urls):
+            time.sleep(0.2)
+        assert all(peers_of(u) == 2 for u in urls), "discovery within 10 s"
+        r = post_json(urls[0] + "/v1/chat/completions", CHAT)
+        nodes = r["x_localswarm"]["nodes"]
+        assert len(nodes) == 3 and sum(n["winner"] for n in nodes) == 1
+        assert r["choices"][0]["message"]["content"]
+
+        box = {}
+        t = threading.Thread(target=lambda: box.update(r=post_json(urls[0] + "/v1/chat/completions",
+                                                                  dict(CHAT, max_tokens=200))))
+        t.start()
+        time.sleep(0.5)
+        procs[2].kill()                       # a peer dies mid-request
+        t.join(120)
+        assert box.get("r"), "the request must still be answered"
+        assert 1 <= len(box["r"]["x_localswarm"].get("nodes", [1])) <= 2
+    finally:
+        stop(procs)
+    for p in procs[:2]:
+        assert p.returncode == 0
+
+
+# --- separate hosts in network namespaces ---------------------------------------
+
+NETNS = shutil.which("ip") is not None and os.geteuid() == 0
+
+
+class Hosts:
+    """Test hosts h1..hN in network namespaces joined by a bridge namespace (10.77.0.0/24)."""
+
+    def __init__(self, n, tag):
+        self.tag, self.n = tag, n
+        self.names = [f"ls{tag}h{i}" for i in range(1, n + 1)]
+        self.bridge = f"ls{tag}br"
+
+    def ip(self, *args):
+        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+    def __enter__(self):
+        self.ip("netns", "add", self.bridge)
+        self.ip("-n", self.bridge, "link", "add", "br0", "type", "bridge")
+        self.ip("-n", self.bridge, "link", "set", "br0", "up")
+        for i, h in enumerate(self.names, 1):
+            self.ip("netns", "add", h)
+            self.ip("-n", h, "link", "add", "eth0", "type", "veth", "peer", "name", f"p{i}", "netns", self.bridge)
+            self.ip("-n", self.bridge, "link", "set", f"p{i}", "master", "br0")
+            self.ip("-n", self.bridge, "link", "set", f"p{i}", "up")
+            self.ip("-n", h, "link", "set", "lo", "up")
+            self.ip("-n", h, "addr", "add", f"10.77.0.{i}/24", "brd", "+", "dev", "eth0")
+            self.ip("-n", h, "link", "set", "eth0", "up")
+        return self
+
+    def addr(self, i):
+        return f"10.77.0.{i + 1}"
+
+    def run(self, i, args, env=None):
+        cmd = ["ip", "netns", "exec", self.names[i], sys.executable, os.path.join(ROOT, "localswarm.py"), *args]
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                                env=dict(os.environ, HF_HUB_OFFLINE="1", **(env or {})))
+
+    def exec_json(self, i, url, body=None, timeout=120):
+        """HTTP from inside host i (the test process itself is outside every namespace)."""
+        code = ("import json,sys,urllib.request as u\n"
+                "d=sys.argv[2].encode() if sys.argv[2] else None\n"
+                "r=u.Request(sys.argv[1],data=d,headers={'Content-Type':'application/json'})\n"
+                f"print(u.urlopen(r,timeout={timeout}).read().decode())")
+        out = subprocess.run(["ip", "netns", "exec", self.names[i], sys.executable, "-c", code, url,
+                              json.dumps(body) if body is not None else ""], capture_output=True, text=True,
+                             timeout=timeout + 10)
+        if out.returncode:
+            raise OSError(out.stderr[-500:])
+        return json.loads(out.stdout)
+
+    def link(self, i, up):
+        self.ip("-n", self.names[i], "link", "set", "eth0", "up" if up else "down")
+
+    def __exit__(self, *exc):
+        for ns in self.names + [self.bridge]:
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), 9)
+                except OSError:
+                    pass
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def ns_node_args(disc_port=8765, interval="0.5", extra=()):
+    return ["--model", "smollm2:135m:q4_1", "--voters", "2", "--ctx", "2048", "--host", "0.0.0.0", "--port", "8080",
+            "--yes", "-q", "--federate", "--broadcast", "10.77.0.255", "--discovery-port", str(disc_port),
+            "--advertise-interval", interval, *extra]
+
+
+def wait_peers(hosts, i, want, timeout):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            if hosts.exec_json(i, f"http://{hosts.addr(i)}:8080/health", timeout=5)["peers"] == want:
+                return time.monotonic() - t0
+        except OSError:
+            pass
+        time.sleep(0.25)
+    raise AssertionError(f"host {i} did not see {want} peers within {timeout}s")
+
+
+@pytest.mark.skipif(not NETNS, reason="network namespaces need root and iproute2")
+def test_namespace_hosts_discover_vote_survive_and_expire():
+    with Hosts(3, str(os.getpid() % 10000)) as hosts:
+        token = {"LOCALSWARM_FEDERATION_TOKEN": "shared-secret"}
+        procs = [hosts.run(i, ns_node_args(), token) for i in range(3)]
+        for i in range(3):
+            t0 = time.monotonic()
+            while True:
+                try:
+                    hosts.exec_json(i, f"http://{hosts.addr(i)}:8080/health", timeout=5)
+                    break
+                except OSError:
+                    assert time.monotonic() - t0 < 90, "node did not start"
+                    time.sleep(0.5)
+        took = max(wait_peers(hosts, i, 2, 10) for i in range(3))
+        assert took < 10
+
+        r = hosts.exec_json(0, f"http://{hosts.addr(0)}:8080/v1/chat/completions", CHAT)
+        assert len(r["x_localswarm"]["nodes"]) == 3
+
+        # a node with the wrong token is ignored by the others
+        intruder = hosts.run(2, ns_node_args(extra=["--port", "8081"]), {"LOCALSWARM_FEDERATION_TOKEN": "wrong"})
+        time.sleep(3)
+        assert hosts.exec_json(0, f"http://{hosts.addr(0)}:8080/health")["peers"] == 2
+        intruder.kill()
+
+        # link cut: the peer expires within 3 intervals (+ slack); restored: back within 10 s
+        hosts.link(2, False)
+        wait_peers(hosts, 0, 1, 3 * 0.5 + 2)
+        hosts.link(2, True)
+        wait_peers(hosts, 0, 2, 10)
+
+        # a peer killed mid-request: the answer still comes within the peer timeout
+        box = {}
+        t = threading.Thread(target=lambda: box.update(r=hosts.exec_json(
+            0, f"http://{hosts.addr(0)}:8080/v1/chat/completions", dict(CHAT, max_tokens=200))))
+        t.start()
+        time.sleep(0.5)
+        procs[1].kill()
+        t.join(150)
+        assert box.get("r") and box["r"]["choices"][0]["message"]["content"] is not None
+        for p in procs:
+            p.kill()
