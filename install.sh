@@ -117,11 +117,16 @@ step "localswarm.pyz"
 if [ "$MODE" = test ]; then
   step "Test dependencies"
   pip_q -r requirements-dev.txt || fail "could not install requirements-dev.txt"
-  if ! command -v shellcheck >/dev/null 2>&1; then
+  # The linter (shellcheck) checks the installers; iproute2 builds the federation tests' namespaces.
+  missing=""
+  command -v shellcheck >/dev/null 2>&1 || missing="$missing shellcheck"
+  command -v ip >/dev/null 2>&1 || missing="$missing iproute2"
+  if [ -n "$missing" ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-      (apt-get update -qq && apt-get install -y -qq shellcheck >/dev/null) || echo "warning: could not install shellcheck"
+      # shellcheck disable=SC2086  # $missing is a list of package names
+      (apt-get update -qq && apt-get install -y -qq $missing >/dev/null) || echo "warning: could not install$missing"
     else
-      echo "warning: shellcheck missing (apt-get install shellcheck / brew install shellcheck); its test will skip"
+      echo "warning: missing$missing (install with your package manager); the tests that need them will skip"
     fi
   fi
   if command -v npm >/dev/null 2>&1; then

@@ -208,7 +208,8 @@ SETTINGS = [
     _s("swarm", "ctx", int, 0, "context tokens per request (0: the plan's choice)", minimum=0),
     _s("swarm", "parallel", int, 2, "requests decoded at once (continuous batching)", minimum=1, maximum=16),
     _s("models", "model", str, "", "FAMILY:SIZE[:QUANT], e.g. qwen2.5-coder:7b:q4_k_m"),
-    _s("models", "model_path", str, "", "a local .gguf file to serve instead of the registry"),
+    _s("models", "model_path", str, "", "a local .gguf file (an MLX model dir or repo with backend mlx)"),
+    _s("models", "backend", str, "llama.cpp", "inference engine", choices=("llama.cpp", "mlx")),
     _s("models", "cache_dir", str, "~/.localswarm/models", "where downloaded models live",
        env="LOCALSWARM_MODELS_DIR"),
     _s("models", "preferred_models", list, [], "FAMILY[:SIZE] entries tried before the default order"),
@@ -584,7 +585,7 @@ def probe_gpus() -> list:
     out = run_probe(["sycl-ls"])
     if out:
         intel = parse_sycl_ls(out)
-        for gpu, vram in zip(intel, _drm_vram_sizes("0x8086")):
+        for gpu, vram in zip([g for g in intel if g.discrete], _drm_vram_sizes("0x8086")):
             gpu.vram_total_bytes = gpu.vram_free_bytes = vram
         gpus += intel
     return gpus
@@ -653,6 +654,10 @@ def detect_hardware() -> HardwareProfile:
             hw.notes.append("Adreno GPU found; localswarm runs on the CPU here (no Vulkan/OpenCL build)")
     else:
         hw.gpus += probe_gpus()
+    for g in hw.gpus:
+        if g.discrete and not g.vram_total_bytes:
+            hw.notes.append(f"{g.name}: VRAM size not visible to this user; planning without it "
+                            "(the CPU rule applies)")
     return hw
 
 
@@ -823,7 +828,8 @@ def place(need: int, budget: Budget) -> Optional[tuple]:
     return None
 
 
-def _plan_for(v: Variant, ctx: int, voters: int, budget: Budget) -> Optional[Plan]:
+def plan_for(v: Variant, ctx: int, voters: int, budget: Budget) -> Optional[Plan]:
+    """The plan for exactly this variant, context and voters, or None when it does not fit."""
     parts = estimate_memory(v, ctx, voters)
     where = place(parts["total"], budget)
     if where is None:
@@ -867,7 +873,7 @@ def plan(registry: list, budget: Budget, min_voters: int = 2, max_voters: int = 
     for fam, size in _priority(registry, preferred):
         variants = sorted((v for v in registry if v.family == fam and v.size == size and not v.pip),
                           key=lambda v: QUANT_ORDER.index(v.quant))
-        fitting = [v for v in variants if _plan_for(v, min_ctx(v), min_voters, budget)]
+        fitting = [v for v in variants if plan_for(v, min_ctx(v), min_voters, budget)]
         if not fitting:
             smallest = variants[-1]
             need = estimate_memory(smallest, min_ctx(smallest), min_voters)["total"]
@@ -880,9 +886,9 @@ def plan(registry: list, budget: Budget, min_voters: int = 2, max_voters: int = 
             runners_up.append({"id": v.id, "lost": f"needs {human_bytes(need)} with {min_voters} voters"})
         for v in fitting[1:]:
             runners_up.append({"id": v.id, "lost": f"lower quality quantization than {best.quant}"})
-        voters = max(n for n in range(min_voters, max_voters + 1) if _plan_for(best, min_ctx(best), n, budget))
-        ctx = next(c for c in ctx_choices(best) if _plan_for(best, c, voters, budget))
-        chosen = _plan_for(best, ctx, voters, budget)
+        voters = max(n for n in range(min_voters, max_voters + 1) if plan_for(best, min_ctx(best), n, budget))
+        ctx = next(c for c in ctx_choices(best) if plan_for(best, c, voters, budget))
+        chosen = plan_for(best, ctx, voters, budget)
         chosen.reason = (f"{best.family_name} {size.upper()} is the largest {best.family_name} that fits "
                          f"{min_voters}+ voters at {min_ctx(best)}+ context in {human_bytes(budget.bytes)}; "
                          f"{best.quant} is the best quantization that fits; {voters} voters "
@@ -928,9 +934,9 @@ def plan_explicit(registry: list, budget: Budget, spec: str = "", voters: int = 
     for v in candidates:
         if ctx > v.n_ctx_train:
             log.warning("--ctx %d is past %s's trained context %d", ctx, v.id, v.n_ctx_train)
-        c = ctx or next((c for c in ctx_choices(v) if _plan_for(v, c, voters or min_voters, budget)), min_ctx(v))
-        n = voters or max((k for k in range(1, max_voters + 1) if _plan_for(v, c, k, budget)), default=0)
-        p = _plan_for(v, c, n or min_voters, budget) if n else None
+        c = ctx or next((c for c in ctx_choices(v) if plan_for(v, c, voters or min_voters, budget)), min_ctx(v))
+        n = voters or max((k for k in range(1, max_voters + 1) if plan_for(v, c, k, budget)), default=0)
+        p = plan_for(v, c, n or min_voters, budget) if n else None
         if p:
             p.reason = "chosen on the command line"
             return p
@@ -1109,7 +1115,8 @@ def resolve_model_file(p: "Plan", models_dir: str, registry: list, budget: Optio
     that fits, else the starter model, with a warning saying what to run to get the planned one."""
     v = p.variant
     if v.family == "local":
-        verify_model_file(v.file)
+        if v.quant != "mlx":
+            verify_model_file(v.file)
         return v.file, p
     cached = starter_model_path(registry) if v.pip else find_cached_model(v, models_dir)
     if cached:
@@ -1124,9 +1131,9 @@ def resolve_model_file(p: "Plan", models_dir: str, registry: list, budget: Optio
             reason = str(exc)
     for alt in registry:
         path = None if alt.pip else find_cached_model(alt, models_dir)
-        if path and budget and _plan_for(alt, min_ctx(alt), p.voters, budget):
+        if path and budget and plan_for(alt, min_ctx(alt), p.voters, budget):
             log.warning("could not get %s (%s); serving cached %s instead", v.id, reason, alt.id)
-            return path, _plan_for(alt, min_ctx(alt), p.voters, budget)
+            return path, plan_for(alt, min_ctx(alt), p.voters, budget)
     starter = starter_variant(registry)
     path = starter_model_path(registry)
     if path is None:
@@ -1573,56 +1580,61 @@ class LlamaCppEngine:
             self._runs.append(_Run(req, seqs, reuse))
 
     def _step(self) -> None:
-        items = []
-        owners = []      # (voter or run) for each item that wants logits
+        """Sample one token for every live voter, add a chunk of a waiting prompt, decode once."""
+        batch = []       # (token, pos, seq, want_logits, run, owner): owner gets the logits index
         for run in list(self._runs):
             if run.req.cancelled:
                 self._end_run(run, "cancelled")
                 continue
             if run.prefilling:
-                if run.prompt_logits_idx >= 0:
-                    self._start_voters(run)
-                else:
+                if run.prompt_logits_idx < 0:
                     continue
+                self._start_voters(run)
             for v in run.voters:
                 if v.live:
                     tok = self.llm.sample(v.sampler, v.logits_idx)
                     if self._accept(run, v, tok):
-                        items.append((tok, v.pos, v.seq, True))
-                        owners.append(v)
+                        batch.append((tok, v.pos, v.seq, True, run, v))
                         v.pos += 1
             if all(not v.live for v in run.voters):
                 self._end_run(run, None)
-        room = self.llm.n_batch - len(items)
-        for run in self._runs:
+        room = self.llm.n_batch - len(batch)
+        for run in self._runs:    # chunked prefill: at most one prompt at a time, in the room left
             if run.prefilling and run.prompt_logits_idx < 0 and room > 0:
                 toks = run.req.prompt_tokens
                 end = min(len(toks), run.prefill_pos + room)
                 for pos in range(run.prefill_pos, end):
                     last = pos == len(toks) - 1
-                    items.append((toks[pos], pos, run.seqs[0], last))
-                    if last:
-                        owners.append(run)
+                    batch.append((toks[pos], pos, run.seqs[0], last, run, run if last else None))
                 self.counters["prompt_tokens"] += end - run.prefill_pos
                 run.prefill_pos = end
                 break
-        if not items:
-            return
-        status = self.llm.decode(items)
-        if status == 1:       # no KV cell free: the newest request cannot continue
-            self._evict_newest()
-            return
-        if status != 0:
-            raise LocalswarmError(f"llama_decode failed with status {status}")
-        idx = 0
-        for tok_pos, item in enumerate(items):
-            if item[3]:
-                owner = owners[idx]
-                idx += 1
-                if isinstance(owner, _Run):
-                    owner.prompt_logits_idx = tok_pos
-                else:
-                    owner.logits_idx = tok_pos
+        batch = self._decode(batch)
+        for i, (_, _, _, _, _, owner) in enumerate(batch):
+            if isinstance(owner, _Run):
+                owner.prompt_logits_idx = i
+            elif owner is not None:
+                owner.logits_idx = i
+
+    def _decode(self, batch: list) -> list:
+        """Decode the batch; when the KV cache is full, drop the prompt cache, then end the newest
+        request, and decode what is left. Returns the batch that was decoded."""
+        while batch:
+            status = self.llm.decode([b[:4] for b in batch])
+            if status == 0:
+                return batch
+            if status != 1:
+                raise LocalswarmError(f"llama_decode failed with status {status}")
+            self.counters["kv_full"] += 1
+            if self._cache:
+                self.llm.seq_rm(CACHE_SEQ)
+                self._cache = []
+                continue
+            newest = self._runs[-1]
+            log.warning("KV cache full (%d cells): ending the newest request's voters early", self.llm.n_ctx)
+            self._end_run(newest, "length")
+            batch = [b for b in batch if b[4] is not newest]
+        return batch
 
     def _start_voters(self, run: _Run) -> None:
         """Prompt done: share its cells with every voter's sequence and make their samplers."""
@@ -1705,12 +1717,6 @@ class LlamaCppEngine:
                 self._runs.remove(run)
         self.counters["requests"] += 1
         run.req._done.set()
-
-    def _evict_newest(self) -> None:
-        run = self._runs[-1]
-        log.warning("KV cache full (%d cells): ending the newest request's voters early", self.llm.n_ctx)
-        self.counters["kv_full"] += 1
-        self._end_run(run, "length")
 
     def _finish_request(self, req: GenRequest, reason: str) -> None:
         for res in req.results:
@@ -1842,6 +1848,122 @@ class ChatFormatter:
         return {**call, "function": fn}
 
 
+# --- MLX engine (Apple Silicon) ----------------------------------------------
+# mlx-lm behind the LlamaCppEngine interface, for MLX-format models (e.g. the mlx-community
+# Qwen2.5-Coder repos). Voters run in turn on one loaded model; mlx_lm is imported only on
+# macOS arm64, and elsewhere choosing this engine is a clear error.
+
+def mlx_sampling(p: SamplingParams) -> dict:
+    """SamplingParams -> keyword arguments of mlx_lm.sample_utils.make_sampler / make_logits_processors."""
+    sampler = {"temp": max(0.0, p.temperature), "top_p": p.top_p if 0 < p.top_p < 1 else 0.0,
+               "min_p": p.min_p, "top_k": p.top_k}
+    processors = {"repetition_penalty": p.repeat_penalty if p.repeat_penalty != 1.0 else None,
+                  "repetition_context_size": 64}
+    return {"sampler": sampler, "processors": processors}
+
+
+def run_voter_stream(pieces: Iterable, result: VoterResult, params: SamplingParams, started: float,
+                     on_token=None, cancel: Optional[threading.Event] = None) -> VoterResult:
+    """Fill result from a stream of (text piece, finish_reason or None); stop strings and
+    max_tokens as LlamaCppEngine applies them. Pure: the stream is any iterable."""
+    stop, emitted = StopMatcher(params.stop), 0
+    result.finish_reason = "length"
+    for text, finish in pieces:
+        if cancel is not None and cancel.is_set():
+            result.finish_reason = "cancelled"
+            break
+        now = time.monotonic() - started
+        if result.completion_tokens == 0:
+            result.ttft = now
+        result.latency = now
+        result.completion_tokens += 1
+        before = len(result.text)
+        result.text += text
+        cut = stop.find(result.text, before)
+        if cut >= 0:
+            result.text, result.finish_reason = result.text[:cut], "stop"
+            break
+        if finish:
+            result.finish_reason = "length" if finish == "length" else "stop"
+            break
+        if result.completion_tokens >= params.max_tokens:
+            break
+        safe = stop.safe_length(result.text)
+        if on_token and safe > emitted:
+            on_token(result.index, result.text[emitted:safe])
+            emitted = safe
+    if on_token and len(result.text) > emitted:
+        on_token(result.index, result.text[emitted:])
+    return result
+
+
+class MLXEngine:
+    """Apple Silicon engine over mlx-lm with the same interface as LlamaCppEngine."""
+
+    backend = "mlx"
+
+    def __init__(self, model: str, voters: int, ctx: int, max_queue: int = 16, **_ignored):
+        if not (sys.platform == "darwin" and platform.machine() == "arm64"):
+            raise LocalswarmError("the MLX engine runs on Apple Silicon only (macOS arm64); "
+                                  "use the llama.cpp engine (the default) on this machine")
+        self.mlx_lm = require("mlx_lm")
+        self.model, self.tokenizer = self.mlx_lm.load(model)
+        self.model_path, self.voters, self.ctx_limit, self.max_queue = model, voters, ctx, max_queue
+        template = getattr(self.tokenizer, "chat_template", None)
+        self.formatter = ChatFormatter(template, "chatml")
+        self.workers = [WorkerStats(i) for i in range(voters)]
+        self.healthy = True
+        self._lock = threading.Lock()       # one generation at a time on the GPU
+        self._waiting = 0
+
+    model_id = property(lambda self: os.path.basename(self.model_path.rstrip("/")))
+
+    def tokenize(self, text: str) -> list:
+        return list(self.tokenizer.encode(text))
+
+    def queue_depth(self) -> int:
+        return self._waiting
+
+    def busy_voters(self) -> int:
+        return sum(1 for w in self.workers if w.busy)
+
+    def generate(self, prompt_tokens: list, params: SamplingParams, voters: Optional[int] = None,
+                 on_token=None, timeout: Optional[float] = None,
+                 cancel: Optional[threading.Event] = None) -> GenRequest:
+        if len(prompt_tokens) >= self.ctx_limit:
+            raise ContextLengthError(f"the prompt has {len(prompt_tokens)} tokens; the context is {self.ctx_limit}")
+        if self._waiting >= self.max_queue:
+            raise BusyError()
+        req = GenRequest(prompt_tokens, params, voters or self.voters, on_token)
+        from mlx_lm.sample_utils import make_logits_processors, make_sampler
+        args = mlx_sampling(params)
+        self._waiting += 1
+        with self._lock:
+            self._waiting -= 1
+            for res, seed in zip(req.results, req.seeds):
+                import mlx.core as mx
+                mx.random.seed(seed)
+                res.prompt_tokens = len(prompt_tokens)
+                stream = self.mlx_lm.stream_generate(
+                    self.model, self.tokenizer, prompt_tokens, max_tokens=params.max_tokens,
+                    sampler=make_sampler(**args["sampler"]),
+                    logits_processors=make_logits_processors(**{k: v for k, v in args["processors"].items()
+                                                                if v is not None}))
+                w = self.workers[res.index] if res.index < len(self.workers) else None
+                if w:
+                    w.busy = True
+                run_voter_stream(((r.text, r.finish_reason) for r in stream), res, params, req.submitted,
+                                 on_token, cancel)
+                if w:
+                    w.busy, w.requests, w.tokens = False, w.requests + 1, w.tokens + res.completion_tokens
+                    w.last_latency, w.last_tokens_per_s = res.latency, res.tokens_per_s
+        req._done.set()
+        return req
+
+    def close(self) -> None:
+        self.model = None
+
+
 # --- engine benchmark (--bench) ----------------------------------------------
 # Speed is measured on a model of the size people run: a deterministic random-weight GGUF of
 # about 1B parameters (TinyLlama's shape, Q8_0) with the starter model's tokenizer, made with the
@@ -1947,8 +2069,9 @@ def bench_case(kind: str, n: int, model: str, max_tokens: int, threads: int) -> 
         try:
             if kind == "turn2":
                 return _bench_second_turn(eng)
-            toks = eng.tokenize(eng.formatter.render(prompt_msgs))
-            eng.generate(toks[:8], SamplingParams(max_tokens=2, seed=1), 1)          # warm-up
+            # The very text the llama_cpp cases get (plain ChatML, no default system prompt).
+            toks = eng.tokenize(ChatFormatter(None).render(prompt_msgs))
+            eng.generate(eng.tokenize("Hello there"), SamplingParams(max_tokens=2, seed=1), 1)   # warm-up
             t = time.perf_counter()
             g = eng.generate(toks, SamplingParams(max_tokens=max_tokens, seed=7), n)
             wall = time.perf_counter() - t
@@ -1960,9 +2083,16 @@ def bench_case(kind: str, n: int, model: str, max_tokens: int, threads: int) -> 
         make = lambda: L.Llama(model_path=model, n_ctx=2048, n_threads=threads, n_batch=N_BATCH, verbose=False)
         llms = [make() for _ in range(n if kind == "instances" else 1)]
         text = ChatFormatter(None).render(prompt_msgs)
-        llms[0].create_completion(text[:16], max_tokens=2)                                 # warm-up
+        for llm in llms:         # warm-up on other text: no prompt reuse (the engine gets none either)
+            llm.create_completion("Hello there", max_tokens=2)
         t = time.perf_counter()
-        if kind == "instances":
+        if kind == "raw":        # streamed, to time the first token as the engine does
+            pieces = [(time.perf_counter(), c) for c in llms[0].create_completion(
+                text, max_tokens=max_tokens, seed=7, temperature=0.8, stream=True)]
+            # the last chunk only carries finish_reason
+            outs = [{"usage": {"completion_tokens": sum(1 for _, c in pieces if c["choices"][0]["text"])}}]
+            ttft = pieces[0][0] - t
+        elif kind == "instances":
             with concurrent.futures.ThreadPoolExecutor(n) as pool:
                 outs = list(pool.map(lambda i: llms[i].create_completion(text, max_tokens=max_tokens, seed=7 + i,
                                                                         temperature=0.8), range(n)))
@@ -1971,10 +2101,13 @@ def bench_case(kind: str, n: int, model: str, max_tokens: int, threads: int) -> 
                     for i in range(n)]
         wall = time.perf_counter() - t
         tokens = sum(o["usage"]["completion_tokens"] for o in outs)
-        ttft = None
-    return {"kind": kind, "n": n, "wall_s": round(wall, 3), "tokens": tokens,
-            "tokens_per_s": round(tokens / wall, 2), "peak_rss_bytes": peak_rss_bytes(),
-            "ttft_s": None if ttft is None else round(ttft, 3)}
+        ttft = ttft if kind == "raw" else None
+    row = {"kind": kind, "n": n, "wall_s": round(wall, 3), "tokens": tokens,
+           "tokens_per_s": round(tokens / wall, 2), "peak_rss_bytes": peak_rss_bytes(),
+           "ttft_s": None if ttft is None else round(ttft, 3)}
+    if ttft is not None and n == 1:   # generation speed after the first token (the prompt excluded)
+        row["decode_tokens_per_s"] = round((tokens - 1) / (wall - ttft), 2)
+    return row
 
 
 def _bench_second_turn(eng) -> dict:
@@ -2023,6 +2156,8 @@ def run_bench(model: str, ns: Iterable[int] = (1, 2, 4, 8), max_tokens: int = 48
         ratios["engine_rss_4_vs_1"] = round(eng[4]["peak_rss_bytes"] / eng[1]["peak_rss_bytes"], 3)
     if 1 in eng:
         ratios["engine_1_tokens_per_s_vs_raw"] = round(eng[1]["tokens_per_s"] / one["tokens_per_s"], 3)
+        ratios["engine_1_decode_tokens_per_s_vs_raw"] = round(
+            eng[1]["decode_tokens_per_s"] / one["decode_tokens_per_s"], 3)
     turn = next((r for r in rows if r["kind"] == "turn2"), None)
     if turn:
         ratios["second_turn_ttft_vs_first"] = turn["ratio"]
@@ -3267,7 +3402,8 @@ FED_PROTOCOL = "localswarm-fed"
 FED_VERSION = 1
 MAX_PACKET = 4096           # bytes; bigger discovery packets are dropped
 MAX_SKEW = 30.0             # seconds a signed message stays valid
-EXPIRE_INTERVALS = 3        # a peer silent for this many intervals is gone
+EXPIRE_INTERVALS = 3.5      # a peer whose next 3 announcements are all missing (half an interval of
+                            # jitter allowed: a busy node's announcer runs late) is gone
 
 
 class DropPacket(Exception):
@@ -3600,28 +3736,34 @@ class Federation:
         try:
             futures = {pool.submit(self.request, p, "POST", "/v1/federation/vote", payload, timeout): p for p in peers}
             local = swarm.answer(req)
-            remote = []
+            remote, skipped = [], []
             done, late = concurrent.futures.wait(futures, timeout=max(0.0, timeout - local.latency))
             for f in done:
                 p = futures[f]
                 try:
                     r = f.result()
-                    if isinstance(r, dict) and isinstance(r.get("text"), str):
-                        remote.append(r)
+                    if not (isinstance(r, dict) and isinstance(r.get("text"), str)):
+                        raise ValueError("not a vote")
+                    remote.append(r)
                 except Exception as exc:
                     log.warning("peer %s (%s:%d) failed: %s", p.name or p.node_id, p.host, p.port, exc)
+                    skipped.append({"node_id": p.node_id, "reason": f"failed: {exc}"[:200]})
             for f in late:
                 p = futures[f]
                 log.warning("peer %s (%s:%d) too late (> %.0fs); skipped", p.name or p.node_id, p.host, p.port, timeout)
+                skipped.append({"node_id": p.node_id, "reason": f"no answer within {timeout:.0f}s"})
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
-        return merge_federated(local, remote, self.node_id, self.name)
+        return merge_federated(local, remote, self.node_id, self.name, skipped)
 
 
-def merge_federated(local: SwarmAnswer, remote: list, node_id: str, name: str) -> SwarmAnswer:
-    """The cross-swarm vote over the local winner and each peer's answer."""
+def merge_federated(local: SwarmAnswer, remote: list, node_id: str, name: str,
+                    skipped: Optional[list] = None) -> SwarmAnswer:
+    """The cross-swarm vote over the local winner and each peer's answer (skipped peers listed)."""
     if not remote:
-        return local
+        me = {"node_id": node_id, "name": name, "model": local.model, "voters": len(local.results),
+              "confidence": round(local.verdict.confidence, 4), "latency_s": round(local.latency, 3), "winner": True}
+        return dataclasses.replace(local, nodes=[me] + [dict(s, skipped=True) for s in skipped or []])
     entries = [{"node_id": node_id, "name": name, "text": local.text, "tool_calls": local.tool_calls or None,
                 "finish_reason": local.finish_reason, "confidence": local.verdict.confidence,
                 "voters": len(local.results), "model": local.model, "latency": local.latency,
@@ -3636,7 +3778,7 @@ def merge_federated(local: SwarmAnswer, remote: list, node_id: str, name: str) -
     nodes = [{"node_id": e.get("node_id"), "name": e.get("name"), "model": e.get("model"),
               "voters": e.get("voters"), "confidence": round(float(e.get("confidence") or 0), 4),
               "latency_s": round(float(e.get("latency") or 0), 3), "winner": i == verdict.index}
-             for i, e in enumerate(entries)]
+             for i, e in enumerate(entries)] + [dict(s, skipped=True) for s in skipped or []]
     return dataclasses.replace(local, text=win["text"], tool_calls=win.get("tool_calls") or [],
                                finish_reason=win.get("finish_reason") or "stop", verdict=verdict,
                                results=results, parsed=parsed, nodes=nodes)
@@ -3775,7 +3917,7 @@ class McpServer:
     def tool_list_available_models(self, args: dict) -> str:
         rows = []
         for v in self.registry:
-            fits = _plan_for(v, min_ctx(v), 2, self.budget)
+            fits = plan_for(v, min_ctx(v), 2, self.budget)
             rows.append({"id": v.id, "family": v.family_name, "size": v.size, "quant": v.quant,
                          "file_bytes": v.size_bytes, "fits": bool(fits),
                          "memory_with_2_voters": fits.memory_bytes if fits else
@@ -3814,6 +3956,7 @@ FLAG_SETTINGS = {
     "voters": "swarm.voters", "ctx": "swarm.ctx", "strategy": "swarm.consensus_strategy",
     "stream_mode": "swarm.stream_mode", "parallel": "swarm.parallel", "model": "models.model",
     "model_path": "models.model_path", "models_dir": "models.cache_dir", "federate": "network.enabled",
+    "backend": "models.backend",
     "peer": "network.peers", "broadcast": "network.broadcast_addresses",
     "discovery_port": "network.discovery_port", "advertise_interval": "network.advertise_interval",
 }
@@ -3834,6 +3977,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ctx", type=int, metavar="TOKENS", help=f"context per request (default: the plan's; env {env('swarm.ctx')})")
     g.add_argument("--parallel", type=int, metavar="N", help=f"requests decoded at once (default: {dflt('swarm.parallel')}; env {env('swarm.parallel')})")
     g.add_argument("--models-dir", metavar="DIR", help=f"model cache (default: {dflt('models.cache_dir')}; env {env('models.cache_dir')})")
+    g.add_argument("--backend", choices=("llama.cpp", "mlx"), help=f"inference engine; mlx needs Apple Silicon and an MLX "
+                   f"model in --model-path (default: llama.cpp; env {env('models.backend')})")
     g.add_argument("--force", action="store_true", help="try a model/voters/context over the memory budget")
     g.add_argument("--download-only", action="store_true", help="fetch the planned (or --model) file and exit")
     s = p.add_argument_group("server")
@@ -3884,6 +4029,11 @@ def fractions(cfg: Config) -> dict:
 
 def choose_plan(cfg: Config, registry: list, budget: Budget, force: bool = False) -> Plan:
     """The plan from the config (explicit model/voters/ctx honoured or refused)."""
+    if cfg["models.model_path"] and cfg["models.backend"] == "mlx":
+        v = Variant("local", "MLX model", "mlx", "mlx", cfg["models.model_path"], cfg["models.model_path"], 0, None,
+                    0, 0, 0, 32768, 0, "chatml", "see model")
+        voters, ctx = cfg["swarm.voters"] or cfg["swarm.min_instances"], cfg["swarm.ctx"] or 16384
+        return Plan(v, voters, ctx, 0, {}, "metal", None, "--backend mlx --model-path")
     if cfg["models.model_path"]:
         path = os.path.expanduser(cfg["models.model_path"])
         if not os.path.isfile(path):
@@ -3933,7 +4083,7 @@ def detect_json(hw: HardwareProfile, budget: Budget, p: Optional[Plan], registry
         for v in registry:
             if v.id in seen or v.pip:
                 continue
-            alt = _plan_for(v, min_ctx(v), 2, budget)
+            alt = plan_for(v, min_ctx(v), 2, budget)
             if alt:
                 alts.append(alt.to_json())
                 seen.add(v.id)
@@ -3959,9 +4109,9 @@ def fitting_plans(registry: list, budget: Budget, min_voters: int = 2, max_voter
     for v in registry:
         if v.pip:
             continue
-        n = max((k for k in range(min_voters, max_voters + 1) if _plan_for(v, min_ctx(v), k, budget)), default=0)
+        n = max((k for k in range(min_voters, max_voters + 1) if plan_for(v, min_ctx(v), k, budget)), default=0)
         if n:
-            out.append(_plan_for(v, min_ctx(v), n, budget))
+            out.append(plan_for(v, min_ctx(v), n, budget))
     return out
 
 
@@ -4003,18 +4153,18 @@ def interactive_plan(registry: list, budget: Budget, recommended: Plan, cfg: Con
     fams = list(dict.fromkeys(v.family for v in registry if not v.pip))
     fam = _ask(f"Family ({', '.join(fams)}): ", lambda s: _one_of(s, fams), out)
     sizes = [s for s in dict.fromkeys(v.size for v in registry if v.family == fam)
-             if any(_plan_for(v, min_ctx(v), 1, budget) for v in registry if v.family == fam and v.size == s and not v.pip)]
+             if any(plan_for(v, min_ctx(v), 1, budget) for v in registry if v.family == fam and v.size == s and not v.pip)]
     if not sizes:
         raise LocalswarmError(f"no size of {fam} fits the budget of {human_bytes(budget.bytes)}")
     size = _ask(f"Size ({', '.join(sizes)}; largest that fits: {sizes[-1]}): ", lambda s: _one_of(s, sizes), out)
     quants = [v.quant for v in registry if v.family == fam and v.size == size and not v.pip
-              and _plan_for(v, min_ctx(v), 1, budget)]
+              and plan_for(v, min_ctx(v), 1, budget)]
     quant = _ask(f"Quantization ({', '.join(quants)}): ", lambda s: _one_of(s.upper(), quants), out)
     v = next(v for v in registry if v.family == fam and v.size == size and v.quant == quant)
-    most = max(k for k in range(1, cfg["swarm.max_instances"] + 1) if _plan_for(v, min_ctx(v), k, budget)
+    most = max(k for k in range(1, cfg["swarm.max_instances"] + 1) if plan_for(v, min_ctx(v), k, budget)
                or k == 1)
     voters = _ask(f"Voters (1-{most}) [{most}]: ", lambda s: _in_range(s or str(most), 1, most), out)
-    return _plan_for(v, min_ctx(v), voters, budget) or recommended
+    return plan_for(v, min_ctx(v), voters, budget) or recommended
 
 
 def _plan_line(p: Plan, budget: Budget) -> str:
@@ -4043,7 +4193,9 @@ def _in_range(s: str, lo: int, hi: int) -> int:
 # --- serving ---------------------------------------------------------------
 
 def make_engine(path: str, p: Plan, cfg: Config, verbose: bool = False):
-    """The inference engine for a plan: llama.cpp (Metal/CUDA/ROCm/SYCL/CPU as it was built)."""
+    """The inference engine for a plan: llama.cpp (Metal/CUDA/ROCm/SYCL/CPU as it was built), or MLX."""
+    if cfg["models.backend"] == "mlx":
+        return MLXEngine(cfg["models.model_path"] or path, p.voters, p.ctx, max_queue=cfg["server.max_queue"])
     gpu = p.placement not in ("cpu",)
     return LlamaCppEngine(path, p.voters, p.ctx, parallel=cfg["swarm.parallel"], max_queue=cfg["server.max_queue"],
                           n_gpu_layers=-1 if gpu else 0, tensor_split=p.tensor_split, verbose=verbose,

@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -74,7 +75,16 @@ def wait_http(url: str, timeout: float = 60.0, status: int = 200) -> dict:
 
 
 def start_node(args, env=None, cwd=None):
-    """Run localswarm.py as a subprocess (logs to a pipe the test can read on failure)."""
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "localswarm.py"), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    """Run localswarm.py as a subprocess; its output goes to a temp file (a pipe nobody reads
+    could fill and block it), readable with node_log(proc)."""
+    log = tempfile.NamedTemporaryFile("w+", prefix="localswarm-node-", suffix=".log", delete=False)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "localswarm.py"), *args],
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             env=dict(os.environ, **(env or {})), cwd=cwd, text=True)
+    proc.log_path = log.name
+    return proc
+
+
+def node_log(proc, tail: int = 3000) -> str:
+    with open(proc.log_path, errors="replace") as f:
+        return f.read()[-tail:]

@@ -315,3 +315,31 @@ def test_health_is_503_while_loading():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_stream_mode_fastest_streams_voter_0_live(live_server):
+    url, app = live_server
+    app.cfg.set("swarm.stream_mode", "fastest")
+    try:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        chunks = list(c.chat.completions.create(model="localswarm", max_tokens=24, stream=True, seed=2,
+                                                messages=[{"role": "user", "content": "Count from one to ten."}]))
+        pieces = [ch.choices[0].delta.content for ch in chunks if ch.choices and ch.choices[0].delta.content]
+        assert len(pieces) > 3, "tokens arrive one by one"
+        last = [ch for ch in chunks if ch.choices and ch.choices[0].finish_reason][-1]
+        assert last.model_extra["x_localswarm"]["streamed_voter"] == 0
+    finally:
+        app.cfg.set("swarm.stream_mode", "consensus")
+
+
+def test_named_and_required_tool_choice():
+    text = '<tool_call>{"name": "read_file", "arguments": {"path": "x"}}</tool_call>'
+    swarm = ls.Swarm(ScriptedEngine(text))
+    req = ls.ChatRequest(messages=[{"role": "user", "content": "x"}], tools=TOOLS + [
+        {"type": "function", "function": {"name": "write_file"}}],
+        tool_choice={"type": "function", "function": {"name": "write_file"}})
+    assert req.offered_tools() == ["write_file"]
+    ans = swarm.answer(req)
+    assert ans.tool_calls == [] and ans.finish_reason == "stop"      # read_file was not offered
+    req.tool_choice = "required"
+    assert swarm.answer(req).tool_calls[0]["function"]["name"] == "read_file"

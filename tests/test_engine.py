@@ -1,5 +1,6 @@
 """Engine: the real llama.cpp on the starter model — batched voters, seeds, stop strings,
 cancellation, queue limit, context overflow, prefix reuse, chat templates."""
+import sys
 import threading
 import time
 
@@ -156,3 +157,74 @@ def test_stop_matcher_holds_back_partial_stops():
 def test_missing_optional_package_is_one_line():
     with pytest.raises(ls.LocalswarmError, match=r"pip install no-such-pkg"):
         ls.require("no-such-pkg")
+
+
+# --- MLX engine: its adapter logic runs here; the engine itself needs Apple Silicon ---------
+
+def test_mlx_sampling_maps_the_parameters():
+    a = ls.mlx_sampling(ls.SamplingParams(temperature=0.7, top_p=0.9, top_k=20, min_p=0.1, repeat_penalty=1.1))
+    assert a["sampler"] == {"temp": 0.7, "top_p": 0.9, "min_p": 0.1, "top_k": 20}
+    assert a["processors"]["repetition_penalty"] == 1.1
+    assert ls.mlx_sampling(ls.SamplingParams(top_p=1.0))["sampler"]["top_p"] == 0.0    # 1.0 means off
+    assert ls.mlx_sampling(ls.SamplingParams())["processors"]["repetition_penalty"] is None
+
+
+def test_mlx_voter_stream_applies_stop_strings_max_tokens_and_streams():
+    seen = []
+    r = ls.run_voter_stream(iter([("def ", None), ("f():", None), ("\n\nEND", None), ("x", None)]),
+                            ls.VoterResult(0), ls.SamplingParams(max_tokens=10, stop=("\n\n",)), time.monotonic(),
+                            lambda i, t: seen.append(t))
+    assert r.text == "def f():" and r.finish_reason == "stop" and "".join(seen) == r.text
+    r = ls.run_voter_stream(iter([("a", None)] * 9), ls.VoterResult(1), ls.SamplingParams(max_tokens=3), time.monotonic())
+    assert r.text == "aaa" and r.finish_reason == "length" and r.completion_tokens == 3
+    r = ls.run_voter_stream(iter([("a", None), ("b", "stop")]), ls.VoterResult(2), ls.SamplingParams(), time.monotonic())
+    assert r.text == "ab" and r.finish_reason == "stop"
+    cancel = threading.Event()
+    cancel.set()
+    r = ls.run_voter_stream(iter([("a", None)]), ls.VoterResult(3), ls.SamplingParams(), time.monotonic(), None, cancel)
+    assert r.finish_reason == "cancelled" and r.text == ""
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="on a Mac the MLX engine may really load")
+def test_mlx_engine_elsewhere_is_a_clear_error():
+    with pytest.raises(ls.LocalswarmError, match="Apple Silicon only"):
+        ls.MLXEngine("mlx-community/Qwen2.5-Coder-1.5B-Instruct-4bit", 2, 4096)
+
+
+def test_engine_failure_fails_in_flight_requests_and_reloads(starter_path):
+    eng = ls.LlamaCppEngine(starter_path, voters=2, ctx=512, parallel=1)
+    try:
+        real = eng.llm.decode
+        calls = {"n": 0}
+
+        def broken(items):
+            calls["n"] += 1
+            return -3 if calls["n"] == 2 else real(items)
+        eng.llm.decode = broken
+        toks = eng.tokenize("Hello there")
+        with pytest.raises(ls.ApiError) as e:
+            eng.generate(toks, ls.SamplingParams(max_tokens=20), timeout=30)
+        assert e.value.status == 500 and e.value.code == "engine_error"
+        eng.llm.decode = real
+        deadline = time.monotonic() + 20           # the reload runs after the requests are failed
+        while not eng.healthy and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert eng.healthy and all(w.healthy for w in eng.workers)
+        assert all(w.errors == 1 for w in eng.workers)
+        g = eng.generate(toks, ls.SamplingParams(max_tokens=4, seed=1), timeout=30)
+        assert all(r.completion_tokens == 4 for r in g.results)
+    finally:
+        eng.close()
+
+
+def test_kv_cache_full_ends_the_newest_request_without_hanging(starter_path):
+    eng = ls.LlamaCppEngine(starter_path, voters=2, ctx=512, parallel=1, n_cells=256)
+    try:
+        toks = eng.tokenize("Tell me a long story about a robot. " * 6)
+        g = eng.generate(toks, ls.SamplingParams(max_tokens=400, seed=1, temperature=1.2), timeout=120)
+        assert all(r.finish_reason == "length" for r in g.results)
+        assert eng.counters["kv_full"] >= 1
+        g = eng.generate(toks[:10], ls.SamplingParams(max_tokens=3, seed=1), timeout=60)
+        assert all(r.completion_tokens == 3 for r in g.results)     # still serving
+    finally:
+        eng.close()

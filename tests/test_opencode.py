@@ -7,7 +7,7 @@ import tempfile
 
 import pytest
 
-from conftest import ROOT, free_port, start_node, wait_http
+from conftest import ROOT, free_port, node_log, start_node, wait_http
 
 OPENCODE = os.path.join(ROOT, ".cache", "opencode", "node_modules", ".bin", "opencode")
 MODEL_ID = "smollm2-135m-q4_1"
@@ -75,5 +75,5 @@ def test_opencode_run_against_localswarm():
             assert any(e.get("type") == "text" for e in events)
     finally:
         node.terminate()
-        out, _ = node.communicate(timeout=60)
-        assert node.returncode == 0, out[-2000:]
+        node.wait(60)
+        assert node.returncode == 0, node_log(node)
