@@ -207,6 +207,7 @@ SETTINGS = [
     _s("swarm", "timeout", float, 600.0, "seconds a request may run", minimum=1),
     _s("swarm", "ctx", int, 0, "context tokens per request (0: the plan's choice)", minimum=0),
     _s("swarm", "parallel", int, 2, "requests decoded at once (continuous batching)", minimum=1, maximum=16),
+    _s("swarm", "threads", int, 0, "CPU threads for llama.cpp (0: one per core)", minimum=0, maximum=1024),
     _s("models", "model", str, "", "FAMILY:SIZE[:QUANT], e.g. qwen2.5-coder:7b:q4_k_m"),
     _s("models", "model_path", str, "", "a local .gguf file (an MLX model dir or repo with backend mlx)"),
     _s("models", "backend", str, "llama.cpp", "inference engine", choices=("llama.cpp", "mlx")),
@@ -3954,7 +3955,8 @@ def _rpc_error(mid, code: int, message: str) -> dict:
 FLAG_SETTINGS = {
     "host": "server.host", "port": "server.port", "api_key": "server.api_key",
     "voters": "swarm.voters", "ctx": "swarm.ctx", "strategy": "swarm.consensus_strategy",
-    "stream_mode": "swarm.stream_mode", "parallel": "swarm.parallel", "model": "models.model",
+    "stream_mode": "swarm.stream_mode", "parallel": "swarm.parallel", "threads": "swarm.threads",
+    "model": "models.model",
     "model_path": "models.model_path", "models_dir": "models.cache_dir", "federate": "network.enabled",
     "backend": "models.backend",
     "peer": "network.peers", "broadcast": "network.broadcast_addresses",
@@ -3976,6 +3978,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--voters", "--instances", type=int, metavar="N", help=f"voters per request (default: the plan's; env {env('swarm.voters')})")
     g.add_argument("--ctx", type=int, metavar="TOKENS", help=f"context per request (default: the plan's; env {env('swarm.ctx')})")
     g.add_argument("--parallel", type=int, metavar="N", help=f"requests decoded at once (default: {dflt('swarm.parallel')}; env {env('swarm.parallel')})")
+    g.add_argument("--threads", type=int, metavar="N", help=f"CPU threads for llama.cpp (default: one per core; env {env('swarm.threads')})")
     g.add_argument("--models-dir", metavar="DIR", help=f"model cache (default: {dflt('models.cache_dir')}; env {env('models.cache_dir')})")
     g.add_argument("--backend", choices=("llama.cpp", "mlx"), help=f"inference engine; mlx needs Apple Silicon and an MLX "
                    f"model in --model-path (default: llama.cpp; env {env('models.backend')})")
@@ -4199,7 +4202,7 @@ def make_engine(path: str, p: Plan, cfg: Config, verbose: bool = False):
     gpu = p.placement not in ("cpu",)
     return LlamaCppEngine(path, p.voters, p.ctx, parallel=cfg["swarm.parallel"], max_queue=cfg["server.max_queue"],
                           n_gpu_layers=-1 if gpu else 0, tensor_split=p.tensor_split, verbose=verbose,
-                          template=p.variant.template)
+                          template=p.variant.template, n_threads=cfg["swarm.threads"])
 
 
 def startup_summary(app: App, url: str, budget: Budget, p: Plan) -> str:

@@ -102,8 +102,11 @@ def test_parse_ip_addr():
 
 # --- three nodes on loopback -------------------------------------------------
 
+# Several nodes share this machine's 2 cores: one llama.cpp thread each, or their spinning
+# thread pools starve each other (requests then take 10-30 s instead of one).
 def node_args(port, disc, *extra):
     return ["--model", "smollm2:135m:q4_1", "--voters", "2", "--ctx", "2048", "--port", str(port), "--yes", "-q",
+            "--threads", "1",
             "--federate", "--broadcast", "127.255.255.255", "--discovery-port", str(disc),
             "--advertise-interval", "1", *extra]
 
@@ -231,6 +234,7 @@ class Hosts:
 
 def ns_node_args(disc_port=8765, interval="0.5", extra=()):
     return ["--model", "smollm2:135m:q4_1", "--voters", "2", "--ctx", "2048", "--host", "0.0.0.0", "--port", "8080",
+            "--threads", "1",
             "--yes", "-q", "--federate", "--broadcast", "10.77.0.255", "--discovery-port", str(disc_port),
             "--advertise-interval", interval, *extra]
 
