@@ -3102,8 +3102,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self._check_key()
             getattr(self, "route_" + name)()
         except ApiError as exc:
-            log.log(logging.WARNING if exc.status < 500 else logging.ERROR, "%s %s -> %d %s",
-                    method, path, exc.status, exc.message)
+            # 503 (loading, busy) is routine back-pressure, not a server error
+            log.log(logging.ERROR if exc.status >= 500 and exc.status != 503 else logging.WARNING,
+                    "%s %s -> %d %s", method, path, exc.status, exc.message)
             self._error(exc)
         except (BrokenPipeError, ConnectionResetError, socket.timeout):
             self.close_connection = True
