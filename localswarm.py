@@ -1475,6 +1475,11 @@ class LlamaCppEngine:
     def tokenize(self, text: str) -> list:
         return self.llm.tokenize(text)
 
+    @property
+    def max_voters(self) -> int:
+        """The most voters one request may ask for (every sequence but the prompt cache's)."""
+        return self.llm.n_seq_max - 1
+
     def queue_depth(self) -> int:
         with self._cv:
             return len(self._waiting)
@@ -1492,8 +1497,8 @@ class LlamaCppEngine:
         if n >= self.ctx_limit:
             raise ContextLengthError(f"the prompt has {n} tokens; this model's context is "
                                      f"{self.ctx_limit} tokens")
-        if req.voters > self.llm.n_seq_max - 1:
-            raise ApiError(400, f"voters must be at most {self.llm.n_seq_max - 1}", param="voters")
+        if req.voters > self.max_voters:
+            raise ApiError(400, f"voters must be at most {self.max_voters}", param="voters")
         req.params.max_tokens = max(1, min(req.params.max_tokens, self.ctx_limit - n))
         with self._cv:
             if self._closing:
@@ -1918,6 +1923,7 @@ class MLXEngine:
         self._waiting = 0
 
     model_id = property(lambda self: os.path.basename(self.model_path.rstrip("/")))
+    max_voters = 64
 
     def tokenize(self, text: str) -> list:
         return list(self.tokenizer.encode(text))
@@ -3027,7 +3033,7 @@ def parse_request(body: Any, chat: bool, swarm: Swarm, cfg: Config) -> ChatReque
     req.max_tokens_requested = body.get("max_completion_tokens") or body.get("max_tokens")
     req.n = body.get("n") or 1
     req.voters = body.get("voters")
-    limit = swarm.engine.llm.n_seq_max - 1 if hasattr(swarm.engine, "llm") else 64
+    limit = swarm.engine.max_voters
     if req.voters and req.voters > limit:
         raise ApiError(400, f"'voters' must be at most {limit} on this server", param="voters")
     if req.n > (req.voters or swarm.voters):

@@ -230,7 +230,7 @@ def test_tool_call_parsing(text, expected):
 class ScriptedEngine:
     """A stand-in engine for the one test that needs the model to emit a tool call on demand
     (the 135M starter model cannot be relied on to); everything after the engine is real."""
-    backend, voters, ctx_limit, model_id = "scripted", 3, 4096, "scripted"
+    backend, voters, ctx_limit, model_id, max_voters = "scripted", 3, 4096, "scripted", 8
 
     def __init__(self, text):
         self.text, self.formatter = text, ls.ChatFormatter(None)
