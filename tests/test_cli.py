@@ -80,22 +80,14 @@ def test_menu_custom(menu):
     serve_then_stop(child, port)
 
 
-def test_menu_ctrl_c_and_quit_exit_cleanly(menu):
+@pytest.mark.parametrize("leave", ["sendintr", "sendeof"], ids=["ctrl-c", "eof"])
+def test_menu_ctrl_c_and_eof_exit_cleanly(menu, leave):
     child, _ = menu
     child.expect(r"Choice \[1\]: ")
-    child.sendintr()
+    getattr(child, leave)()
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 130 and "Traceback" not in child.before
-
-
-def test_menu_eof_exits_cleanly(menu):
-    child, _ = menu
-    child.expect(r"Choice \[1\]: ")
-    child.sendeof()
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 130
 
 
 def test_not_a_tty_takes_the_recommended_plan_and_sigterm_exits_0(tmp_path):
