@@ -412,9 +412,10 @@ class HardwareProfile:
         return cls(**d)
 
 
-def run_probe(cmd: list, timeout: Optional[float] = None) -> Optional[str]:
-    """Run a vendor tool; its stdout, or None when missing, failing or hung. A hung tool's
-    whole process group is killed (a child holding the pipe open must not hang us either)."""
+def run_probe(cmd: list, timeout: Optional[float] = None, any_exit: bool = False) -> Optional[str]:
+    """Run a vendor tool; its stdout, or None when missing, failing (unless any_exit) or hung.
+    A hung tool's whole process group is killed (a child holding the pipe open must not hang
+    us either)."""
     exe = shutil.which(cmd[0])
     if exe is None:
         return None
@@ -435,7 +436,7 @@ def run_probe(cmd: list, timeout: Optional[float] = None) -> Optional[str]:
         proc.wait()
         log.debug("probe %s timed out after %.1fs", cmd[0], timeout)
         return None
-    if proc.returncode != 0:
+    if proc.returncode != 0 and not any_exit:
         log.debug("probe %s exited %s", cmd[0], proc.returncode)
         return None
     return out.decode("utf-8", "replace")
@@ -551,23 +552,39 @@ SYSCTL_KEYS = ["hw.memsize", "machdep.cpu.brand_string", "hw.optional.arm64", "h
 
 
 def parse_sysctl(text: str) -> dict:
-    """`sysctl -n` of SYSCTL_KEYS (one value a line, in that order) -> facts."""
-    lines = text.splitlines() + [""] * 4
-    def num(s):
-        return int(s) if s.strip().isdigit() else 0
-    return {"memsize": num(lines[0]), "brand": lines[1].strip(), "arm64": lines[2].strip() == "1",
-            "perf_cores": num(lines[3])}
+    """`sysctl NAME...` ('name: value' lines) -> facts. Read by name, not by position: a name
+    this kernel lacks (Intel Macs have no hw.perflevel0, older ones no hw.optional.arm64) is
+    left out of the output, and the other values must not shift."""
+    values = {}
+    for line in text.splitlines():
+        name, sep, value = line.partition(":")
+        if sep:
+            values[name.strip()] = value.strip()
+    def num(key):
+        return int(values[key]) if values.get(key, "").isdigit() else 0
+    return {"memsize": num("hw.memsize"), "brand": values.get("machdep.cpu.brand_string", ""),
+            "arm64": values.get("hw.optional.arm64") == "1", "perf_cores": num("hw.perflevel0.physicalcpu")}
 
 
 GETPROP_KEYS = ["ro.soc.manufacturer", "ro.soc.model", "ro.board.platform"]
+GETPROP_LINE = re.compile(r"^\s*\[([^\]]+)\]: \[(.*)\]\s*$")
 
 
-def parse_getprop(text: str) -> str:
-    """getprop ro.soc.manufacturer ro.soc.model ro.board.platform -> 'Qualcomm SM8550 (kalama)'."""
-    parts = [p.strip() for p in text.splitlines() if p.strip()]
-    if not parts:
-        return ""
-    return " ".join(parts[:2]) + (f" ({parts[2]})" if len(parts) > 2 else "")
+def parse_getprop(text: str) -> dict:
+    """`getprop` (every property as '[name]: [value]') -> {name: value}."""
+    return {m[1]: m[2] for m in map(GETPROP_LINE.match, text.splitlines()) if m}
+
+
+def describe_soc(props: dict) -> str:
+    """'QTI SM8550 (kalama)': ro.soc.* (Android 12+), and the board platform where known."""
+    maker, model, board = (props.get(key, "").strip() for key in GETPROP_KEYS)
+    name = " ".join(part for part in (maker, model) if part)
+    return f"{name} ({board})" if name and board else name or board
+
+
+def is_qualcomm(props: dict) -> bool:
+    return props.get("ro.hardware") == "qcom" or bool(
+        re.search(r"qualcomm|\bqti\b|\bsm\d{4}", describe_soc(props).lower()))
 
 
 def _is_termux(env=os.environ) -> bool:
@@ -606,6 +623,17 @@ def _drm_vram_sizes(vendor_id: str) -> list:
     return sizes
 
 
+def probe_mac() -> dict:
+    """macOS facts from sysctl. Its exit status is ignored: sysctl fails when any one name is
+    unknown, yet still prints the ones it knows."""
+    return parse_sysctl(run_probe(["sysctl", *SYSCTL_KEYS], any_exit=True) or "")
+
+
+def probe_android_props() -> dict:
+    """Every Android system property, from one `getprop` (it takes one name per call)."""
+    return parse_getprop(run_probe(["getprop"]) or "")
+
+
 def probe_ram() -> tuple:
     """(total, available) RAM bytes: psutil, else /proc/meminfo, sysctl, os.sysconf."""
     psutil = optional("psutil")
@@ -637,20 +665,18 @@ def detect_hardware() -> HardwareProfile:
                          cpu_threads=cpu["threads"] or os.cpu_count() or 1, cpu_flags=cpu["flags"],
                          ram_total_bytes=total, ram_available_bytes=avail, is_termux=_is_termux())
     if system == "Darwin":
-        out = run_probe(["sysctl", "-n", *SYSCTL_KEYS])
-        if out:
-            mac = parse_sysctl(out)
-            hw.cpu_model = mac["brand"] or hw.cpu_model
-            hw.is_apple_silicon = mac["arm64"]
-            hw.ram_total_bytes = mac["memsize"] or hw.ram_total_bytes
-            if mac["perf_cores"]:
-                hw.cpu_cores = mac["perf_cores"]
-            if hw.is_apple_silicon:
-                hw.gpus.append(GPU("apple", hw.cpu_model + " GPU", hw.ram_total_bytes,
-                                   hw.ram_available_bytes, discrete=False))
+        mac = probe_mac()
+        hw.cpu_model = mac["brand"] or hw.cpu_model
+        hw.is_apple_silicon = mac["arm64"]
+        hw.ram_total_bytes = mac["memsize"] or hw.ram_total_bytes
+        hw.cpu_cores = mac["perf_cores"] or hw.cpu_cores
+        if hw.is_apple_silicon:
+            hw.gpus.append(GPU("apple", hw.cpu_model + " GPU", hw.ram_total_bytes,
+                               hw.ram_available_bytes, discrete=False))
     if hw.is_termux:
-        hw.soc = parse_getprop("\n".join(run_probe(["getprop", key]) or "" for key in GETPROP_KEYS))
-        if re.search(r"qualcomm|\bqti\b|\bsm\d{4}", hw.soc.lower()):
+        props = probe_android_props()
+        hw.soc = describe_soc(props)
+        if is_qualcomm(props):
             hw.gpus.append(GPU("qualcomm", "Adreno (" + hw.soc + ")", 0, 0, discrete=False))
             hw.notes.append("Adreno GPU found; localswarm runs on the CPU here (no Vulkan/OpenCL build)")
     else:

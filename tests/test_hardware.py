@@ -37,10 +37,31 @@ def test_sycl_ls_lists_each_gpu_once(name, expected):
     assert all("level_zero" in g.driver for g in gpus)
 
 
-def test_sysctl_and_getprop_and_proc_files():
-    mac = ls.parse_sysctl(fixture_text("sysctl_m2pro_16g.txt"))
-    assert mac == {"memsize": 16 * ls.GiB, "brand": "Apple M2 Pro", "arm64": True, "perf_cores": 8}
-    assert ls.parse_getprop(fixture_text("getprop_sm8550.txt")) == "QTI SM8550 (kalama)"
+def test_sysctl_is_read_by_name():
+    m2 = ls.parse_sysctl(fixture_text("sysctl_hw_m2_24g.txt"))
+    assert m2 == {"memsize": 24 * ls.GiB, "brand": "", "arm64": True, "perf_cores": 4}
+    assert ls.parse_sysctl(fixture_text("sysctl_machdep_cpu_m1.txt"))["brand"] == "Apple M1"
+    # An Intel Mac has neither hw.optional.arm64 nor hw.perflevel0: nothing may shift.
+    intel = ls.parse_sysctl("hw.memsize: 17179869184\n"
+                            "machdep.cpu.brand_string: Intel(R) Core(TM) i7-9750H CPU @ 2.60GHz\n")
+    assert intel == {"memsize": 16 * ls.GiB, "brand": "Intel(R) Core(TM) i7-9750H CPU @ 2.60GHz",
+                     "arm64": False, "perf_cores": 0}
+    assert ls.parse_sysctl("") == {"memsize": 0, "brand": "", "arm64": False, "perf_cores": 0}
+
+
+def test_getprop_names_the_soc():
+    props = ls.parse_getprop(fixture_text("getprop_moto_g75_sm6475.txt"))
+    assert props["ro.product.model"] == "moto g75 5G" and len(props) == 47
+    assert ls.describe_soc(props) == "QTI SM6475" and ls.is_qualcomm(props)
+    kalama = ls.parse_getprop("[ro.soc.manufacturer]: [QTI]\n[ro.soc.model]: [SM8550]\n"
+                              "garbage\n[ro.board.platform]: [kalama]\n")
+    assert ls.describe_soc(kalama) == "QTI SM8550 (kalama)"
+    assert ls.describe_soc({"ro.board.platform": "msm8974"}) == "msm8974"
+    assert not ls.is_qualcomm({"ro.soc.manufacturer": "Google", "ro.soc.model": "Tensor G2"})
+    assert ls.parse_getprop("") == {} and ls.describe_soc({}) == "" and not ls.is_qualcomm({})
+
+
+def test_proc_files():
     total, avail = ls.parse_meminfo(fixture_text("meminfo_24g.txt"))
     assert total > 20 * ls.GiB and 0 < avail <= total
     cpu = ls.parse_cpuinfo(fixture_text("cpuinfo_xeon_2core.txt"))
@@ -68,6 +89,23 @@ def test_probe_reads_a_working_tool(tmp_path, monkeypatch):
     fake_tool(tmp_path, "nvidia-smi", "cat " + os.path.join(os.path.dirname(__file__), "fixtures", "nvidia_smi_2x4090.csv"))
     monkeypatch.setenv("PATH", str(tmp_path) + os.pathsep + os.environ["PATH"])
     assert len(ls.probe_gpus()) == 2
+
+
+def test_mac_probe_keeps_what_sysctl_knows_when_it_fails(tmp_path, monkeypatch):
+    fixture = os.path.join(os.path.dirname(__file__), "fixtures", "sysctl_machdep_cpu_m1.txt")
+    fake_tool(tmp_path, "sysctl", f"cat {fixture}; echo \"sysctl: unknown oid 'hw.perflevel0.physicalcpu'\" >&2; exit 1")
+    monkeypatch.setenv("PATH", str(tmp_path) + os.pathsep + os.environ["PATH"])
+    assert ls.probe_mac()["brand"] == "Apple M1"
+
+
+@pytest.mark.parametrize("body,count", [
+    ("cat " + os.path.join(os.path.dirname(__file__), "fixtures", "getprop_moto_g75_sm6475.txt"), 47),
+    ("sleep 30", 0), ("exit 1", 0), ("echo '%%% garbage'", 0)])
+def test_android_probe(tmp_path, monkeypatch, body, count):
+    fake_tool(tmp_path, "getprop", body)
+    monkeypatch.setenv("PATH", str(tmp_path) + os.pathsep + os.environ["PATH"])
+    monkeypatch.setattr(ls, "PROBE_TIMEOUT", 0.5)
+    assert len(ls.probe_android_props()) == count
 
 
 def test_missing_tool_means_not_present(monkeypatch, tmp_path):
@@ -107,3 +145,21 @@ def test_several_gpus_are_summed_per_device():
     b = ls.memory_budget(profile(gpus=[ls.GPU("nvidia", "a", 8 * ls.GiB, 8 * ls.GiB, 0),
                                        ls.GPU("nvidia", "b", 8 * ls.GiB, 8 * ls.GiB, 1)]))
     assert len(b.devices) == 2 and b.bytes == sum(b.devices) and "2 GPUs" in b.rule
+
+
+def test_detect_on_a_mac_and_a_phone_through_their_tools(tmp_path, monkeypatch):
+    """The Darwin and Termux branches of detect_hardware, end to end, fed real tool output."""
+    fixtures = os.path.join(os.path.dirname(__file__), "fixtures")
+    fake_tool(tmp_path, "sysctl", f"cat {fixtures}/sysctl_hw_m2_24g.txt {fixtures}/sysctl_machdep_cpu_m1.txt")
+    fake_tool(tmp_path, "getprop", f"cat {fixtures}/getprop_moto_g75_sm6475.txt")
+    monkeypatch.setenv("PATH", str(tmp_path) + os.pathsep + os.environ["PATH"])
+    monkeypatch.setattr(ls.platform, "system", lambda: "Darwin")
+    mac = ls.detect_hardware()
+    assert mac.is_apple_silicon and mac.ram_total_bytes == 24 * ls.GiB and mac.cpu_cores == 4
+    assert [g.vendor for g in mac.gpus] == ["apple"] and ls.memory_budget(mac).backend == "metal"
+
+    monkeypatch.setattr(ls.platform, "system", lambda: "Linux")
+    monkeypatch.setenv("TERMUX_VERSION", "0.118.0")
+    phone = ls.detect_hardware()
+    assert phone.is_termux and phone.soc == "QTI SM6475"
+    assert [g.vendor for g in phone.gpus] == ["qualcomm"] and "25%" in ls.memory_budget(phone).rule
