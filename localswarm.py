@@ -1271,6 +1271,27 @@ class StopMatcher:
         return len(text)
 
 
+def note_token_time(res: "VoterResult", elapsed: float) -> None:
+    """Time to first token and latency so far (an end-of-generation token counts for time)."""
+    if res.completion_tokens == 0:
+        res.ttft = elapsed
+    res.latency = elapsed
+
+
+def append_token_text(res: "VoterResult", stop: StopMatcher, piece: str, max_tokens: int) -> Optional[str]:
+    """Add one token's text to a voter's answer. Returns why the answer ends here ("stop" at
+    a stop string, which is cut off; "length" at max_tokens) or None to go on. Both engines
+    use it, so stop strings and limits behave the same on llama.cpp and on MLX."""
+    res.completion_tokens += 1
+    before = len(res.text)
+    res.text += piece
+    cut = stop.find(res.text, before)
+    if cut >= 0:
+        res.text = res.text[:cut]
+        return "stop"
+    return "length" if res.completion_tokens >= max_tokens else None
+
+
 def common_prefix_len(a: list, b: list) -> int:
     n = min(len(a), len(b))
     for i in range(n):
@@ -1688,24 +1709,14 @@ class LlamaCppEngine:
     def _accept(self, run: _Run, v: _Voter, tok: int) -> bool:
         """Take a sampled token; returns False when the voter is finished."""
         res, req = v.result, run.req
-        now = time.monotonic() - req.submitted
-        if res.completion_tokens == 0:
-            res.ttft = now
-        res.latency = now
+        note_token_time(res, time.monotonic() - req.submitted)
         if self.llm.is_eog(tok):
             self._finish_voter(run, v, "stop")
             return False
-        res.completion_tokens += 1
         self.counters["completion_tokens"] += 1
-        before = len(res.text)
-        res.text += v.decoder.decode(self.llm.piece(tok))
-        cut = v.stop.find(res.text, before)
-        if cut >= 0:
-            res.text = res.text[:cut]
-            self._finish_voter(run, v, "stop")
-            return False
-        if res.completion_tokens >= req.params.max_tokens:
-            self._finish_voter(run, v, "length")
+        ended = append_token_text(res, v.stop, v.decoder.decode(self.llm.piece(tok)), req.params.max_tokens)
+        if ended:
+            self._finish_voter(run, v, ended)
             return False
         self._emit(req, v, v.stop.safe_length(res.text))
         return True
@@ -1904,21 +1915,10 @@ def run_voter_stream(pieces: Iterable, result: VoterResult, params: SamplingPara
         if cancel is not None and cancel.is_set():
             result.finish_reason = "cancelled"
             break
-        now = time.monotonic() - started
-        if result.completion_tokens == 0:
-            result.ttft = now
-        result.latency = now
-        result.completion_tokens += 1
-        before = len(result.text)
-        result.text += text
-        cut = stop.find(result.text, before)
-        if cut >= 0:
-            result.text, result.finish_reason = result.text[:cut], "stop"
-            break
-        if finish:
-            result.finish_reason = "length" if finish == "length" else "stop"
-            break
-        if result.completion_tokens >= params.max_tokens:
+        note_token_time(result, time.monotonic() - started)
+        ended = append_token_text(result, stop, text, params.max_tokens)
+        if ended or finish:
+            result.finish_reason = ended or ("length" if finish == "length" else "stop")
             break
         safe = stop.safe_length(result.text)
         if on_token and safe > emitted:
