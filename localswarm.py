@@ -2420,6 +2420,10 @@ class Swarm:
     def workers(self) -> list:
         return [dict(dataclasses.asdict(w), backend=self.engine.backend) for w in self.engine.workers]
 
+    def engine_counters(self) -> dict:
+        """The engine's running totals (prompt tokens decoded or reused, refusals, KV-full)."""
+        return dict(getattr(self.engine, "counters", {}))
+
 
 
 ##############################################################################
@@ -2892,6 +2896,15 @@ class Histogram:
         return out + [f"{name}_sum{lab} {self.sum}", f"{name}_count{lab} {self.count}"]
 
 
+# Engine counters exported as Prometheus counters: (metric name, engine counter, help).
+ENGINE_METRICS = [
+    ("prompt_tokens_decoded_total", "prompt_tokens", "prompt tokens the engine decoded"),
+    ("prompt_tokens_cached_total", "prompt_tokens_cached", "prompt tokens reused from the KV cache, not decoded"),
+    ("queue_rejected_total", "rejected", "requests refused with 503 because the queue was full"),
+    ("kv_cache_full_total", "kv_full", "times the KV cache filled up mid-request"),
+]
+
+
 class Metrics:
     """Counters and histograms, rendered in the Prometheus text format."""
 
@@ -2941,6 +2954,9 @@ class Metrics:
                    [f"localswarm_tokens_per_second {self.last_tokens_per_s:.3f}"])
             metric("consensus_confidence", "histogram", "confidence of the consensus pick",
                    self.confidence.lines("localswarm_consensus_confidence"))
+        counters = app.swarm.engine_counters() if app.swarm else {}
+        for name, key, help in ENGINE_METRICS:
+            metric(name, "counter", help, [f"localswarm_{name} {counters.get(key, 0)}"])
         metric("queue_depth", "gauge", "requests waiting for voters", [f"localswarm_queue_depth {st.get('queue_depth', 0)}"])
         metric("busy_voters", "gauge", "voters decoding now", [f"localswarm_busy_voters {st.get('busy_voters', 0)}"])
         metric("voters", "gauge", "voters per request", [f"localswarm_voters {st.get('voters', 0)}"])

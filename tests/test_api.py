@@ -186,8 +186,18 @@ def test_server_still_answers_after_the_fuzz(client):
     assert client.chat.completions.create(model="localswarm", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
 
 
+def metric_value(url, name):
+    """One unlabelled sample from /metrics."""
+    with urllib.request.urlopen(url + "/metrics") as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
 def test_load_32_clients_every_request_answered_or_503(live_server):
     url, _ = live_server
+    rejected_before = metric_value(url, "localswarm_queue_rejected_total")
 
     def one(i):
         t = time.monotonic()
@@ -205,6 +215,7 @@ def test_load_32_clients_every_request_answered_or_503(live_server):
             assert h.get("Retry-After")
         else:
             assert json.loads(b)["choices"][0]["message"]["content"] is not None
+    assert metric_value(url, "localswarm_queue_rejected_total") - rejected_before == codes.count(503)
 
 
 TOOLS = [{"type": "function", "function": {"name": "read_file", "description": "Read a file",
@@ -285,8 +296,13 @@ def test_tools_end_to_end_on_the_real_model(client):
         assert all(tc.function.name == "read_file" for tc in ch.message.tool_calls)
 
 
-def test_health_and_metrics(live_server):
+def test_health_and_metrics(live_server, client):
     url, _ = live_server
+    decoded, cached = (metric_value(url, f"localswarm_prompt_tokens_{k}_total") for k in ("decoded", "cached"))
+    for _ in range(2):      # the same prompt twice: the second reuses the first's cached prompt
+        client.chat.completions.create(model="localswarm", max_tokens=2, messages=[{"role": "user", "content": "same prompt"}])
+    assert metric_value(url, "localswarm_prompt_tokens_decoded_total") > decoded
+    assert metric_value(url, "localswarm_prompt_tokens_cached_total") > cached
     with urllib.request.urlopen(url + "/health") as r:
         h = json.loads(r.read())
     assert h["status"] == "ok" and h["voters"] == 4 and h["healthy_voters"] == 4 and "queue_depth" in h
@@ -296,7 +312,8 @@ def test_health_and_metrics(live_server):
     names = {f.name for f in parser.text_string_to_metric_families(text)}
     for want in ("localswarm_requests", "localswarm_request_duration_seconds", "localswarm_prompt_tokens",
                  "localswarm_generated_tokens", "localswarm_queue_depth", "localswarm_busy_voters",
-                 "localswarm_consensus_confidence", "localswarm_peers", "localswarm_tokens_per_second"):
+                 "localswarm_consensus_confidence", "localswarm_peers", "localswarm_tokens_per_second",
+                 "localswarm_queue_rejected", "localswarm_kv_cache_full", "localswarm_prompt_tokens_cached"):
         assert want in names, want
 
 
