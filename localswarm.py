@@ -4430,7 +4430,7 @@ def main(argv: Optional[list] = None) -> int:
         return 1
     except (KeyboardInterrupt, EOFError):
         print("\nlocalswarm: bye", file=sys.stderr)
-        return 130 if not args.yes else 0
+        return 130
 
 
 if __name__ == "__main__":

@@ -166,3 +166,26 @@ def test_download_only_of_the_starter_succeeds(tmp_path):
                         "smollm2:135m:q4_1"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["path"] == ls.starter_model_path()
+
+
+def test_ctrl_c_during_a_download_exits_130_and_leaves_no_model_file(tmp_path):
+    """A hub that accepts and never answers; Ctrl-C under --yes must still mean 'interrupted'."""
+    import signal
+    import socket
+    silent = socket.create_server(("127.0.0.1", 0))
+    silent.listen(8)
+    env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{silent.getsockname()[1]}",
+               LOCALSWARM_MODELS_DIR=str(tmp_path))
+    try:
+        child = subprocess.Popen([sys.executable, f"{ROOT}/localswarm.py", "--yes", "--download-only",
+                                  "--model", "qwen2.5-coder:0.5b:q4_k_m"], env=env, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        silent.settimeout(30)
+        conn, _ = silent.accept()              # it is talking to the hub now: interrupt it
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=30)
+        conn.close()
+    finally:
+        silent.close()
+    assert child.returncode == 130 and "Traceback" not in err, err
+    assert not [f for f in tmp_path.rglob("*.gguf")]
