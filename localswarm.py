@@ -1141,6 +1141,9 @@ def download_model(v: Variant, models_dir: str, quiet: bool = False) -> str:
     hub = require("huggingface_hub")
     unreachable = hub_unreachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     if unreachable:
+        cached = find_cached_model(v, models_dir)
+        if cached:          # fetched and verified before: nothing to do offline
+            return cached
         raise LocalswarmError(f"download of {v.repo}/{v.file} failed: {unreachable}")
     os.makedirs(models_dir, exist_ok=True)
     if quiet:

@@ -95,10 +95,11 @@ except ls.LocalswarmError as exc:
 """
 
 
-def download(mirror, tmp_path, sha=None):
+def download(mirror, tmp_path, sha=None, endpoint=None):
     """Run the download in a child (huggingface_hub reads HF_ENDPOINT when it is imported)."""
     code = SCRIPT.format(size=len(mirror.payload), sha=sha or mirror.sha)
-    env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{mirror.server_address[1]}", PYTHONPATH=ROOT,
+    endpoint = endpoint or f"http://127.0.0.1:{mirror.server_address[1]}"
+    env = dict(os.environ, HF_ENDPOINT=endpoint, PYTHONPATH=ROOT,
                HF_HUB_DOWNLOAD_TIMEOUT="3", HF_HUB_ETAG_TIMEOUT="3", HF_HUB_DISABLE_TELEMETRY="1")
     env.pop("HF_HUB_OFFLINE", None)
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "models")], capture_output=True, text=True,
@@ -117,6 +118,10 @@ def test_full_download_is_verified_and_found_in_the_cache(mirror, tmp_path):
                    mirror.sha, 30, 3, 64, 8192, 49152, "chatml", "apache-2.0")
     assert ls.find_cached_model(v, str(tmp_path / "models")) == out["path"]
     assert mirror.gets == [0]
+    import socket
+    with socket.create_server(("127.0.0.1", 0)) as gone:
+        closed = f"http://127.0.0.1:{gone.getsockname()[1]}"
+    assert download(mirror, tmp_path, endpoint=closed) == out     # offline: the cached file
 
 
 @pytest.mark.parametrize("mirror", ["cut"], indirect=True)
