@@ -1248,9 +1248,13 @@ class GenRequest:
     """N voters answering one prompt; the engine thread fills it in."""
 
     def __init__(self, prompt_tokens: list, params: SamplingParams, voters: int,
-                 on_token: Optional[Callable[[int, str], None]] = None):
+                 on_token: Optional[Callable[[int, str], None]] = None, keep_answers: bool = False):
         self.prompt_tokens = list(prompt_tokens)
         self.params, self.voters, self.on_token = params, voters, on_token
+        # keep_answers: finished voters keep their KV cells until the caller names the answer
+        # it chose (LlamaCppEngine.remember), so the next turn can reuse the answer too.
+        self.keep_answers = keep_answers
+        self.kept: dict = {}            # voter index -> (seq, generated tokens); engine thread
         base = params.seed if params.seed is not None else random.getrandbits(31)
         self.seeds = [(base + 7919 * i) & 0x7FFFFFFF for i in range(voters)]
         self.results = [VoterResult(i, seed=s) for i, s in enumerate(self.seeds)]
@@ -1480,6 +1484,7 @@ class _Voter:
     logits_idx: int = -1
     emitted: int = 0
     live: bool = True
+    tokens: list = field(default_factory=list)     # generated tokens decoded into seq
 
 
 class _Run:
@@ -1533,7 +1538,9 @@ class LlamaCppEngine:
         self._waiting: collections.deque = collections.deque()
         self._runs: list = []
         self._free = list(range(1, n_seq))
-        self._cache: list = []
+        self._cache: list = []          # the tokens whose cells CACHE_SEQ holds
+        self._kept: list = []           # finished requests still holding their voters' cells
+        self._remember: list = []       # (request, voter index) to move into the cache
         self._cv = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="localswarm-engine", daemon=True)
@@ -1587,9 +1594,9 @@ class LlamaCppEngine:
 
     def generate(self, prompt_tokens: list, params: SamplingParams, voters: Optional[int] = None,
                  on_token=None, timeout: Optional[float] = None,
-                 cancel: Optional[threading.Event] = None) -> GenRequest:
+                 cancel: Optional[threading.Event] = None, keep_answers: bool = False) -> GenRequest:
         """Submit and wait; cancels the request on timeout or when `cancel` is set."""
-        req = self.submit(GenRequest(prompt_tokens, params, voters or self.voters, on_token))
+        req = self.submit(GenRequest(prompt_tokens, params, voters or self.voters, on_token, keep_answers))
         deadline = time.monotonic() + (timeout or 1e9)
         while not req.wait(0.1):
             if (cancel is not None and cancel.is_set()) or time.monotonic() > deadline:
@@ -1599,6 +1606,15 @@ class LlamaCppEngine:
         if req.error:
             raise req.error
         return req
+
+    def remember(self, req: GenRequest, index: int) -> None:
+        """Make voter `index`'s answer part of the prompt cache (prompt + answer), so that a
+        conversation's next turn, which repeats that answer, decodes only what is new. Frees
+        the other kept voters. Applied by the engine thread; a no-op once a newer prompt has
+        taken the cache or the cells were needed elsewhere."""
+        with self._cv:
+            self._remember.append((req, index))
+            self._cv.notify()
 
     def close(self) -> None:
         """Cancel everything, stop the thread, free the model."""
@@ -1616,6 +1632,7 @@ class LlamaCppEngine:
     def _loop(self) -> None:
         while True:
             with self._cv:
+                self._apply_remembered()
                 self._admit()
                 if self._closing and not self._runs:
                     for r in self._waiting:
@@ -1639,13 +1656,20 @@ class LlamaCppEngine:
                 self._waiting.popleft()
                 self._finish_request(req, "cancelled")
                 continue
-            if len(self._free) < req.voters or any(r.prefilling for r in self._runs):
+            if any(r.prefilling for r in self._runs):
                 return
+            if len(self._free) < req.voters:
+                if not self._kept:
+                    return
+                self._release_kept(self._kept[0])     # a waiting request beats an unclaimed answer
+                continue
             self._waiting.popleft()
             if req.params.seed is not None and not self._runs:
                 # llama.cpp's sums depend on the batch shape and on which KV cells hold what, so
                 # a seeded request on an idle engine starts from an empty cache: same seed, same
                 # answers. (Beside other requests no such promise holds, as with llama-server.)
+                for kept in list(self._kept):
+                    self._release_kept(kept)
                 self.llm.clear()
                 self._cache = []
             self._free.sort()
@@ -1673,6 +1697,7 @@ class LlamaCppEngine:
                     tok = self.llm.sample(v.sampler, v.logits_idx)
                     if self._accept(run, v, tok):
                         batch.append((tok, v.pos, v.seq, True, run, v))
+                        v.tokens.append(tok)
                         v.pos += 1
             if all(not v.live for v in run.voters):
                 self._end_run(run, None)
@@ -1704,6 +1729,9 @@ class LlamaCppEngine:
             if status != 1:
                 raise LocalswarmError(f"llama_decode failed with status {status}")
             self.counters["kv_full"] += 1
+            if self._kept:
+                self._release_kept(self._kept[0])
+                continue
             if self._cache:
                 self.llm.seq_rm(CACHE_SEQ)
                 self._cache = []
@@ -1711,6 +1739,7 @@ class LlamaCppEngine:
             newest = self._runs[-1]
             log.warning("KV cache full (%d cells): ending the newest request's voters early", self.llm.n_ctx)
             self._end_run(newest, "length")
+            self._release_kept(newest.req)
             batch = [b for b in batch if b[4] is not newest]
         return batch
 
@@ -1762,8 +1791,10 @@ class LlamaCppEngine:
         v.result.finish_reason = reason
         self._emit(run.req, v, len(v.result.text))
         self.llm.free_sampler(v.sampler)
-        self.llm.seq_rm(v.seq)
-        self._free.append(v.seq)
+        if run.req.keep_answers and reason in ("stop", "length"):
+            run.req.kept[v.result.index] = (v.seq, v.tokens)
+        else:
+            self._release_seq(v.seq)
         w = self.workers[v.result.index] if v.result.index < len(self.workers) else None
         if w:
             w.busy, w.requests = False, w.requests + 1
@@ -1783,8 +1814,35 @@ class LlamaCppEngine:
         with self._cv:
             if run in self._runs:
                 self._runs.remove(run)
+            if run.req.kept:
+                self._kept.append(run.req)
         self.counters["requests"] += 1
         run.req._done.set()
+
+    def _release_seq(self, seq: int) -> None:
+        self.llm.seq_rm(seq)
+        self._free.append(seq)
+
+    def _release_kept(self, req: GenRequest) -> None:
+        for seq, _ in req.kept.values():
+            self._release_seq(seq)
+        req.kept = {}
+        if req in self._kept:
+            self._kept.remove(req)
+
+    def _apply_remembered(self) -> None:
+        """Move each remembered answer's cells into the prompt cache (see remember)."""
+        for req, index in self._remember:
+            if req not in self._kept:
+                continue
+            if index in req.kept and self._cache == req.prompt_tokens:
+                seq, tokens = req.kept[index]
+                self.llm.seq_rm(CACHE_SEQ)
+                self.llm.seq_cp(seq, CACHE_SEQ, 0, len(req.prompt_tokens) + len(tokens))
+                self._cache = req.prompt_tokens + tokens
+                self.counters["answers_remembered"] += 1
+            self._release_kept(req)
+        self._remember = []
 
     def _finish_request(self, req: GenRequest, reason: str) -> None:
         for res in req.results:
@@ -1800,7 +1858,7 @@ class LlamaCppEngine:
             run.req.error = err
             run.req._done.set()
         self._runs.clear()
-        self._cache = []
+        self._cache, self._kept, self._remember = [], [], []
         self._free = list(range(1, self.llm.n_seq_max))
         try:
             self.llm.new_context()
@@ -2413,7 +2471,9 @@ class Swarm:
         asked = req.max_tokens_requested
         params = dataclasses.replace(req.params, max_tokens=min(asked or DEFAULT_MAX_TOKENS, room))
         voters = req.voters or self.voters
-        g = self.engine.generate(tokens, params, voters, on_token, self.timeout, req.cancel)
+        remember = getattr(self.engine, "remember", None)     # the llama.cpp engine has it
+        keep = {"keep_answers": True} if remember else {}
+        g = self.engine.generate(tokens, params, voters, on_token, self.timeout, req.cancel, **keep)
         offered = req.offered_tools()
         parsed = [parse_tool_calls(r.text, offered) if offered else (r.text, []) for r in g.results]
         cands = [Candidate(content, r.finish_reason, r.latency, calls or None, r.completion_tokens)
@@ -2425,6 +2485,8 @@ class Swarm:
             with_calls = [i for i, (_, c) in enumerate(parsed) if c]
             if with_calls:
                 verdict.index = with_calls[0]
+        if remember:
+            remember(g, verdict.index)
         content, calls = parsed[verdict.index]
         win = g.results[verdict.index]
         self.requests += 1

@@ -186,6 +186,20 @@ def test_server_still_answers_after_the_fuzz(client):
     assert client.chat.completions.create(model="localswarm", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
 
 
+def test_next_turn_reuses_the_chosen_answer(client):
+    """The swarm remembers the answer it chose, so the conversation's next turn (which repeats
+    it) reuses its cells, not only the first prompt's."""
+    first = [{"role": "user", "content": "Write one sentence about the sea."}]
+    r1 = client.chat.completions.create(model="localswarm", max_tokens=24, messages=first)
+    answer = r1.choices[0].message.content
+    assert answer
+    r2 = client.chat.completions.with_raw_response.create(
+        model="localswarm", max_tokens=2,
+        messages=first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "Shorter?"}])
+    cached = json.loads(r2.text)["x_localswarm"]["prompt_tokens_cached"]
+    assert cached > r1.usage.prompt_tokens
+
+
 def metric_value(url, name):
     """One unlabelled sample from /metrics."""
     with urllib.request.urlopen(url + "/metrics") as r:

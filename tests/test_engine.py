@@ -71,6 +71,29 @@ def test_prefix_is_reused_across_requests(engine):
     assert g.cached_tokens >= len(toks1) - 3
 
 
+@pytest.mark.parametrize("remembered", [True, False], ids=["remembered", "not-remembered"])
+def test_the_chosen_answer_is_reused_by_the_next_turn(engine, remembered):
+    """A conversation's next turn repeats the chosen answer: once remembered, its cells are
+    reused too, not only the previous prompt's."""
+    toks = engine.tokenize(engine.formatter.render([{"role": "user", "content": "Name three rivers."}]))
+    g = engine.generate(toks, ls.SamplingParams(max_tokens=12, temperature=0.9), 3, keep_answers=True)
+    answer = list(g.kept[1][1])
+    assert len(answer) >= 1 and sorted(g.kept) == [0, 1, 2]
+    if remembered:
+        engine.remember(g, 1)
+    g2 = engine.generate(toks + answer + engine.tokenize(" And a lake?"), ls.SamplingParams(max_tokens=2), 1)
+    assert g2.cached_tokens == (len(toks) + len(answer) if remembered else len(toks))
+
+
+def test_unclaimed_answers_never_block_the_queue(engine):
+    """Kept cells nobody claims are freed for the next request that needs the sequences."""
+    toks = prompt_tokens(engine)
+    for _ in range(3):
+        g = engine.generate(toks, ls.SamplingParams(max_tokens=3), engine.max_voters, keep_answers=True,
+                            timeout=60)
+        assert all(r.finish_reason in ("stop", "length") for r in g.results)
+
+
 def test_cancellation_stops_within_a_step_and_frees_sequences(engine):
     req = engine.submit(ls.GenRequest(prompt_tokens(engine), ls.SamplingParams(max_tokens=2000, seed=2), 4))
     time.sleep(0.3)
