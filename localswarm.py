@@ -2987,6 +2987,7 @@ class Histogram:
 ENGINE_METRICS = [
     ("prompt_tokens_decoded_total", "prompt_tokens", "prompt tokens the engine decoded"),
     ("prompt_tokens_cached_total", "prompt_tokens_cached", "prompt tokens reused from the KV cache, not decoded"),
+    ("answers_remembered_total", "answers_remembered", "chosen answers kept in the KV cache for the next turn"),
     ("queue_rejected_total", "rejected", "requests refused with 503 because the queue was full"),
     ("kv_cache_full_total", "kv_full", "times the KV cache filled up mid-request"),
 ]

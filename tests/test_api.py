@@ -186,7 +186,7 @@ def test_server_still_answers_after_the_fuzz(client):
     assert client.chat.completions.create(model="localswarm", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
 
 
-def test_next_turn_reuses_the_chosen_answer(client):
+def test_next_turn_reuses_the_chosen_answer(live_server, client):
     """The swarm remembers the answer it chose, so the conversation's next turn (which repeats
     it) reuses its cells, not only the first prompt's."""
     first = [{"role": "user", "content": "Write one sentence about the sea."}]
@@ -198,6 +198,7 @@ def test_next_turn_reuses_the_chosen_answer(client):
         messages=first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "Shorter?"}])
     cached = json.loads(r2.text)["x_localswarm"]["prompt_tokens_cached"]
     assert cached > r1.usage.prompt_tokens
+    assert metric_value(live_server[0], "localswarm_answers_remembered_total") >= 2
 
 
 def metric_value(url, name):
