@@ -2360,6 +2360,7 @@ class ChatRequest:
     n: int = 1
     max_tokens_requested: Optional[int] = None
     cancel: threading.Event = field(default_factory=threading.Event)   # set when the client leaves
+    shown_voter: Optional[int] = None     # whose text the client got, when not the vote's pick
 
     def offered_tools(self) -> list:
         """Function names the model may call, after tool_choice."""
@@ -2485,8 +2486,8 @@ class Swarm:
             with_calls = [i for i, (_, c) in enumerate(parsed) if c]
             if with_calls:
                 verdict.index = with_calls[0]
-        if remember:
-            remember(g, verdict.index)
+        if remember:    # what the client got is what its next turn will repeat
+            remember(g, verdict.index if req.shown_voter is None else req.shown_voter)
         content, calls = parsed[verdict.index]
         win = g.results[verdict.index]
         self.requests += 1
@@ -3415,6 +3416,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         model = self.app.swarm.model_id
         obj = "chat.completion.chunk" if chat else "text_completion"
         fastest = self.app.cfg["swarm.stream_mode"] == "fastest" and not req.offered_tools()
+        if fastest:
+            req.shown_voter = 0
 
         def chunk(delta=None, finish=None, text=None, usage=None, extra=None):
             if chat:

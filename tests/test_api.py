@@ -354,12 +354,18 @@ def test_stream_mode_fastest_streams_voter_0_live(live_server):
     app.cfg.set("swarm.stream_mode", "fastest")
     try:
         c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        first = [{"role": "user", "content": "Count from one to ten."}]
         chunks = list(c.chat.completions.create(model="localswarm", max_tokens=24, stream=True, seed=2,
-                                                messages=[{"role": "user", "content": "Count from one to ten."}]))
+                                                stream_options={"include_usage": True}, messages=first))
         pieces = [ch.choices[0].delta.content for ch in chunks if ch.choices and ch.choices[0].delta.content]
         assert len(pieces) > 3, "tokens arrive one by one"
         last = [ch for ch in chunks if ch.choices and ch.choices[0].finish_reason][-1]
         assert last.model_extra["x_localswarm"]["streamed_voter"] == 0
+        # The next turn repeats what was streamed (voter 0), so that is what the engine remembered.
+        r2 = c.chat.completions.with_raw_response.create(
+            model="localswarm", max_tokens=2,
+            messages=first + [{"role": "assistant", "content": "".join(pieces)}, {"role": "user", "content": "Again?"}])
+        assert json.loads(r2.text)["x_localswarm"]["prompt_tokens_cached"] > chunks[-1].usage.prompt_tokens
     finally:
         app.cfg.set("swarm.stream_mode", "consensus")
 
