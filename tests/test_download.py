@@ -5,9 +5,12 @@ import hashlib
 import http.server
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -118,7 +121,6 @@ def test_full_download_is_verified_and_found_in_the_cache(mirror, tmp_path):
                    mirror.sha, 30, 3, 64, 8192, 49152, "chatml", "apache-2.0")
     assert ls.find_cached_model(v, str(tmp_path / "models")) == out["path"]
     assert mirror.gets == [0]
-    import socket
     with socket.create_server(("127.0.0.1", 0)) as gone:
         closed = f"http://127.0.0.1:{gone.getsockname()[1]}"
     assert download(mirror, tmp_path, endpoint=closed) == out     # offline: the cached file
@@ -175,8 +177,6 @@ def test_download_only_of_the_starter_succeeds(tmp_path):
 
 def test_ctrl_c_during_a_download_exits_130_and_leaves_no_model_file(tmp_path):
     """A hub that accepts and never answers; Ctrl-C under --yes must still mean 'interrupted'."""
-    import signal
-    import socket
     silent = socket.create_server(("127.0.0.1", 0))
     silent.listen(8)
     env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{silent.getsockname()[1]}",
@@ -197,8 +197,6 @@ def test_ctrl_c_during_a_download_exits_130_and_leaves_no_model_file(tmp_path):
 
 
 def test_an_unreachable_hub_is_known_at_once():
-    import socket
-    import time
     closed = socket.create_server(("127.0.0.1", 0))
     port = closed.getsockname()[1]
     closed.close()                                   # nothing listens there now
