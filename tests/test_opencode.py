@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import tempfile
+import urllib.request
 
 import pytest
 
@@ -45,6 +46,15 @@ def offline_home(base: str) -> dict:
     return env
 
 
+def cached_tokens(port: int) -> int:
+    """The server's count of prompt tokens reused from its prompt cache (/metrics)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("localswarm_prompt_tokens_cached_total "):
+                return int(float(line.split()[1]))
+    raise AssertionError("no localswarm_prompt_tokens_cached_total in /metrics")
+
+
 @pytest.mark.skipif(not os.path.exists(OPENCODE), reason="opencode is not installed (npm missing); "
                     "./install.sh --test installs it into .cache/opencode")
 def test_opencode_run_against_localswarm():
@@ -73,6 +83,14 @@ def test_opencode_run_against_localswarm():
             reason = finishes[-1].get("part", {}).get("reason") or finishes[-1].get("reason")
             assert reason == "stop", finishes[-1]
             assert any(e.get("type") == "text" for e in events)
+            # The next turn of the same session resends the conversation: its ~7,600-token prefix
+            # comes from the prompt cache, not decoded again.
+            before = cached_tokens(port)
+            again = subprocess.run([OPENCODE, "run", "--continue", "--format", "json", "--model",
+                                    f"localswarm/{MODEL_ID}", "Thanks."],
+                                   cwd=work, env=env, capture_output=True, text=True, timeout=420)
+            assert again.returncode == 0, again.stderr[-2000:]
+            assert cached_tokens(port) - before > 5000
     finally:
         node.terminate()
         node.wait(60)

@@ -44,9 +44,9 @@ EXPECTED = {
     "16 GB NVIDIA GPU": ("qwen2.5-coder:14b:q4_k_m", 2, 16384),
     "24 GB NVIDIA GPU": ("qwen2.5-coder:14b:q8_0", 3, 16384),
     "two 8 GB NVIDIA GPUs": ("qwen2.5-coder:14b:q4_k_m", 2, 16384),
-    "16 GB Apple M-series": ("qwen2.5-coder:7b:q6_k", 2, 16384),
-    "8 GB Android phone (Termux)": ("qwen2.5-coder:0.5b:q8_0", 8, 32768),
-    "16 GB CPU-only laptop": ("qwen2.5-coder:7b:q6_k", 2, 16384),
+    "16 GB Apple M-series": ("qwen2.5-coder:7b:q4_k_m", 4, 16384),
+    "8 GB Android phone (Termux)": ("qwen2.5-coder:0.5b:q8_0", 8, 16384),
+    "16 GB CPU-only laptop": ("qwen2.5-coder:7b:q4_k_m", 4, 16384),
 }
 
 

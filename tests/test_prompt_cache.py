@@ -1,0 +1,224 @@
+"""Engine: the prompt cache on the real llama.cpp and the starter model — many prompts kept at
+once (reserved sequences, host RAM, disk), interleaved conversations, restarts, and cache files
+that are damaged, foreign or cannot be written."""
+import os
+import threading
+
+import pytest
+
+import localswarm as ls
+
+pytest.importorskip("llama_cpp")
+
+GREEDY = dict(temperature=0, max_tokens=12)
+
+
+def chat(eng, *turns, system="You are a careful assistant."):
+    msgs = [{"role": "system", "content": system}]
+    for i, t in enumerate(turns):
+        msgs.append({"role": "user" if i % 2 == 0 else "assistant", "content": t})
+    return eng.tokenize(eng.formatter.render(msgs))
+
+
+def long_system(words: int) -> str:
+    """A system prompt of about 10 tokens per word (an agent's tool-laden prefix stands in)."""
+    return "Rules of the project follow. " + " ".join(f"rule{i} keep-it-simple;" for i in range(words))
+
+
+def answer(eng, toks, voters=1, **kw):
+    g = eng.generate(toks, ls.SamplingParams(**dict(GREEDY, **kw)), voters, timeout=120)
+    return g, g.results[0].text
+
+
+@pytest.fixture
+def fresh(starter_path, tmp_path):
+    """A factory of engines of their own (closed at the end), disk cache in tmp_path."""
+    made = []
+
+    def make(**kw):
+        kw.setdefault("voters", 2)
+        kw.setdefault("ctx", 4096)
+        kw.setdefault("parallel", 1)
+        eng = ls.LlamaCppEngine(starter_path, **kw)
+        made.append(eng)
+        return eng
+    yield make
+    for eng in made:
+        eng.close()
+
+
+@pytest.fixture
+def short_disk_min(monkeypatch):
+    """Write prompts of 200+ tokens to disk (the real bar, 1,024, makes slow tests)."""
+    monkeypatch.setattr(ls, "DISK_CACHE_MIN_TOKENS", 200)
+
+
+def test_a_side_request_does_not_evict_the_conversation(fresh):
+    """opencode's pattern: main turn, title request, follow-up. The follow-up decodes only what
+    is new, and gives the same greedy answer as a cold engine."""
+    eng = fresh()
+    sys_prompt = long_system(40)
+    main = chat(eng, "Write a function that adds two numbers.", system=sys_prompt)
+    _, first = answer(eng, main)
+    answer(eng, chat(eng, "Give this conversation a title."), max_tokens=4)       # the side request
+    follow = chat(eng, "Write a function that adds two numbers.", first, "Now make it subtract.",
+                  system=sys_prompt)
+    g, text = answer(eng, follow)
+    assert g.cached_tokens >= len(main), (g.cached_tokens, len(main))
+    assert eng.counters["prompt_cache_hits"] >= 1
+    cold = fresh(voters=1)
+    assert answer(cold, follow)[1] == text
+
+
+def test_two_interleaved_conversations_each_keep_their_prefix(fresh):
+    eng = fresh()
+    sys_a, sys_b = long_system(30), "You answer in French. " + long_system(25)
+    a1, b1 = chat(eng, "Hello A", system=sys_a), chat(eng, "Bonjour B", system=sys_b)
+    ta, tb = answer(eng, a1)[1], answer(eng, b1)[1]
+    a2 = chat(eng, "Hello A", ta, "More, A.", system=sys_a)
+    b2 = chat(eng, "Bonjour B", tb, "Encore, B.", system=sys_b)
+    ga, gb = answer(eng, a2)[0], answer(eng, b2)[0]
+    assert ga.cached_tokens >= len(a1) and gb.cached_tokens >= len(b1)
+
+
+def test_least_recently_used_prompts_move_to_ram_and_come_back(fresh):
+    """More prompts than reserved sequences: the oldest go to host RAM (within the budget) and
+    are restored from there, not decoded again."""
+    eng = fresh(cache_ram_bytes=64 * ls.MiB)
+    prompts = [chat(eng, f"Question number {i}: what is {i} squared?", system=long_system(8 + i))
+               for i in range(ls.PROMPT_CACHE_SLOTS + 2)]
+    for p in prompts:
+        answer(eng, p, max_tokens=2)
+    st = eng.cache_stats()
+    assert st["entries_kv"] <= ls.PROMPT_CACHE_SLOTS and st["entries_ram"] >= 2
+    assert 0 < st["ram_bytes"] <= 64 * ls.MiB
+    g, _ = answer(eng, prompts[0], max_tokens=2)
+    assert eng.counters["prompt_cache_restores_ram"] >= 1
+    assert g.cached_tokens == len(prompts[0]) - 1
+
+
+def test_a_small_ram_budget_is_never_exceeded(fresh):
+    budget = 4 * ls.MiB     # room for one of these prompts' cells (~23 KB a token), not two
+    eng = fresh(cache_ram_bytes=budget)
+    for i in range(ls.PROMPT_CACHE_SLOTS + 4):
+        answer(eng, chat(eng, f"Item {i}?", system=long_system(10 + i)), max_tokens=2)
+        assert eng.cache_stats()["ram_bytes"] <= budget
+    assert eng.cache_stats()["entries_ram"] == 1
+
+
+def test_a_restarted_engine_restores_long_prompts_from_disk(fresh, tmp_path, short_disk_min):
+    disk = dict(cache_dir=str(tmp_path / "cache"), cache_disk_bytes=512 * ls.MiB)
+    first = fresh(**disk)
+    answer(first, chat(first, "A short one."))           # under the bar: not written
+    toks = chat(first, "Summarise the rules.", system=long_system(25))
+    assert len(toks) >= ls.DISK_CACHE_MIN_TOKENS
+    _, text = answer(first, toks)
+    first.close()
+    files = [f for _, _, f in first._disk.files()]
+    assert len(files) == 1 and os.path.getsize(files[0]) > 1 * ls.MiB
+    again = fresh(**disk)
+    g, text2 = answer(again, toks)
+    assert again.counters["prompt_cache_restores_disk"] == 1
+    assert g.cached_tokens >= len(toks) - 1
+    assert text2 == text
+
+
+def _valid_cache_file(fresh, tmp_path) -> tuple:
+    disk = dict(cache_dir=str(tmp_path / "cache"), cache_disk_bytes=512 * ls.MiB)
+    eng = fresh(**disk)
+    toks = chat(eng, "Summarise the rules.", system=long_system(25))
+    _, text = answer(eng, toks)
+    eng.close()
+    return disk, toks, text, eng._disk.dir, [f for _, _, f in eng._disk.files()][0]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "foreign", "junk", "tmp"])
+def test_damaged_or_foreign_cache_files_are_ignored_and_removed(fresh, tmp_path, damage, short_disk_min):
+    disk, toks, text, model_dir, path = _valid_cache_file(fresh, tmp_path)
+    data = open(path, "rb").read()
+    if damage == "truncated":
+        open(path, "wb").write(data[:len(data) // 2])
+    elif damage == "flipped":          # the header is fine, the cells are not: caught by the checksum
+        open(path, "wb").write(data[:-100] + bytes(b ^ 0xFF for b in data[-100:]))
+    elif damage == "foreign":          # another model's file in this model's directory
+        open(path, "wb").write(data.replace(os.path.basename(model_dir).encode(), b"0" * 24, 1))
+    elif damage == "junk":
+        open(path, "wb").write(os.urandom(5000))
+    else:                              # a write that never finished
+        os.rename(path, path + ".tmp")
+        path += ".tmp"
+    eng = fresh(**disk)
+    if damage != "flipped":            # seen at start-up; a bad checksum when the file is read
+        assert not os.path.exists(path) and eng._disk.counters["files_removed"] == 1
+    g, text2 = answer(eng, toks)
+    assert eng._disk.counters["files_removed"] == 1
+    assert eng.counters["prompt_cache_restores_disk"] == 0 and g.cached_tokens == 0
+    assert text2 == text
+    eng._disk.flush()                  # written again, whole
+    assert [os.path.basename(f) for _, _, f in eng._disk.files()] == [os.path.basename(path).replace(".tmp", "")]
+
+
+def test_an_unwritable_cache_dir_only_turns_the_disk_cache_off(fresh, tmp_path, caplog, short_disk_min):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    eng = fresh(cache_dir=str(blocker / "cache"), cache_disk_bytes=512 * ls.MiB)
+    assert "not writable" in caplog.text
+    toks = chat(eng, "Summarise the rules.", system=long_system(25))
+    answer(eng, toks)
+    assert answer(eng, toks)[0].cached_tokens >= len(toks) - 1       # the RAM/KV cache still works
+
+
+def test_a_full_disk_budget_writes_nothing_and_serves_on(fresh, tmp_path, short_disk_min):
+    eng = fresh(cache_dir=str(tmp_path / "cache"), cache_disk_bytes=64 * 1024)
+    toks = chat(eng, "Summarise the rules.", system=long_system(25))
+    answer(eng, toks)
+    eng._disk.flush()
+    assert eng._disk.files() == [] and eng._disk.counters["writes_skipped"] >= 1
+
+
+def test_the_disk_budget_evicts_the_least_recently_used_file(fresh, tmp_path, short_disk_min):
+    eng = fresh(cache_dir=str(tmp_path / "cache"), cache_disk_bytes=16 * ls.MiB)   # two files, not three
+    sizes = []
+    for i in range(3):
+        answer(eng, chat(eng, f"Summarise part {i}.", system=f"Part {i}. " + long_system(25)), max_tokens=2)
+        eng._disk.flush()
+        sizes.append(sum(s for _, s, _ in eng._disk.files()))
+    assert max(sizes) <= 16 * ls.MiB and eng._disk.counters["files_evicted"] >= 1
+    assert len(eng._disk.files()) == 2
+
+
+def test_requests_go_on_while_an_entry_is_being_written(fresh, tmp_path, short_disk_min):
+    eng = fresh(voters=2, parallel=2, cache_dir=str(tmp_path / "cache"), cache_disk_bytes=512 * ls.MiB)
+    toks = chat(eng, "Summarise the rules.", system=long_system(25))
+    results, errors = [], []
+
+    def run(t):
+        try:
+            results.append(answer(eng, t, voters=2, max_tokens=6)[0])
+        except Exception as exc:    # noqa: BLE001 - the assertion below reports it
+            errors.append(exc)
+    answer(eng, toks, max_tokens=2)                  # its write starts now, in the background
+    threads = [threading.Thread(target=run, args=(t,)) for t in
+               (toks, chat(eng, "Other question?"), toks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors and len(results) == 3
+    assert all(r.results[0].completion_tokens > 0 for r in results)
+    eng._disk.flush()
+    assert len(eng._disk.files()) == 1
+
+
+def test_prefix_match_is_token_exact():
+    assert ls.common_prefix_len([1, 2, 3, 4], [1, 2, 9]) == 2
+    assert ls.common_prefix_len(list(range(9000)), list(range(9000))) == 9000
+    assert ls.common_prefix_len(list(range(9000)), list(range(4567)) + [-1]) == 4567
+    assert ls.common_prefix_len([], [1]) == 0
+    cache = ls.PromptCache(ram_budget=10)
+    a, b = ls.CacheEntry([1, 2, 3, 4, 5], seq=0), ls.CacheEntry([1, 2, 7], data=b"xy")
+    cache.entries += [a, b]
+    assert cache.match([1, 2, 3, 9]) == (a, 3)
+    assert cache.match([1, 2, 3, 4, 5]) == (a, 4)          # the last token is always decoded
+    assert cache.match([1, 2, 7, 7]) == (b, 3)
+    assert cache.match([5]) == (None, 0)
