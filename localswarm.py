@@ -212,6 +212,7 @@ SETTINGS = [
     _s("swarm", "ctx", int, 0, "context tokens per request (0: the plan's choice)", minimum=0),
     _s("swarm", "parallel", int, 2, "requests decoded at once (continuous batching)", minimum=1, maximum=16),
     _s("swarm", "threads", int, 0, "CPU threads for llama.cpp (0: one per core)", minimum=0, maximum=1024),
+    _s("swarm", "tool_grammar", bool, True, "constrain tool calls by a grammar built from the tools' schemas"),
     _s("swarm", "prompt_cache_mib", int, -1, "host RAM for cached prompts moved out of the KV cache "
        "(-1: one full context's worth; 0: none)", minimum=-1),
     _s("swarm", "prompt_cache_dir", str, "~/.localswarm/cache", "where long prompts' KV cells are kept "
@@ -778,6 +779,7 @@ class Variant:
     revision: Optional[str] = None
     pip: Optional[str] = None     # shipped inside this PyPI package instead of the hub
     auto: bool = True             # False: never chosen by the planner, only by name
+    tool_format: str = ""         # how its calls look (TOOL_FORMATS); "": read off its chat template
 
     @property
     def id(self) -> str:
@@ -800,7 +802,7 @@ def load_registry(text: Optional[str] = None) -> list:
                     q["size_bytes"], q.get("sha256"), size["n_layers"], size["n_kv_heads"],
                     size["head_dim"], size["n_ctx_train"], size.get("n_vocab", 152064), fam["template"], size["license"],
                     size.get("commercial_use", True), q.get("estimated", False),
-                    size.get("revision"), q.get("pip"), fam.get("auto", True)))
+                    size.get("revision"), q.get("pip"), fam.get("auto", True), fam.get("tool_format", "")))
     return variants
 
 
@@ -1237,6 +1239,7 @@ class SamplingParams:
     seed: Optional[int] = None
     max_tokens: int = 512
     stop: tuple = ()
+    grammar: Optional["Grammar"] = None     # constrains every voter's output (tool calls)
 
 
 @dataclass
@@ -1494,11 +1497,59 @@ class LlamaAdapter:
         add(L.llama_sampler_init_dist(seed))
         return chain
 
-    def sample(self, sampler, idx: int) -> int:
-        return self.L.llama_sampler_sample(sampler, self.ctx, idx)
+    def new_grammar(self, g: "Grammar"):
+        """A grammar sampler (lazy when g has triggers), or None when llama.cpp rejects the text."""
+        L = self.L
+        if g.triggers:
+            pats = (ctypes.c_char_p * len(g.triggers))(*[t.encode() for t in g.triggers])
+            smpl = L.llama_sampler_init_grammar_lazy_patterns(self.vocab, g.text.encode(), b"root", pats,
+                                                              len(g.triggers), None, 0)
+        else:
+            smpl = L.llama_sampler_init_grammar(self.vocab, g.text.encode(), b"root")
+        return smpl or None
+
+    def sample(self, sampler, idx: int, grammar=None) -> int:
+        """Sample from the logits at batch index idx. With a grammar, as llama.cpp's own common
+        sampler does: sample freely, and only when the grammar refuses that token apply the
+        grammar to the whole vocabulary and sample again (the grammar costs little per token)."""
+        L = self.L
+        if grammar is None:
+            return L.llama_sampler_sample(sampler, self.ctx, idx)
+        tok = self._sample_from(self._candidates(idx), sampler)
+        if not self._allowed(grammar, tok):
+            cur = self._candidates(idx)
+            L.llama_sampler_apply(grammar, ctypes.byref(cur))
+            tok = self._sample_from(cur, sampler)
+        L.llama_sampler_accept(grammar, tok)
+        L.llama_sampler_accept(sampler, tok)
+        return tok
+
+    def _candidates(self, idx: int):
+        """Every token with its logit at batch index idx, as a llama_token_data_array."""
+        L, np = self.L, require("numpy")
+        if getattr(self, "_cand", None) is None:
+            self._cand = (L.llama_token_data * self.n_vocab)()
+            self._cand_np = np.ctypeslib.as_array(self._cand)
+            self._cand_np["id"] = np.arange(self.n_vocab, dtype=np.int32)
+        logits = np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, idx), shape=(self.n_vocab,))
+        self._cand_np["id"] = np.arange(self.n_vocab, dtype=np.int32)   # samplers sort in place
+        self._cand_np["logit"] = logits
+        self._cand_np["p"] = 0.0
+        return L.llama_token_data_array(ctypes.cast(self._cand, L.llama_token_data_p), self.n_vocab, -1, False)
+
+    def _sample_from(self, cur, sampler) -> int:
+        self.L.llama_sampler_apply(sampler, ctypes.byref(cur))
+        return cur.data[cur.selected].id
+
+    def _allowed(self, grammar, tok: int) -> bool:
+        one = (self.L.llama_token_data * 1)(self.L.llama_token_data(tok, 1.0, 0.0))
+        arr = self.L.llama_token_data_array(ctypes.cast(one, self.L.llama_token_data_p), 1, -1, False)
+        self.L.llama_sampler_apply(grammar, ctypes.byref(arr))
+        return one[0].logit != -math.inf
 
     def free_sampler(self, sampler) -> None:
-        self.L.llama_sampler_free(sampler)
+        if sampler:
+            self.L.llama_sampler_free(sampler)
 
 
 # --- Prompt cache: many prompts' KV cells, in spare sequences, host RAM and on disk ---------
@@ -1796,6 +1847,7 @@ class _Voter:
     sampler: Any
     decoder: Any
     stop: StopMatcher
+    grammar: Any = None          # llama.cpp grammar sampler, when the request has a grammar
     pos: int = 0
     logits_idx: int = -1
     emitted: int = 0
@@ -1839,7 +1891,8 @@ class LlamaCppEngine:
                  max_queue: int = 16, n_gpu_layers: int = -1, tensor_split: Optional[list] = None,
                  n_threads: int = 0, n_batch: int = N_BATCH, n_cells: int = 0, verbose: bool = False,
                  template: str = "chatml", adapter: Optional[LlamaAdapter] = None,
-                 cache_ram_bytes: Optional[int] = None, cache_dir: str = "", cache_disk_bytes: int = 0):
+                 cache_ram_bytes: Optional[int] = None, cache_dir: str = "", cache_disk_bytes: int = 0,
+                 tool_format: str = ""):
         self.model_path, self.voters, self.ctx_limit = model_path, voters, ctx
         self.max_queue = max_queue
         n_seq = PROMPT_CACHE_SLOTS + voters * parallel
@@ -1848,7 +1901,7 @@ class LlamaCppEngine:
                                            n_gpu_layers, tensor_split, verbose)
         self.ctx_limit = min(ctx, self.llm.n_ctx)
         self.formatter = ChatFormatter(self.llm.chat_template(), template,
-                                       self.llm.special_text("bos"), self.llm.special_text("eos"))
+                                       self.llm.special_text("bos"), self.llm.special_text("eos"), tool_format)
         self.workers = [WorkerStats(i) for i in range(voters)]
         self.healthy = True
         self.counters = collections.Counter()
@@ -2135,7 +2188,7 @@ class LlamaCppEngine:
                 self._start_voters(run)
             for v in run.voters:
                 if v.live:
-                    tok = self.llm.sample(v.sampler, v.logits_idx)
+                    tok = self.llm.sample(v.sampler, v.logits_idx, v.grammar)
                     if self._accept(run, v, tok):
                         batch.append((tok, v.pos, v.seq, True, run, v))
                         v.tokens.append(tok)
@@ -2192,9 +2245,13 @@ class LlamaCppEngine:
                 self.llm.seq_cp(run.seqs[0], seq, 0, n)
             res = req.results[i]
             res.prompt_tokens = n
+            grammar = self.llm.new_grammar(req.params.grammar) if req.params.grammar else None
+            if req.params.grammar and grammar is None:
+                log.warning("llama.cpp refused the tool-call grammar; voter %d samples without it", i)
             run.voters.append(_Voter(seq, res, self.llm.new_sampler(req.params, req.seeds[i]),
                                      codecs.getincrementaldecoder("utf-8")("replace"),
-                                     StopMatcher(req.params.stop), pos=n, logits_idx=run.prompt_logits_idx))
+                                     StopMatcher(req.params.stop), grammar, pos=n,
+                                     logits_idx=run.prompt_logits_idx))
             if i < len(self.workers):
                 self.workers[i].busy = True
 
@@ -2229,6 +2286,7 @@ class LlamaCppEngine:
         v.result.finish_reason = reason
         self._emit(run.req, v, len(v.result.text))
         self.llm.free_sampler(v.sampler)
+        self.llm.free_sampler(v.grammar)
         if run.req.keep_answers and reason in ("stop", "length"):
             run.req.kept[v.result.index] = (v.seq, v.tokens)
         else:
@@ -2351,10 +2409,14 @@ def message_text(content) -> str:
 class ChatFormatter:
     """Turns OpenAI messages (+ tools) into the model's prompt text."""
 
-    def __init__(self, template: Optional[str], fallback: str = "chatml", bos: str = "", eos: str = ""):
+    def __init__(self, template: Optional[str], fallback: str = "chatml", bos: str = "", eos: str = "",
+                 tool_format: str = ""):
         self.source = template or FALLBACK_TEMPLATES.get(fallback, FALLBACK_TEMPLATES["chatml"])
         self.from_file = bool(template)
         self.knows_tools = "tools" in self.source
+        # the registry's word where the template renders tools, else what the template teaches
+        self.tool_format = (tool_format if tool_format in TOOL_FORMATS and self.knows_tools
+                            else tool_format_of(self.source, self.knows_tools))
         self.bos, self.eos = bos, eos
         jinja2 = require("jinja2")
         from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -2731,21 +2793,80 @@ def run_bench(model: str, ns: Iterable[int] = (1, 2, 4, 8), max_tokens: int = 48
 
 
 ##############################################################################
-# Swarm: one request answered by N voters and a vote. Renders the chat
-# prompt, runs the engine's voters, turns tool-call text into OpenAI
-# tool_calls, votes (consensus section) and keeps the numbers that /health,
-# /metrics, MCP and the status line show.
+# Tool calls: the call formats models emit, parsing them out of an answer,
+# checking arguments against the tool's JSON Schema, and the grammar (GBNF)
+# that makes a voter's call well-formed from its first token. Pure text in,
+# text out; the engine turns a Grammar into a llama.cpp sampler.
 ##############################################################################
+
+# Which families write calls how (llama.cpp's common/chat.cpp is the reference): hermes =
+# <tool_call>{"name", "arguments"}</tool_call> (Qwen2.5, and our wrapper for templates without
+# tools); qwen3-xml = <tool_call><function=NAME><parameter=P>V</parameter></function></tool_call>
+# (Qwen3-Coder); llama3 = [<|python_tag|>]{"name", "parameters"}; mistral = [TOOL_CALLS][{...}];
+# deepseek = <｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME ```json {...}``` <｜tool▁call▁end｜>.
+TOOL_FORMATS = ("hermes", "qwen3-xml", "llama3", "mistral", "deepseek")
+# Formats whose own syntax the grammar writes; the others are constrained into the hermes wrapper
+# (which parse_tool_calls reads from any model).
+GRAMMAR_FORMATS = ("hermes", "llama3", "mistral")
 
 TOOL_CALL_TAG_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.S)
 JSON_FENCE_RE = re.compile(r"```(?:json)?\s*\n?(.*?)(?:```|\Z)", re.S)
+XML_FUNCTION_RE = re.compile(r"<function=([^>\s]+)>(.*?)(?:</function>|\Z)", re.S)
+XML_PARAMETER_RE = re.compile(r"<parameter=([^>\s]+)>\n?(.*?)\n?(?:</parameter>|(?=<parameter=)|\Z)", re.S)
+MISTRAL_NAMED_RE = re.compile(r"\[TOOL_CALLS\]\s*([\w.-]+)\s*\[ARGS\]\s*(\{.*?\})(?=\s*\[TOOL_CALLS\]|\s*$)", re.S)
+DEEPSEEK_CALL_RE = re.compile(r"<｜tool▁call▁begin｜>\s*(?:function)?\s*<｜tool▁sep｜>\s*([\w.-]+)\s*"
+                              r"```(?:json)?\s*(.*?)\s*```\s*<｜tool▁call▁end｜>", re.S)
+DEEPSEEK_BLOCK_RE = re.compile(r"<｜tool▁calls▁begin｜>.*?(?:<｜tool▁calls▁end｜>|\Z)", re.S)
+
+
+def tool_format_of(template: str, knows_tools: bool) -> str:
+    """The call format a chat template teaches its model; hermes (our wrapper) when it has none."""
+    if not knows_tools:
+        return "hermes"
+    if "<function=" in template:
+        return "qwen3-xml"
+    if "<tool_call>" in template:
+        return "hermes"
+    if "[TOOL_CALLS]" in template:
+        return "mistral"
+    if "tool▁call" in template:
+        return "deepseek"
+    if "<|python_tag|>" in template or "ipython" in template:
+        return "llama3"
+    return "hermes"
+
+
+def _leading_value(text: str):
+    """The JSON value text starts with, ignoring what follows it (models chat on after a call).
+    Python-literal dicts (single quotes, as some Mistral builds write) are read too. None if
+    the text does not start with one."""
+    text = text.strip()
+    try:
+        return json.JSONDecoder(strict=False).raw_decode(text)[0]
+    except (ValueError, RecursionError):
+        pass
+    depth, quote = 0, ""
+    for i, ch in enumerate(text):       # the bracket-balanced prefix, for ast.literal_eval
+        if quote:
+            quote = "" if ch == quote and text[i - 1] != "\\" else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+            if depth == 0:
+                try:
+                    return ast.literal_eval(text[:i + 1])
+                except (ValueError, SyntaxError, RecursionError, MemoryError):
+                    return None
+    return None
 
 
 def _json_calls(text: str) -> Optional[list]:
     """Parse text as one call object, or a list of them; None when it is not that."""
-    try:
-        data = json.loads(text)
-    except ValueError:
+    data = _leading_value(text)
+    if data is None:
         return None
     items = data if isinstance(data, list) else [data]
     calls = []
@@ -2761,38 +2882,204 @@ def _json_calls(text: str) -> Optional[list]:
     return calls
 
 
-def parse_tool_calls(text: str, offered: Iterable[str]) -> tuple:
-    """(content, tool_calls) from a model's answer: Qwen-style <tool_call>{..}</tool_call>,
-    a fenced JSON call, or a bare JSON object with name/arguments. Calls to functions that
-    were not offered are dropped (and left in the content)."""
-    offered = set(offered)
-    found, content = [], text
+def _xml_value(text: str):
+    """A qwen3-xml parameter: JSON when it parses (numbers, objects), else the raw string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _xml_calls(text: str) -> list:
+    return [(name, {p: _xml_value(v) for p, v in XML_PARAMETER_RE.findall(body)})
+            for name, body in XML_FUNCTION_RE.findall(text)]
+
+
+def _find_calls(text: str) -> tuple:
+    """(content, [(name, arguments)]) in whichever format the text uses."""
+    if "<｜tool▁calls▁begin｜>" in text or "<｜tool▁call▁begin｜>" in text:
+        calls = [(n, _xml_value(a)) for n, a in DEEPSEEK_CALL_RE.findall(text)]
+        return DEEPSEEK_BLOCK_RE.sub("", text).strip(), calls
+    if "[TOOL_CALLS]" in text:
+        head, _, rest = text.partition("[TOOL_CALLS]")
+        named = MISTRAL_NAMED_RE.findall(text)
+        calls = [(n, _xml_value(a)) for n, a in named] if named else _json_calls(rest.strip()) or []
+        return head.strip(), calls
     tagged = TOOL_CALL_TAG_RE.findall(text)
     if tagged:
+        calls = []
         for body in tagged:
-            found += _json_calls(body) or []
-        content = TOOL_CALL_TAG_RE.sub("", text).strip()
-    else:
-        stripped = text.strip()
-        calls = _json_calls(stripped) if stripped.startswith(("{", "[")) else None
-        if calls is None:
-            fence = JSON_FENCE_RE.search(stripped)
-            if fence and stripped.startswith("```"):
-                calls = _json_calls(fence.group(1).strip())
-        if calls:
-            found, content = calls, ""
+            calls += _xml_calls(body) if body.lstrip().startswith("<function=") else _json_calls(body) or []
+        return TOOL_CALL_TAG_RE.sub("", text).strip(), calls
+    if "<function=" in text:
+        return XML_FUNCTION_RE.sub("", text).strip(), _xml_calls(text)
+    stripped = text.strip()
+    if stripped.startswith("<|python_tag|>"):
+        stripped = stripped[len("<|python_tag|>"):].strip()
+    calls = _json_calls(stripped) if stripped.startswith(("{", "[")) else None
+    if calls is None and stripped.startswith("```"):
+        fence = JSON_FENCE_RE.search(stripped)
+        calls = _json_calls(fence.group(1).strip()) if fence else None
+    return ("", calls) if calls else (text, [])
+
+
+def parse_tool_calls(text: str, offered: Iterable[str], schemas: Optional[dict] = None) -> tuple:
+    """(content, tool_calls) from a model's answer in any format of TOOL_FORMATS, or bare or
+    fenced JSON. Calls to functions not offered, or whose arguments break the tool's JSON
+    Schema (`schemas`: name -> parameters), are dropped; if none is left, the text is the answer."""
+    offered = set(offered)
+    content, found = _find_calls(text)
     result = []
     for name, args in found:
         if name not in offered:
             continue
-        if not isinstance(args, str):
-            args = json.dumps(args, ensure_ascii=False)
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError:
+                continue
+        if not isinstance(args, dict) or (schemas and schema_errors(args, schemas.get(name) or {})):
+            continue
         result.append({"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-                       "function": {"name": name, "arguments": args}})
+                       "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}})
     if found and not result:
         content = text        # nothing valid was called: the text is the answer
     return content, result
 
+
+# --- JSON Schema: the checks a tool's arguments must pass --------------------------------
+_JSON_TYPES = {"string": str, "boolean": bool, "object": dict, "array": list, "null": type(None),
+               "number": (int, float), "integer": int}
+
+
+def _is_type(value, name: str) -> bool:
+    if name in ("number", "integer") and isinstance(value, bool):
+        return False
+    if name == "integer" and isinstance(value, float):
+        return value.is_integer()
+    return isinstance(value, _JSON_TYPES.get(name, object))
+
+
+def schema_errors(value, schema, path: str = "$", depth: int = 0) -> list:
+    """What in `value` breaks `schema` (type, enum, const, required, properties,
+    additionalProperties, items, anyOf/oneOf/allOf, string length, numeric range). Keywords it
+    does not know pass, so an exotic schema never blocks a call."""
+    if not isinstance(schema, dict) or depth > 32:
+        return []
+    errs = []
+    types = schema.get("type")
+    if isinstance(types, str):
+        types = [types]
+    if isinstance(types, list) and types and not any(_is_type(value, t) for t in types if t in _JSON_TYPES) \
+            and all(t in _JSON_TYPES for t in types):
+        return [f"{path} must be {' or '.join(types)}"]
+    if "enum" in schema and isinstance(schema["enum"], list) and value not in schema["enum"]:
+        errs.append(f"{path} must be one of {schema['enum']}")
+    if "const" in schema and value != schema["const"]:
+        errs.append(f"{path} must be {schema['const']!r}")
+    for key in ("anyOf", "oneOf"):
+        alts = schema.get(key)
+        if isinstance(alts, list) and alts and all(schema_errors(value, a, path, depth + 1) for a in alts):
+            errs.append(f"{path} matches none of {key}")
+    for sub in schema.get("allOf") or [] if isinstance(schema.get("allOf"), list) else []:
+        errs += schema_errors(value, sub, path, depth + 1)
+    if isinstance(value, dict):
+        props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        for name in schema.get("required") or [] if isinstance(schema.get("required"), list) else []:
+            if name not in value:
+                errs.append(f"{path}.{name} is required")
+        extra = schema.get("additionalProperties", True)
+        for k, v in value.items():
+            if k in props:
+                errs += schema_errors(v, props[k], f"{path}.{k}", depth + 1)
+            elif extra is False:
+                errs.append(f"{path}.{k} is not allowed")
+            elif isinstance(extra, dict):
+                errs += schema_errors(v, extra, f"{path}.{k}", depth + 1)
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, v in enumerate(value):
+            errs += schema_errors(v, schema["items"], f"{path}[{i}]", depth + 1)
+    if isinstance(value, str):
+        if isinstance(schema.get("minLength"), int) and len(value) < schema["minLength"]:
+            errs.append(f"{path} is shorter than {schema['minLength']}")
+        if isinstance(schema.get("maxLength"), int) and len(value) > schema["maxLength"]:
+            errs.append(f"{path} is longer than {schema['maxLength']}")
+    if _is_type(value, "number"):
+        if isinstance(schema.get("minimum"), (int, float)) and value < schema["minimum"]:
+            errs.append(f"{path} is below {schema['minimum']}")
+        if isinstance(schema.get("maximum"), (int, float)) and value > schema["maximum"]:
+            errs.append(f"{path} is above {schema['maximum']}")
+    return errs
+
+
+# --- Grammar: calls that are well-formed by construction ------------------------------------
+@dataclass(frozen=True)
+class Grammar:
+    """A GBNF grammar (root rule `root`) for a voter's output. triggers: regexes that switch it
+    on once one matches the text so far (a lazy grammar, for tool_choice auto); empty: it holds
+    from the first token (required / a named function)."""
+    text: str
+    triggers: tuple = ()
+
+
+ANY_OBJECT_SCHEMA = {"type": "object"}     # arguments when a tool's schema cannot be turned into GBNF
+
+
+def _call_rule(conv, tools: list, args_key: str) -> str:
+    """One GBNF rule for {"name": <one of the tools>, args_key: <its parameters>}."""
+    alts = []
+    for t in tools:
+        fn = t.get("function") or {}
+        params = fn.get("parameters") if isinstance(fn.get("parameters"), dict) else ANY_OBJECT_SCHEMA
+        params = {k: v for k, v in params.items() if k != "$schema"} or ANY_OBJECT_SCHEMA
+        alts.append({"type": "object", "properties": {"name": {"const": fn.get("name")}, args_key: params},
+                     "required": ["name", args_key], "additionalProperties": False})
+    schema = conv.resolve_refs({"anyOf": alts} if len(alts) > 1 else alts[0], "tools")
+    return conv.visit(schema, "call")
+
+
+def _schema_gbnf(tools: list, args_key: str) -> tuple:
+    """(rules text, call rule name) from the tools' schemas; where a schema cannot be converted,
+    its arguments are any JSON object (checked against the schema after the fact)."""
+    grammar_mod = require("llama_cpp").llama_grammar
+    for attempt in (tools, [dict(t, function=dict(t.get("function") or {}, parameters=ANY_OBJECT_SCHEMA))
+                            for t in tools]):
+        conv = grammar_mod.SchemaConverter(prop_order={"name": 0, args_key: 1}, allow_fetch=False,
+                                           dotall=False, raw_pattern=False)
+        try:
+            rule = _call_rule(conv, attempt, args_key)
+            return conv.format_grammar(), rule
+        except Exception as exc:    # noqa: BLE001 - any schema the converter cannot express
+            log.info("tool schema not expressible as a grammar (%s); checking arguments afterwards", exc)
+    raise LocalswarmError("could not build a grammar for the offered tools")
+
+
+def tool_grammar(tools: list, fmt: str = "hermes", lazy: bool = False, parallel: bool = True) -> Grammar:
+    """The grammar that makes a voter answer with calls to `tools` in format `fmt` (formats
+    outside GRAMMAR_FORMATS use the hermes wrapper). lazy: only once a call starts."""
+    fmt = fmt if fmt in GRAMMAR_FORMATS else "hermes"
+    rules, call = _schema_gbnf(tools, "parameters" if fmt == "llama3" else "arguments")
+    if fmt == "hermes":
+        more = " (space tool-call)*" if parallel else ""
+        root = f'root ::= tool-call{more}\ntool-call ::= "<tool_call>" space {call} space "</tool_call>"'
+        triggers = (r"(<tool_call>)",)
+    elif fmt == "mistral":
+        more = f' (space "," space {call})*' if parallel else ""
+        root = f'root ::= "[TOOL_CALLS]" space "[" space {call}{more} space "]"'
+        triggers = (r"(\[TOOL_CALLS\])",)
+    else:   # llama3: one JSON call (llama.cpp does the same), optionally after <|python_tag|>
+        root = f'root ::= "<|python_tag|>"? {call}'
+        triggers = (r"(<\|python_tag\|>)", r"^\s*(\{\s*\"name\")")
+    return Grammar(rules + "\n" + root + "\n", triggers if lazy else ())
+
+
+
+##############################################################################
+# Swarm: one request answered by N voters and a vote. Renders the chat
+# prompt, runs the engine's voters, turns tool-call text into OpenAI
+# tool_calls, votes (consensus section) and keeps the numbers that /health,
+# /metrics, MCP and the status line show.
+##############################################################################
 
 @dataclass
 class ChatRequest:
@@ -2808,16 +3095,25 @@ class ChatRequest:
     max_tokens_requested: Optional[int] = None
     cancel: threading.Event = field(default_factory=threading.Event)   # set when the client leaves
     shown_voter: Optional[int] = None     # whose text the client got, when not the vote's pick
+    parallel_tool_calls: bool = True
+    tool_grammar: Optional[bool] = None   # constrain calls by grammar (None: the server's setting)
+
+    def offered_tool_defs(self) -> list:
+        """The tools the model may call, after tool_choice (none: no tools; a name: that one)."""
+        if not self.tools or self.tool_choice == "none":
+            return []
+        if isinstance(self.tool_choice, dict):
+            wanted = self.tool_choice["function"]["name"]
+            return [t for t in self.tools if t["function"]["name"] == wanted]
+        return list(self.tools)
 
     def offered_tools(self) -> list:
         """Function names the model may call, after tool_choice."""
-        if not self.tools or self.tool_choice == "none":
-            return []
-        names = [t.get("function", {}).get("name") for t in self.tools if isinstance(t, dict)]
-        if isinstance(self.tool_choice, dict):
-            wanted = self.tool_choice.get("function", {}).get("name")
-            return [n for n in names if n == wanted]
-        return [n for n in names if n]
+        return [t["function"]["name"] for t in self.offered_tool_defs()]
+
+    def must_call(self) -> bool:
+        """tool_choice required or a named function: the answer is a call, from the first token."""
+        return bool(self.offered_tool_defs()) and (self.tool_choice == "required" or isinstance(self.tool_choice, dict))
 
     def question(self) -> str:
         """The text the vote reads as the question (the last user message, or the prompt)."""
@@ -2891,8 +3187,9 @@ class Swarm:
     """N voters over one engine, and the vote that picks the answer."""
 
     def __init__(self, engine, strategy: str = "similarity", timeout: float = 600.0,
-                 model_id: Optional[str] = None):
+                 model_id: Optional[str] = None, tool_grammar: bool = True):
         self.engine, self.strategy, self.timeout = engine, strategy, timeout
+        self.tool_grammar = tool_grammar
         self.model_id = model_id or engine.model_id
         self.last_confidence: Optional[float] = None
         self.requests = 0
@@ -2917,19 +3214,21 @@ class Swarm:
             raise ContextLengthError(f"the prompt has {len(tokens)} tokens; this model's context is "
                                      f"{self.engine.ctx_limit} tokens")
         asked = req.max_tokens_requested
-        params = dataclasses.replace(req.params, max_tokens=min(asked or DEFAULT_MAX_TOKENS, room))
+        params = dataclasses.replace(req.params, max_tokens=min(asked or DEFAULT_MAX_TOKENS, room),
+                                     grammar=self.call_grammar(req))
         voters = req.voters or self.voters
         remember = getattr(self.engine, "remember", None)     # the llama.cpp engine has it
         keep = {"keep_answers": True} if remember else {}
         g = self.engine.generate(tokens, params, voters, on_token, self.timeout, req.cancel, **keep)
         offered = req.offered_tools()
-        parsed = [parse_tool_calls(r.text, offered) if offered else (r.text, []) for r in g.results]
+        schemas = {t["function"]["name"]: t["function"].get("parameters") for t in req.offered_tool_defs()}
+        parsed = [parse_tool_calls(r.text, offered, schemas) if offered else (r.text, []) for r in g.results]
         cands = [Candidate(content, r.finish_reason, r.latency, calls or None, r.completion_tokens)
                  for (content, calls), r in zip(parsed, g.results)]
         live = [c for c in cands if c.finish_reason not in ("cancelled", "error")] or cands
         verdict = vote(live, req.strategy or self.strategy, req.question(), tools=offered or None)
         verdict.index = cands.index(live[verdict.index])
-        if req.tool_choice == "required" and not parsed[verdict.index][1]:
+        if req.must_call() and not parsed[verdict.index][1]:
             with_calls = [i for i, (_, c) in enumerate(parsed) if c]
             if with_calls:
                 verdict.index = with_calls[0]
@@ -2942,6 +3241,16 @@ class Swarm:
         return SwarmAnswer(content, calls, _finish(win.finish_reason, calls), verdict, g.results, parsed,
                            len(tokens), g.cached_tokens, time.monotonic() - t0, self.model_id,
                            params.max_tokens, asked if asked and asked > params.max_tokens else None)
+
+    def call_grammar(self, req: ChatRequest) -> Optional[Grammar]:
+        """The grammar for this request's tool calls: from the first token when a call is
+        required, from the start of a call under auto; None without tools or when turned off."""
+        tools = req.offered_tool_defs()
+        wanted = self.tool_grammar if req.tool_grammar is None else req.tool_grammar
+        if not tools or not wanted or req.prompt is not None:
+            return None
+        return tool_grammar(tools, self.engine.formatter.tool_format, lazy=not req.must_call(),
+                            parallel=req.parallel_tool_calls)
 
     def status(self) -> dict:
         """Numbers for /health, MCP's get_swarm_status and the status line."""
@@ -3565,6 +3874,7 @@ REQUEST_FIELDS = {
     "stream": (bool, None, None), "model": (str, None, None), "consensus": (str, None, None),
     "stream_options": (dict, None, None), "tools": (list, None, None), "prompt": ((str, list), None, None),
     "messages": (list, None, None), "stop": ((str, list), None, None),
+    "parallel_tool_calls": (bool, None, None), "tool_grammar": (bool, None, None),
 }
 ROLES = ("system", "user", "assistant", "tool", "developer")
 
@@ -3636,15 +3946,22 @@ def parse_request(body: Any, chat: bool, swarm: Swarm, cfg: Config) -> ChatReque
     tools = body.get("tools")
     if tools:
         for i, t in enumerate(tools):
-            if not isinstance(t, dict) or not isinstance(t.get("function", {}).get("name"), str):
-                raise ApiError(400, f"tools[{i}] must be {{type: function, function: {{name, ...}}}}",
-                               param=f"tools[{i}]")
+            fn = t.get("function") if isinstance(t, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or \
+                    not isinstance(fn.get("parameters", {}), dict):
+                raise ApiError(400, f"tools[{i}] must be {{type: function, function: {{name, parameters: "
+                               "{...}}}}", param=f"tools[{i}]")
         req.tools = tools
     choice = body.get("tool_choice", "auto")
-    if not (choice in ("auto", "none", "required") or isinstance(choice, dict) and
-            isinstance(choice.get("function", {}).get("name"), str)):
+    named = choice.get("function") if isinstance(choice, dict) else None
+    if not (choice in ("auto", "none", "required") or isinstance(named, dict) and isinstance(named.get("name"), str)):
         raise ApiError(400, "'tool_choice' must be auto, none, required or a named function", param="tool_choice")
+    if named and named["name"] not in [t["function"]["name"] for t in tools or []]:
+        raise ApiError(400, f"tool_choice names '{named['name']}', which is not in 'tools'", param="tool_choice")
     req.tool_choice = choice
+    if body.get("parallel_tool_calls") is not None:
+        req.parallel_tool_calls = body["parallel_tool_calls"]
+    req.tool_grammar = body.get("tool_grammar")
     return req
 
 
@@ -4817,7 +5134,8 @@ def make_engine(path: str, p: Plan, cfg: Config, verbose: bool = False):
                           n_gpu_layers=-1 if gpu else 0, tensor_split=p.tensor_split, verbose=verbose,
                           template=p.variant.template, n_threads=cfg["swarm.threads"],
                           cache_ram_bytes=None if ram < 0 else ram * MiB, cache_dir=cfg["swarm.prompt_cache_dir"],
-                          cache_disk_bytes=cfg["swarm.prompt_cache_disk_mib"] * MiB)
+                          cache_disk_bytes=cfg["swarm.prompt_cache_disk_mib"] * MiB,
+                          tool_format=p.variant.tool_format)
 
 
 def startup_summary(app: App, url: str, budget: Budget, p: Plan) -> str:
@@ -4874,7 +5192,8 @@ def serve(cfg: Config, hw: HardwareProfile, budget: Budget, p: Plan, registry: l
         app.plan = p
         engine = make_engine(path, p, cfg, verbose=args.verbose >= 2)
         app.swarm = Swarm(engine, cfg["swarm.consensus_strategy"], cfg["swarm.timeout"],
-                          model_id=p.variant.id.replace(":", "-") if p.variant.family != "local" else engine.model_id)
+                          model_id=p.variant.id.replace(":", "-") if p.variant.family != "local" else engine.model_id,
+                          tool_grammar=cfg["swarm.tool_grammar"])
         log.info("ready: %s with %d voters", app.swarm.model_id, p.voters)
         if cfg["network.enabled"] and server:
             app.federation = Federation(cfg, app, server.server_address[1])

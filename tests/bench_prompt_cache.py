@@ -6,7 +6,8 @@ token. Not a test; results go to BENCHMARKS.md.
 
 Session 1 (title, main, tool follow-up, next turn, its follow-up) runs in one server process;
 session 2 (title, main, follow-up) in a new process with the same cache directory (a restart);
-then both sessions' agent requests interleaved in a third process (two conversations at once).
+then both sessions interleaved in a third process with a fresh cache (two conversations at once,
+each opening with its title request).
 
     python tests/bench_prompt_cache.py [--localswarm FILE.py ...] [--llama-server BIN]
 
@@ -30,7 +31,6 @@ sys.path.insert(0, ROOT)
 import localswarm as ls  # noqa: E402
 
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "opencode_session.json")
-AGENT = ("main", "tool_followup", "next_turn")
 
 
 def free_port() -> int:
@@ -82,7 +82,7 @@ class Localswarm:
         wait_up(f"http://127.0.0.1:{self.port}/health", self.proc)
 
     def ask(self, body: dict, text: str) -> dict:
-        body = dict(body, stream=False, max_tokens=self.args.max_tokens)
+        body = dict(body, stream=False, max_tokens=self.args.max_tokens, model="localswarm")
         body.pop("stream_options", None)
         t0 = time.monotonic()
         out = post(f"http://127.0.0.1:{self.port}/v1/chat/completions", body)
@@ -128,9 +128,8 @@ def phases(reqs: list) -> list:
     """(phase name, fresh cache?, [(label, body)]) in the order they are replayed."""
     s1 = [(f"s1 {r['kind']}", r["body"]) for r in reqs if r["session"] == 1]
     s2 = [(f"s2 {r['kind']}", r["body"]) for r in reqs if r["session"] == 2]
-    a = [x for x in s1 if x[0].split()[1] in AGENT]
-    b = [x for x in s2 if x[0].split()[1] in AGENT]
-    mixed = [a[0], b[0], a[1], b[1]] + a[2:]
+    # two sessions at once, each opening with its title request: A1 A2 B1 B2 A3 B3 A4 A5
+    mixed = [s1[0], s1[1], s2[0], s2[1], s1[2], s2[2]] + s1[3:]
     return [("session 1", True, s1), ("session 2 (restart)", False, s2), ("interleaved A/B", True, mixed)]
 
 

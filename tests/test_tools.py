@@ -1,0 +1,233 @@
+"""Tool calls: every format parsed, arguments checked against the schema, and the grammar that
+makes calls well-formed — on the real llama.cpp and the starter model, through the swarm and
+the HTTP API (opencode's own request and tools included)."""
+import json
+import os
+import threading
+import urllib.request
+
+import pytest
+
+import localswarm as ls
+from conftest import FIXTURES
+
+pytest.importorskip("llama_cpp")
+
+CASES = json.load(open(os.path.join(FIXTURES, "tool_call_outputs.json"), encoding="utf-8"))["cases"]
+
+
+def tool(name, properties, required=(), **extra):
+    return {"type": "function", "function": {"name": name, "description": f"the {name} tool", "parameters": {
+        "type": "object", "properties": properties, "required": list(required), **extra}}}
+
+
+SCHEMAS = {
+    "simple": tool("get_weather", {"city": {"type": "string"}}, ["city"]),
+    "nested object": tool("create_user", {"user": {"type": "object", "properties": {
+        "name": {"type": "string"}, "age": {"type": "integer"}}, "required": ["name", "age"]}}, ["user"]),
+    "array": tool("sum_numbers", {"numbers": {"type": "array", "items": {"type": "number"}}}, ["numbers"]),
+    "enum": tool("set_mode", {"mode": {"type": "string", "enum": ["fast", "safe", "off"]}}, ["mode"]),
+    "optional": tool("search", {"query": {"type": "string"}, "limit": {"type": "integer"},
+                                "exact": {"type": "boolean"}}, ["query"]),
+}
+QUESTIONS = {"simple": "What is the weather in Paris?", "nested object": "Add a user called Ann who is 31.",
+             "array": "Add up 3, 4.5 and 10.", "enum": "Switch to the safe mode.",
+             "optional": "Search for python list comprehension."}
+
+
+def calls_of(ans):
+    return [[(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] for _, calls in ans.parsed]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c['format']}-{i}" for i, c in enumerate(CASES)])
+def test_every_format_parses(case):
+    content, calls = ls.parse_tool_calls(case["text"], {n for n, _ in case["calls"]})
+    assert [[c["function"]["name"], json.loads(c["function"]["arguments"])] for c in calls] == case["calls"]
+    assert content == case.get("content", "")
+
+
+def test_calls_that_break_the_schema_or_were_not_offered_are_dropped():
+    schemas = {"get_weather": SCHEMAS["simple"]["function"]["parameters"]}
+    text = '<tool_call>{"name": "get_weather", "arguments": {"town": "Paris"}}</tool_call>'
+    assert ls.parse_tool_calls(text, ["get_weather"], schemas) == (text, [])
+    assert ls.parse_tool_calls(text.replace("town", "city"), ["get_weather"], schemas)[1]
+    assert ls.parse_tool_calls(text.replace("town", "city"), ["other"], schemas) == (text.replace("town", "city"), [])
+
+
+def test_schema_errors_cover_the_common_keywords():
+    s = SCHEMAS["nested object"]["function"]["parameters"]
+    assert ls.schema_errors({"user": {"name": "a", "age": 3}}, s) == []
+    assert ls.schema_errors({"user": {"name": "a", "age": "3"}}, s) == ["$.user.age must be integer"]
+    assert ls.schema_errors({}, s) == ["$.user is required"]
+    assert ls.schema_errors({"mode": "x"}, SCHEMAS["enum"]["function"]["parameters"])
+    assert ls.schema_errors({"numbers": [1, "2"]}, SCHEMAS["array"]["function"]["parameters"]) == \
+        ["$.numbers[1] must be number"]
+    assert ls.schema_errors({"a": 1}, {"type": "object", "additionalProperties": False}) == ["$.a is not allowed"]
+    assert ls.schema_errors(True, {"type": "integer"}) == ["$ must be integer"]
+    assert ls.schema_errors(5, {"anyOf": [{"type": "string"}, {"type": "integer"}]}) == []
+    assert ls.schema_errors("x", {"type": "exotic-type", "x-custom": 1}) == []      # unknown: passes
+
+
+@pytest.mark.parametrize("fmt", ls.GRAMMAR_FORMATS)
+@pytest.mark.parametrize("lazy", [False, True], ids=["required", "lazy"])
+def test_llama_cpp_accepts_the_grammar_of_every_format(engine, fmt, lazy):
+    g = ls.tool_grammar(list(SCHEMAS.values()), fmt, lazy=lazy)
+    smpl = engine.llm.new_grammar(g)
+    assert smpl is not None, g.text
+    engine.llm.free_sampler(smpl)
+
+
+def test_schemas_the_converter_cannot_express_fall_back_to_any_object(engine):
+    weird = tool("odd", {"x": {"$ref": "https://example.com/remote.json"}}, ["x"])
+    g = ls.tool_grammar([weird], "hermes")
+    smpl = engine.llm.new_grammar(g)
+    assert smpl is not None
+    engine.llm.free_sampler(smpl)
+
+
+@pytest.fixture(scope="module")
+def swarm(engine):
+    return ls.Swarm(engine, model_id="smollm2-135m-q4_1")
+
+
+def ask(swarm, question, tools, choice, voters=3, **kw):
+    req = ls.ChatRequest(messages=[{"role": "user", "content": question}], tools=tools, tool_choice=choice,
+                         voters=voters, max_tokens_requested=kw.pop("max_tokens", 96),
+                         params=ls.SamplingParams(**kw))
+    return swarm.answer(req)
+
+
+@pytest.mark.parametrize("kind", list(SCHEMAS))
+def test_required_always_yields_a_schema_valid_call(swarm, kind):
+    t = SCHEMAS[kind]
+    ans = ask(swarm, QUESTIONS[kind], [t], "required", temperature=1.0, max_tokens=160)
+    schema = t["function"]["parameters"]
+    for voter, calls in enumerate(calls_of(ans)):
+        if ans.results[voter].finish_reason == "length":
+            continue            # cut off by max_tokens inside a long string: the vote gates it out
+        assert calls, f"voter {voter} answered without a call: {ans.results[voter].text!r}"
+        for name, args in calls:
+            assert name == t["function"]["name"] and ls.schema_errors(args, schema) == []
+    assert sum(r.finish_reason == "stop" for r in ans.results) >= 2
+    assert ans.finish_reason == "tool_calls" and ans.tool_calls
+
+
+def test_a_named_function_is_the_one_called(swarm):
+    tools = [SCHEMAS["simple"], SCHEMAS["enum"]]
+    ans = ask(swarm, "What is the weather in Rome?", tools, {"type": "function", "function": {"name": "set_mode"}})
+    assert all(calls and {n for n, _ in calls} == {"set_mode"} for calls in calls_of(ans))
+
+
+def test_one_call_only_when_parallel_calls_are_off(swarm):
+    req = ls.ChatRequest(messages=[{"role": "user", "content": "Weather in Paris, Rome and Oslo?"}],
+                         tools=[SCHEMAS["simple"]], tool_choice="required", voters=3, parallel_tool_calls=False,
+                         max_tokens_requested=120)
+    ans = swarm.answer(req)
+    assert all(len(calls) == 1 for calls in calls_of(ans))
+
+
+def test_none_renders_no_tools_and_answers_in_text(swarm):
+    req = ls.ChatRequest(messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+                         tools=[SCHEMAS["simple"]], tool_choice="none", voters=2, max_tokens_requested=24)
+    assert "get_weather" not in swarm.prompt_text(req) and swarm.call_grammar(req) is None
+    ans = swarm.answer(req)
+    assert ans.tool_calls == [] and ans.finish_reason in ("stop", "length")
+
+
+def test_the_lazy_grammar_leaves_plain_answers_alone(swarm):
+    """Under auto, a voter that answers in prose samples exactly as without the grammar (seeded: both
+    runs start from an empty KV cache, so the arithmetic is the same)."""
+    texts = {}
+    for on in (True, False):
+        req = ls.ChatRequest(messages=[{"role": "user", "content": "Say hello to Ann in one sentence."}],
+                             tools=[SCHEMAS["simple"]], tool_choice="auto", voters=1, tool_grammar=on,
+                             max_tokens_requested=24, params=ls.SamplingParams(temperature=0, seed=7))
+        ans = swarm.answer(req)
+        texts[on] = ans.results[0].text
+    assert texts[True] == texts[False] and "<tool_call>" not in texts[True]
+
+
+def test_a_started_call_is_held_to_the_schema_under_auto(engine):
+    """The lazy grammar lets anything through until a call opens; from the opening tag on, only
+    what continues a valid call is allowed."""
+    llm, t = engine.llm, SCHEMAS["array"]
+    g = llm.new_grammar(ls.tool_grammar([t], "hermes", lazy=True))
+    try:
+        first = llm.tokenize("Hello", add_special=False)[0]
+        assert llm._allowed(g, first)                       # awaiting the trigger: free text
+        for tok in llm.tokenize("Sure. <tool_call>", add_special=False):
+            llm.L.llama_sampler_accept(g, tok)
+        brace = llm.tokenize("{", add_special=False)[0]
+        assert llm._allowed(g, brace) and not llm._allowed(g, first)
+        assert not llm._allowed(g, llm.L.llama_vocab_eos(llm.vocab))    # no ending mid-call
+    finally:
+        llm.free_sampler(g)
+
+
+def post(url, body, stream=False):
+    req = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=300) as r:
+        if not stream:
+            return json.loads(r.read())
+        return [json.loads(line[6:]) for line in r.read().decode().splitlines()
+                if line.startswith("data: {")]
+
+
+def streamed_calls(chunks):
+    """Reassemble delta.tool_calls the way OpenAI clients do."""
+    calls = {}
+    for c in chunks:
+        for ch in c.get("choices", []):
+            for d in ch["delta"].get("tool_calls") or []:
+                cur = calls.setdefault(d["index"], {"name": "", "arguments": ""})
+                fn = d.get("function") or {}
+                cur["name"] += fn.get("name") or ""
+                cur["arguments"] += fn.get("arguments") or ""
+    return [(c["name"], json.loads(c["arguments"])) for _, c in sorted(calls.items())]
+
+
+def test_streamed_and_non_streamed_calls_agree(live_server):
+    url, _ = live_server
+    body = {"model": "localswarm", "messages": [{"role": "user", "content": "Weather in Oslo?"}],
+            "tools": [SCHEMAS["simple"]], "tool_choice": "required", "temperature": 0, "voters": 2,
+            "max_tokens": 60}
+    plain = post(url, body)
+    msg = plain["choices"][0]["message"]
+    expected = [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in msg["tool_calls"]]
+    chunks = post(url, dict(body, stream=True), stream=True)
+    assert streamed_calls(chunks) == expected and expected
+    assert plain["choices"][0]["finish_reason"] == "tool_calls"
+    assert [ch["finish_reason"] for c in chunks for ch in c.get("choices", []) if ch["finish_reason"]] == ["tool_calls"]
+
+
+@pytest.fixture(scope="module")
+def opencode_server(starter_path):
+    """A server with room for opencode's ~7,600-token prompt (its own engine)."""
+    eng = ls.LlamaCppEngine(starter_path, voters=2, ctx=9216, parallel=1)
+    app = ls.App(ls.load_config(env={}, read_file=False), ls.Swarm(eng, model_id="smollm2-135m-q4_1"))
+    server = ls.make_server(app, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    eng.close()
+
+
+@pytest.mark.parametrize("choice", ["required", "auto"])
+def test_opencode_request_gets_schema_valid_streamed_calls(opencode_server, choice):
+    """opencode's captured agent request (its 10 tools, JSON Schemas with $schema, enums,
+    optional fields): every call the swarm returns is valid against its tool's schema and
+    arrives as delta.tool_calls. Under required the starter model must call; under auto it may not."""
+    fixture = json.load(open(os.path.join(FIXTURES, "opencode_session.json")))["requests"]
+    body = next(r["body"] for r in fixture if r["kind"] == "main")
+    body = dict(body, model="localswarm", tool_choice=choice, max_tokens=96)
+    chunks = post(opencode_server, body, stream=True)
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in body["tools"]}
+    calls = streamed_calls(chunks)
+    for name, args in calls:
+        assert ls.schema_errors(args, schemas[name]) == [], (name, args)
+    finish = [ch["finish_reason"] for c in chunks for ch in c.get("choices", []) if ch["finish_reason"]]
+    assert finish == (["tool_calls"] if calls else ["stop"]) or finish == ["length"] and not calls
+    if choice == "required":
+        assert calls and finish == ["tool_calls"]
