@@ -37,6 +37,8 @@ step "localswarm.pyz"
 if [ "${1:-}" = "--run" ]; then
   shift
   # Half the cores at most: the phone must stay usable and cool.
-  exec "$VPY" localswarm.pyz --yes "$@"
+  THREADS=$(( $(nproc 2>/dev/null || echo 2) / 2 ))
+  [ "$THREADS" -ge 1 ] || THREADS=1
+  exec "$VPY" localswarm.pyz --yes --threads "$THREADS" "$@"
 fi
 printf '\nDone. Start the server with:  %s localswarm.pyz\n' "$VPY"

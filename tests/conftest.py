@@ -89,3 +89,19 @@ def start_node(args, env=None, cwd=None):
 def node_log(proc, tail: int = 3000) -> str:
     with open(proc.log_path, errors="replace") as f:
         return f.read()[-tail:]
+
+
+# CI (./install.sh --test sets LOCALSWARM_NO_SKIPS=1): a test that skipped because a tool was
+# missing is a failure, not a pass — on this project's machines every test can run.
+_skipped = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped:
+        _skipped.append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if os.environ.get("LOCALSWARM_NO_SKIPS") == "1" and _skipped and exitstatus == 0:
+        print(f"\n{len(_skipped)} test(s) skipped, which CI does not allow: " + ", ".join(_skipped))
+        session.exitstatus = 1

@@ -78,12 +78,29 @@ def test_error_classes(client, live_server):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="localswarm", temperature=7, messages=[{"role": "user", "content": "x"}])
     assert e.value.body["param"] == "temperature"
-    with pytest.raises(openai.NotFoundError) as e:
-        client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}])
-    assert e.value.body["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="localswarm", messages=[{"role": "user", "content": "word " * 3000}])
     assert e.value.body["code"] == "context_length_exceeded"
+
+
+def test_another_model_id_is_served_with_a_warning_or_404_when_strict(client, live_server):
+    """As llama-server: one model, so a request naming another is answered by it, and says so."""
+    _, app = live_server
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-9", messages=[{"role": "user", "content": "x"}], max_tokens=3)
+    assert "gpt-9" in raw.headers["x-localswarm-warning"] and raw.parse().choices
+    app.aliases = {"qwen2.5-coder:7b:q8_0"}              # the planned model, when the starter is served
+    raw = client.chat.completions.with_raw_response.create(
+        model="qwen2.5-coder:7b:q8_0", messages=[{"role": "user", "content": "x"}], max_tokens=3)
+    assert "x-localswarm-warning" not in raw.headers
+    app.cfg.set("server.strict_model", True)
+    try:
+        with pytest.raises(openai.NotFoundError) as e:
+            client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}])
+        assert e.value.body["code"] == "model_not_found"
+    finally:
+        app.cfg.set("server.strict_model", False)
+        app.aliases = set()
 
 
 def test_api_key(live_server):

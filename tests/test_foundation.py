@@ -1,4 +1,5 @@
 """The single file and its .pyz: runs from anywhere with a bare python3; reproducible; installers lint."""
+import json
 import os
 import shutil
 import subprocess
@@ -74,13 +75,22 @@ def test_sections_are_in_data_flow_order():
     with open(os.path.join(ROOT, "localswarm.py"), encoding="utf-8") as f:
         text = f.read()
     order = ["# Helpers and errors:", "# Config:", "# Hardware:", "# Registry and planner:", "# Download:",
-             "# Engine:", "# Swarm:", "# Consensus:", "# HTTP API:", "# Federation:", "# MCP:", "# CLI and main:"]
+             "# Engine:", "# Tool calls:", "# Swarm:", "# Consensus:", "# HTTP API:", "# Federation:", "# MCP:", "# CLI and main:"]
     positions = [text.index(b) for b in order]
     assert positions == sorted(positions)
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+def test_runs_as_a_script_under_isolated_mode(tmp_path):
+    """python -I (and PYTHONSAFEPATH) leave the script's directory off sys.path: models.json is
+    still found beside it."""
+    r = subprocess.run([sys.executable, "-I", os.path.join(ROOT, "localswarm.py"), "--detect", "--json"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["plan"]["id"]
+
+
 def test_shell_scripts_pass_shellcheck():
+    assert shutil.which("shellcheck"), "shellcheck is missing: ./install.sh --test installs it"
     scripts = [os.path.join(ROOT, p) for p in ("install.sh", "install-termux.sh", ".ci/run")]
     r = subprocess.run(["shellcheck", "-s", "bash", *scripts], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout

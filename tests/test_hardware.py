@@ -1,4 +1,5 @@
 """Hardware: parsers on real tool output, probes through a fake PATH, the memory rules."""
+import ctypes
 import os
 import stat
 import time
@@ -163,3 +164,33 @@ def test_detect_on_a_mac_and_a_phone_through_their_tools(tmp_path, monkeypatch):
     phone = ls.detect_hardware()
     assert phone.is_termux and phone.soc == "QTI SM6475"
     assert [g.vendor for g in phone.gpus] == ["qualcomm"] and "25%" in ls.memory_budget(phone).rule
+
+
+class FakeKernel32:
+    """Windows' kernel32 as far as GlobalMemoryStatusEx goes: fills the struct it is handed."""
+
+    def __init__(self, ok=True):
+        self.ok = ok
+
+    def GlobalMemoryStatusEx(self, ref):
+        st = ref._obj
+        assert st.dwLength == ctypes.sizeof(ls.MEMORYSTATUSEX) == 64     # the size Windows checks
+        st.ullTotalPhys, st.ullAvailPhys = 16 * ls.GiB, 9 * ls.GiB
+        return self.ok
+
+
+def test_windows_ram_without_psutil():
+    assert ls.windows_ram(FakeKernel32()) == (16 * ls.GiB, 9 * ls.GiB)
+    assert ls.windows_ram(FakeKernel32(ok=False)) == (0, 0)
+
+
+def test_a_hung_probe_is_killed_without_process_groups(tmp_path, monkeypatch):
+    """Windows has no os.killpg: the hung tool is still killed and the probe returns None."""
+    tool = tmp_path / "hangs"
+    tool.write_text("#!/bin/sh\nsleep 30\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delattr(ls.os, "killpg")
+    t0 = time.monotonic()
+    assert ls.run_probe(["hangs"], timeout=0.5) is None
+    assert time.monotonic() - t0 < 10

@@ -14,17 +14,6 @@ OPENCODE = os.path.join(ROOT, ".cache", "opencode", "node_modules", ".bin", "ope
 MODEL_ID = "smollm2-135m-q4_1"
 
 
-def opencode_config(port: int) -> dict:
-    """The opencode.json that README shows (output limit kept small for the 135M model)."""
-    return {"$schema": "https://opencode.ai/config.json",
-            "provider": {"localswarm": {"npm": "@ai-sdk/openai-compatible", "name": "localswarm",
-                                        "options": {"baseURL": f"http://127.0.0.1:{port}/v1", "apiKey": "none"},
-                                        "models": {MODEL_ID: {"name": "localswarm (starter model)",
-                                                              "limit": {"context": 16384, "output": 256}}}}},
-            "model": f"localswarm/{MODEL_ID}", "small_model": f"localswarm/{MODEL_ID}",
-            "autoupdate": False, "share": "disabled"}
-
-
 def offline_home(base: str) -> dict:
     """HOME and XDG dirs in a temp dir, plugin package pre-seeded so opencode stays offline."""
     env = {"HOME": base}
@@ -57,18 +46,29 @@ def cached_tokens(port: int) -> int:
 
 @pytest.mark.skipif(not os.path.exists(OPENCODE), reason="opencode is not installed (npm missing); "
                     "./install.sh --test installs it into .cache/opencode")
+def printed_snippet(log: str) -> dict:
+    """The opencode.json the server printed at start-up."""
+    text = log[log.index("opencode.json:") + len("opencode.json:"):]
+    return json.JSONDecoder().raw_decode(text.strip())[0]
+
+
 def test_opencode_run_against_localswarm():
+    """A first run as a new user has it, offline: the planned model cannot be fetched, the starter
+    model is served, and the opencode.json the server prints is used as it is."""
     port = free_port()
-    node = start_node(["--model", "smollm2:135m:q4_1", "--voters", "2", "--ctx", "16384", "--parallel", "1",
-                       "--port", str(port), "--yes", "-q"])
+    node = start_node(["--voters", "2", "--parallel", "1", "--port", str(port), "--yes", "-q"],
+                      env={"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"})      # nothing listens there
     try:
         wait_http(f"http://127.0.0.1:{port}/health", timeout=120)
+        config = printed_snippet(node_log(node, tail=20000))
+        model = config["model"].split("/", 1)[1]
+        assert model == MODEL_ID, config          # the model actually served, not the planned one
         with tempfile.TemporaryDirectory() as work:
             with open(os.path.join(work, "opencode.json"), "w") as f:
-                json.dump(opencode_config(port), f)
+                json.dump(config, f)
             # opencode takes its project directory from $PWD, not from the process cwd
             env = dict(os.environ, PWD=work, **offline_home(os.path.join(work, "home")))
-            run = subprocess.run([OPENCODE, "run", "--format", "json", "--model", f"localswarm/{MODEL_ID}",
+            run = subprocess.run([OPENCODE, "run", "--format", "json", "--model", config["model"],
                                   "Say", "hello", "in", "one", "short", "sentence."],
                                  cwd=work, env=env, capture_output=True, text=True, timeout=420)
             events = [json.loads(l) for l in run.stdout.splitlines() if l.startswith("{")]
@@ -87,7 +87,7 @@ def test_opencode_run_against_localswarm():
             # comes from the prompt cache, not decoded again.
             before = cached_tokens(port)
             again = subprocess.run([OPENCODE, "run", "--continue", "--format", "json", "--model",
-                                    f"localswarm/{MODEL_ID}", "Thanks."],
+                                    config["model"], "Thanks."],
                                    cwd=work, env=env, capture_output=True, text=True, timeout=420)
             assert again.returncode == 0, again.stderr[-2000:]
             assert cached_tokens(port) - before > 5000
