@@ -235,6 +235,10 @@ SETTINGS = [
        minimum=0.05, maximum=1.0),
     _s("hardware", "mobile_ram_fraction", float, 0.25, "share of RAM on Android/Termux",
        minimum=0.05, maximum=1.0),
+    _s("planner", "min_decode_tokens_per_s", float, 8.0, "slowest per-voter decoding the planner recommends",
+       minimum=0.0),
+    _s("planner", "max_first_prompt_s", float, 120.0, "longest predicted time for an 8k-token first prompt",
+       minimum=1.0),
     _s("network", "enabled", bool, False, "federate with peers on the LAN", env="LOCALSWARM_FEDERATE"),
     _s("network", "discovery_port", int, 8765, "UDP port for announcements", minimum=1, maximum=65535),
     _s("network", "advertise_interval", float, 2.0, "seconds between announcements", minimum=0.05),
@@ -822,6 +826,8 @@ class Variant:
     pip: Optional[str] = None     # shipped inside this PyPI package instead of the hub
     auto: bool = True             # False: never chosen by the planner, only by name
     tool_format: str = ""         # how its calls look (TOOL_FORMATS); "": read off its chat template
+    n_heads: int = 0              # query heads (0: unknown, taken as 4 x n_kv_heads)
+    params: int = 0               # parameter count (0: from the file size and the quant's bits per weight)
 
     @property
     def id(self) -> str:
@@ -830,6 +836,15 @@ class Variant:
     @property
     def kv_bytes_per_token(self) -> int:
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * KV_BYTES_PER_ELEMENT
+
+    @property
+    def n_params(self) -> int:
+        return self.params or int(self.size_bytes * 8 / QUANT_BITS.get(self.quant.upper(), 8.5))
+
+    @property
+    def attn_width(self) -> int:
+        """Query heads x head size: what each token's attention over the context costs per layer."""
+        return (self.n_heads or 4 * self.n_kv_heads) * self.head_dim
 
 
 def load_registry(text: Optional[str] = None) -> list:
@@ -844,7 +859,8 @@ def load_registry(text: Optional[str] = None) -> list:
                     q["size_bytes"], q.get("sha256"), size["n_layers"], size["n_kv_heads"],
                     size["head_dim"], size["n_ctx_train"], size.get("n_vocab", 152064), fam["template"], size["license"],
                     size.get("commercial_use", True), q.get("estimated", False),
-                    size.get("revision"), q.get("pip"), fam.get("auto", True), fam.get("tool_format", "")))
+                    size.get("revision"), q.get("pip"), fam.get("auto", True), fam.get("tool_format", ""),
+                    size.get("n_heads", 0), size.get("params", 0)))
     return variants
 
 
@@ -873,6 +889,7 @@ class Plan:
     tensor_split: Optional[list] = None
     reason: str = ""
     runners_up: list = field(default_factory=list)
+    speed: Optional[dict] = None     # predict_speed(), when the machine's speed is known
 
     @property
     def kv_cells(self) -> int:
@@ -884,7 +901,7 @@ class Plan:
                 "ctx": self.ctx, "memory_bytes": self.memory_bytes, "file": v.file, "repo": v.repo,
                 "id": v.id, "kv_cells": self.kv_cells, "placement": self.placement,
                 "tensor_split": self.tensor_split, "breakdown": self.breakdown,
-                "estimated_size": v.estimated, "license": v.license, "reason": self.reason}
+                "estimated_size": v.estimated, "license": v.license, "reason": self.reason, "speed": self.speed}
 
 
 def kv_cells(ctx: int, voters: int) -> int:
@@ -930,6 +947,86 @@ def plan_for(v: Variant, ctx: int, voters: int, budget: Budget) -> Optional[Plan
     return Plan(v, voters, ctx, parts["total"], parts, where[0], where[1])
 
 
+# --- Speed: what a plan will feel like ------------------------------------------------
+# Decoding one step reads every weight once, whatever the voters, and computes each voter's
+# token: step time = max(weight bytes / bandwidth, voters x FLOPs per token / decode FLOP/s).
+# A prompt costs 2 x params FLOPs a token, plus attention over what came before, which grows
+# with the square of its length (2 x layers x attention width x L^2). The machine's three rates
+# come from calibrate_speed() (measured here, cached) or, for GPUs, a device class table.
+QUANT_BITS = {"Q4_K_M": 4.89, "Q5_K_M": 5.70, "Q6_K": 6.56, "Q8_0": 8.50, "Q4_1": 5.0, "Q4_0": 4.5,
+              "F16": 16.0}     # bits per weight, llama.cpp's quantize README (shared/quant_bpw.json)
+FIRST_PROMPT_TOKENS = 8192     # what a coding agent sends first (opencode: ~7,600 tokens)
+
+
+@dataclass(frozen=True)
+class SpeedFloor:
+    """What a plan must predict to be recommended: reading speed per voter (8 tokens/s is about
+    reading pace; below it a streamed answer lags the reader), and an agent's first 8k-token
+    prompt within a couple of minutes (opencode's own request timeout is far longer, but a user
+    waiting longer than that gives up)."""
+    speed: Optional[Speed] = None
+    min_decode_tokens_per_s: float = 8.0
+    max_first_prompt_s: float = 120.0
+
+    def predict(self, v: Variant, voters: int) -> Optional[dict]:
+        return predict_speed(v, voters, self.speed) if self.speed else None
+
+    def usable(self, v: Variant, voters: int) -> bool:
+        s = self.predict(v, voters)
+        return s is None or (s["decode_tokens_per_s_per_voter"] >= self.min_decode_tokens_per_s
+                             and s["first_prompt_8k_s"] <= self.max_first_prompt_s)
+
+
+@dataclass
+class Speed:
+    """This machine's rates: bytes/s weights stream at while decoding, FLOP/s of a voter's decode
+    work, FLOP/s of prompt processing (batches of 512), FLOP/s of prompt attention, where they came
+    from, and the fixed cost of a decode step (sampling, scheduling)."""
+    bandwidth: float
+    decode_flops: float
+    prefill_flops: float
+    attention_flops: float
+    source: str
+    step_overhead: float = 0.0      # seconds a decode step costs beyond reading and computing
+    width: int = 0                  # attention width of the model the rates were measured on
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def predict_speed(v: Variant, voters: int, speed: Speed, prompt: int = FIRST_PROMPT_TOKENS) -> dict:
+    """Per-voter decode tokens/s, prompt tokens/s and the first prompt's seconds for v on `speed`."""
+    flops = 2 * v.n_params
+    # llama.cpp's CPU kernels get more FLOP/s from wider layers: measured 2x between the starter
+    # (576 wide) and the 2,048-wide bench model for decoding and attention; more is not assumed.
+    wider = min(max(v.attn_width / speed.width, 1.0), 2.0) if speed.width else 1.0
+    step = speed.step_overhead + max(v.size_bytes / speed.bandwidth, voters * flops / (speed.decode_flops * wider))
+    linear = prompt * flops / speed.prefill_flops
+    attention = 2 * v.n_layers * v.attn_width * prompt * prompt / (speed.attention_flops * wider)
+    return {"decode_tokens_per_s_per_voter": round(1 / step, 2),
+            "prefill_tokens_per_s": round(prompt / (linear + attention), 1),
+            "first_prompt_8k_s": round(linear + attention, 1), "source": speed.source}
+
+
+# Memory bandwidth by device class, from the vendors' spec sheets (bytes/s). Decoding on a GPU
+# is bandwidth-bound; prompt processing is taken at a conservative 20 TFLOP/s for discrete
+# GPUs and 5 TFLOP/s for Apple GPUs. Used for GPU plans and for --hardware-profile.
+GPU_BANDWIDTH = {"h200": 4800e9, "h100": 3350e9, "a100": 1555e9, "4090": 1008e9, "3090": 936e9,
+                 "4080": 717e9, "3080": 760e9, "4070": 504e9, "3070": 448e9, "3060": 360e9, "4060": 272e9,
+                 "7900": 800e9, "a770": 560e9, "m1 ultra": 800e9, "m2 ultra": 800e9, "max": 400e9,
+                 "pro": 200e9, "m4": 120e9, "m3": 100e9, "m2": 100e9, "m1": 68e9}
+
+
+def class_speed(hw: HardwareProfile, budget: Budget) -> Optional[Speed]:
+    """A GPU's or Apple chip's Speed from its device class; None for CPU plans (measured instead)."""
+    if budget.backend == "cpu" or not hw.gpus:
+        return None
+    name = " ".join(f"{g.name} {hw.cpu_model}" for g in hw.gpus).lower()
+    bw = next((b for k, b in GPU_BANDWIDTH.items() if k in name), 300e9 if budget.backend != "metal" else 68e9)
+    flops = 5e12 if budget.backend == "metal" else 20e12
+    return Speed(bw, flops, flops, flops, "device class table (vendor spec sheets), not measured")
+
+
 def min_ctx(v: Variant, floor: int = 0) -> int:
     return min(floor or MIN_CTX, v.n_ctx_train)
 
@@ -960,18 +1057,29 @@ def _priority(registry: list, preferred: Iterable[str] = (), manual: bool = Fals
 
 
 def plan(registry: list, budget: Budget, min_voters: int = 2, max_voters: int = 8,
-         preferred: Iterable[str] = ()) -> Plan:
+         preferred: Iterable[str] = (), floor: Optional[SpeedFloor] = None) -> Plan:
     """The best plan. Context first (an agent needs 16k; small devices step down to 8k, then
     4k), then enough voters to vote (PREFERRED_VOTERS when memory allows, else min_voters),
-    then the largest model that fits by family priority, its best quantization, then voters up
-    to max_voters, then context. A refusal only when not even the smallest model fits at 4k."""
+    then the largest model that fits by family priority and is fast enough to use (`floor`),
+    its best quantization, then voters up to max_voters, then context. When nothing is fast
+    enough: the fastest that fits, with a warning. A refusal only when not even the smallest
+    model fits at 4k."""
+    floor = floor or SpeedFloor()
     wanted = sorted({max(min(PREFERRED_VOTERS, max_voters), min_voters), min_voters}, reverse=True)
-    for last_resort in (False, True):     # then the smallest model of all, the starter
-        for floor in CTX_FLOORS:
-            for voters in wanted:
-                chosen = _largest_fitting(registry, budget, voters, max_voters, floor, preferred, last_resort)
-                if chosen:
-                    return chosen
+    for last_resort in (False, True):      # then the smallest model of all, the starter
+        for speed_floor in (floor, None):      # if nothing is fast enough, the fastest that fits
+            for ctx in CTX_FLOORS:
+                for voters in wanted:
+                    chosen = _largest_fitting(registry, budget, voters, max_voters, ctx, preferred, last_resort,
+                                              speed_floor or SpeedFloor(floor.speed, 0.0, math.inf), fastest=not speed_floor)
+                    if chosen:
+                        if not speed_floor:
+                            chosen.reason += (f"; nothing that fits is predicted to reach {floor.min_decode_tokens_per_s:g} "
+                                              f"tokens/s per voter and an 8k prompt in {floor.max_first_prompt_s:g} s "
+                                              "on this machine: this is the fastest")
+                            log.warning("no model that fits is fast enough on this machine; planning the fastest, %s",
+                                        chosen.variant.id)
+                        return chosen
     smallest = min(registry, key=lambda v: v.size_bytes)
     need = estimate_memory(smallest, min_ctx(smallest, CTX_FLOORS[-1]), min_voters, budget.backend)["total"]
     raise LocalswarmError(f"no model fits the memory budget of {human_bytes(budget.bytes)} ({budget.rule}); "
@@ -980,14 +1088,28 @@ def plan(registry: list, budget: Budget, min_voters: int = 2, max_voters: int = 
 
 
 def _largest_fitting(registry: list, budget: Budget, min_voters: int, max_voters: int, floor: int,
-                     preferred: Iterable[str], last_resort: bool = False) -> Optional[Plan]:
+                     preferred: Iterable[str], last_resort: bool = False, speed: Optional[SpeedFloor] = None,
+                     fastest: bool = False) -> Optional[Plan]:
     """The plan for the first (family, size) by priority with a quantization that fits
-    min_voters at `floor` context, or None. last_resort: models chosen only by name count too."""
+    min_voters at `floor` context and is fast enough (`speed`), or None. last_resort: models
+    chosen only by name count too. fastest: sizes smallest first (when nothing is fast enough)."""
+    speed = speed or SpeedFloor()
     runners_up = []
-    for fam, size in _priority(registry, preferred, manual=last_resort):
+    groups = _priority(registry, preferred, manual=last_resort)
+    if fastest:
+        groups.sort(key=lambda g: min(v.size_bytes for v in registry if (v.family, v.size) == g))
+    for fam, size in groups:
         variants = sorted((v for v in registry if v.family == fam and v.size == size and (last_resort or not v.pip)),
                           key=lambda v: QUANT_ORDER.index(v.quant))
-        fitting = [v for v in variants if plan_for(v, min_ctx(v, floor), min_voters, budget)]
+        fits = [v for v in variants if plan_for(v, min_ctx(v, floor), min_voters, budget)]
+        fitting = [v for v in fits if speed.usable(v, min_voters)]
+        for v in fits:
+            if v not in fitting:
+                s = speed.predict(v, min_voters)
+                runners_up.append({"id": v.id, "lost": f"too slow here: {s['decode_tokens_per_s_per_voter']} "
+                                   f"tokens/s per voter, an 8k prompt in {s['first_prompt_8k_s']} s"})
+        if not fitting and fits:
+            continue            # fits, but too slow (said above)
         if not fitting:
             smallest = variants[-1]
             need = estimate_memory(smallest, min_ctx(smallest, floor), min_voters, budget.backend)["total"]
@@ -1000,9 +1122,12 @@ def _largest_fitting(registry: list, budget: Budget, min_voters: int, max_voters
             runners_up.append({"id": v.id, "lost": f"needs {human_bytes(need)} with {min_voters} voters"})
         for v in fitting[1:]:
             runners_up.append({"id": v.id, "lost": f"lower quality quantization than {best.quant}"})
-        voters = max(n for n in range(min_voters, max_voters + 1) if plan_for(best, min_ctx(best, floor), n, budget))
+        voters = min_voters if fastest else max(
+            n for n in range(min_voters, max_voters + 1)
+            if plan_for(best, min_ctx(best, floor), n, budget) and (n == min_voters or speed.usable(best, n)))
         ctx = next(c for c in ctx_choices(best, floor) if plan_for(best, c, voters, budget))
         chosen = plan_for(best, ctx, voters, budget)
+        chosen.speed = speed.predict(best, voters)
         why_voters = (f"at least {min_voters} voters so that the vote can pick by agreement"
                       if min_voters >= PREFERRED_VOTERS else
                       f"only {min_voters} voter{'s' * (min_voters > 1)} fit (a vote needs {PREFERRED_VOTERS})")
@@ -1039,14 +1164,14 @@ def parse_model_spec(spec: str, registry: list) -> list:
 
 def plan_explicit(registry: list, budget: Budget, spec: str = "", voters: int = 0, ctx: int = 0,
                   min_voters: int = 2, max_voters: int = 8, force: bool = False,
-                  preferred: Iterable[str] = ()) -> Plan:
+                  preferred: Iterable[str] = (), floor: Optional[SpeedFloor] = None) -> Plan:
     """Honour --model/--voters/--ctx when they fit; refuse with the reason (unless force)."""
     if not spec and not voters and not ctx:
-        return plan(registry, budget, min_voters, max_voters, preferred)
+        return plan(registry, budget, min_voters, max_voters, preferred, floor)
     if spec:
         candidates = sorted(parse_model_spec(spec, registry), key=lambda v: QUANT_ORDER.index(v.quant))
     else:
-        candidates = [plan(registry, budget, min_voters, max_voters, preferred).variant]
+        candidates = [plan(registry, budget, min_voters, max_voters, preferred, floor).variant]
     for v in candidates:
         if ctx > v.n_ctx_train:
             log.warning("--ctx %d is past %s's trained context %d", ctx, v.id, v.n_ctx_train)
@@ -1123,8 +1248,11 @@ def variant_from_gguf(path: str) -> Variant:
     name = meta.get("general.name") or os.path.basename(path)
     vocab = meta.get("tokenizer.ggml.tokens", "<array of 32000>")
     n_vocab = int(re.sub(r"\D", "", vocab) or 32000) if isinstance(vocab, str) else len(vocab)
+    width, ffn, layers = g("embedding_length", 4096), g("feed_forward_length", 0), g("block_count", 32)
+    per_layer = 2 * width * heads * head_dim + 2 * width * kv_heads * head_dim + 3 * width * (ffn or 4 * width)
     return Variant("local", name, os.path.basename(path), "file", "", path, os.path.getsize(path), None,
-                   g("block_count", 32), kv_heads, head_dim, g("context_length", 4096), n_vocab, "gguf", "see file")
+                   layers, kv_heads, head_dim, g("context_length", 4096), n_vocab, "gguf", "see file",
+                   n_heads=heads, params=layers * per_layer + 2 * n_vocab * width)
 
 
 ##############################################################################
@@ -1527,6 +1655,9 @@ class LlamaAdapter:
     def clear(self) -> None:
         self.L.llama_memory_clear(self.mem, True)
 
+    def seq_state_size(self, seq: int) -> int:
+        return self.L.llama_state_seq_get_size(self.ctx, seq)
+
     def seq_state(self, seq: int):
         """A copy of one sequence's KV cells (llama_state_seq_get_data), as a ctypes buffer."""
         L = self.L
@@ -1745,7 +1876,9 @@ class DiskCache:
         self.dir = os.path.join(self.root, key)
         self.written: collections.deque = collections.deque()   # (tokens, path, replaced): for the engine
         self.counters = collections.Counter()
-        self._jobs: "queue.Queue" = queue.Queue(maxsize=2)
+        self._jobs: "queue.Queue" = queue.Queue(maxsize=1)
+        self.pending_bytes = 0          # copies of cells queued or being written (counted as RAM)
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._write_loop, name="localswarm-cache-writer", daemon=True)
         self.enabled = self._prepare()
         if self.enabled:
@@ -1838,6 +1971,8 @@ class DiskCache:
             return False
         try:
             self._jobs.put_nowait((list(tokens), data, list(replaces)))
+            with self._lock:
+                self.pending_bytes += len(data)
             return True
         except queue.Full:
             self.counters["writes_skipped"] += 1
@@ -1858,6 +1993,9 @@ class DiskCache:
                 log.warning("prompt cache: could not write to %s (%s)", self.dir, exc.strerror or exc)
                 self.counters["write_errors"] += 1
             finally:
+                with self._lock:
+                    self.pending_bytes -= len(data)
+                del data
                 self._jobs.task_done()
 
     def _write(self, tokens: list, data) -> Optional[str]:
@@ -2238,6 +2376,10 @@ class LlamaCppEngine:
         old = self._cache.superseded(entry.tokens, "disk")
         if any(len(e.tokens) == len(entry.tokens) for e in old):
             return          # already on disk
+        size = self.llm.seq_state_size(entry.seq)       # the copy waiting to be written counts as RAM
+        if self._cache.ram_bytes() + self._disk.pending_bytes + size > self._cache.ram_budget:
+            self._disk.counters["writes_skipped"] += 1
+            return
         if self._disk.save(entry.tokens, self.llm.seq_state(entry.seq), [e.path for e in old]):
             for e in old:
                 self._cache.remove(e)
@@ -2753,6 +2895,76 @@ def bench_model_path(models_dir: str) -> str:
         log.info("making the ~1B random-weight benchmark model at %s (once)...", path)
         make_bench_model(path, starter)
     return path
+
+
+SPEED_CACHE = "~/.localswarm/speed.json"
+
+
+def calibrate_speed(model: str, threads: int = 0) -> Speed:
+    """Measure this machine's rates for predict_speed (about 10 s on 2 cores): a weight-streaming
+    read of 256 MiB (numpy), and through the real engine on the starter model prompts of 512 and
+    2,048 tokens (which separates the per-token work from attention, which grows with the
+    length) and decoding with 1 and with 8 voters (the per-step overhead and the compute)."""
+    np = require("numpy")
+    data = np.ones(64 * MiB, dtype=np.float32)
+    bandwidth = data.nbytes / min(_timed(data.sum) for _ in range(3))
+    v = variant_from_gguf(model)
+    eng = LlamaCppEngine(model, voters=8, ctx=4096, parallel=1, n_threads=threads)
+    try:
+        text = eng.tokenize("Count from one to five thousand in words, comma separated: one, two, three," * 200)
+        params = SamplingParams(max_tokens=32, temperature=0.7, seed=1)      # seeded: nothing cached
+        short, long_ = (eng.generate(text[:n], dataclasses.replace(params, max_tokens=1), 1).results[0].ttft
+                        for n in (512, 2048))
+        steps = {}
+        for n in (1, 8):
+            rates = sorted(r.tokens_per_s for r in eng.generate(text[:64], params, n).results if r.tokens_per_s)
+            steps[n] = 1 / rates[len(rates) // 2]
+    finally:
+        eng.close()
+    flops, attn = 2 * v.n_params, 2 * v.n_layers * v.attn_width
+    # t(n) = n x flops / prefill + n^2 x attn / attention, at n = 512 and 2,048
+    a = max((long_ - 4 * short) / (2048 ** 2 - 4 * 512 ** 2), 1e-15)      # seconds per n^2
+    per_token = max((short - a * 512 ** 2) / 512, 1e-9)
+    per_voter = max((steps[8] - steps[1]) / 7, 1e-6)                         # one voter's token
+    return Speed(bandwidth=round(bandwidth), decode_flops=round(flops / per_voter),
+                 prefill_flops=round(flops / per_token), attention_flops=round(attn / a),
+                 step_overhead=round(max(steps[1] - per_voter, 0.0), 5), width=v.attn_width,
+                 source=f"measured on this machine ({os.path.basename(model)}, numpy read), {time.strftime('%Y-%m-%d')}")
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _prefill(llm: "LlamaAdapter", toks: list) -> None:
+    for i in range(0, len(toks), llm.n_batch):
+        chunk = toks[i:i + llm.n_batch]
+        status = llm.decode([(t, i + j, 0, i + j == len(toks) - 1) for j, t in enumerate(chunk)])
+        if status != 0:
+            raise LocalswarmError(f"calibration: llama_decode failed ({status})")
+
+
+def machine_speed(cfg_dir: str = SPEED_CACHE, model: Optional[str] = None, threads: int = 0) -> Optional[Speed]:
+    """This machine's Speed: from the cache file, else measured on the starter model (then
+    cached). None when neither is possible (no llama.cpp, no starter model)."""
+    path = os.path.expanduser(cfg_dir)
+    try:
+        with open(path) as f:
+            return Speed(**json.load(f))
+    except (OSError, ValueError, TypeError):
+        pass
+    model = model or starter_model_path()
+    if not model or optional("llama_cpp") is None:
+        return None
+    log.info("measuring this machine's speed once (about 10 s; cached in %s)", path)
+    speed = calibrate_speed(model, threads)
+    with contextlib.suppress(OSError):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(speed.to_json(), f)
+    return speed
 
 
 def peak_rss_bytes() -> int:
@@ -5048,7 +5260,20 @@ def fractions(cfg: Config) -> dict:
                                               "ram_fraction", "mobile_ram_fraction")}
 
 
-def choose_plan(cfg: Config, registry: list, budget: Budget, force: bool = False) -> Plan:
+def speed_floor(cfg: Config, hw: HardwareProfile, budget: Budget, this_machine: bool = True) -> SpeedFloor:
+    """The planner's speed floor for this hardware: GPUs by device class; a CPU measured here
+    once (cached) when the profile is this machine's."""
+    speed = class_speed(hw, budget)
+    if speed is None and this_machine:
+        try:
+            speed = machine_speed(threads=cfg["swarm.threads"])
+        except LocalswarmError as exc:
+            log.warning("could not measure this machine's speed (%s); planning by memory only", exc)
+    return SpeedFloor(speed, cfg["planner.min_decode_tokens_per_s"], cfg["planner.max_first_prompt_s"])
+
+
+def choose_plan(cfg: Config, registry: list, budget: Budget, force: bool = False,
+                floor: Optional[SpeedFloor] = None) -> Plan:
     """The plan from the config (explicit model/voters/ctx honoured or refused)."""
     if cfg["models.model_path"] and cfg["models.backend"] == "mlx":
         v = Variant("local", "MLX model", "mlx", "mlx", cfg["models.model_path"], cfg["models.model_path"], 0, None,
@@ -5064,9 +5289,12 @@ def choose_plan(cfg: Config, registry: list, budget: Budget, force: bool = False
         ctx = cfg["swarm.ctx"] or min(v.n_ctx_train, 32768)
         parts = estimate_memory(v, ctx, voters, budget.backend)
         return Plan(v, voters, ctx, parts["total"], parts, budget.backend, None, "--model-path")
-    return plan_explicit(registry, budget, cfg["models.model"], cfg["swarm.voters"], cfg["swarm.ctx"],
-                         cfg["swarm.min_instances"], cfg["swarm.max_instances"], force,
-                         cfg["models.preferred_models"])
+    p = plan_explicit(registry, budget, cfg["models.model"], cfg["swarm.voters"], cfg["swarm.ctx"],
+                      cfg["swarm.min_instances"], cfg["swarm.max_instances"], force,
+                      cfg["models.preferred_models"], floor)
+    if floor and p.speed is None:
+        p.speed = floor.predict(p.variant, p.voters)
+    return p
 
 
 def detect_report(hw: HardwareProfile, budget: Budget, p: Optional[Plan], error: str = "") -> str:
@@ -5091,13 +5319,19 @@ def detect_report(hw: HardwareProfile, budget: Budget, p: Optional[Plan], error:
               f"({100 * p.memory_bytes / max(budget.bytes, 1):.0f}% of budget), placement {p.placement}",
               f"  file {v.repo}/{v.file}" + (" (size estimated)" if v.estimated else ""),
               f"  licence {v.license}", f"  why: {p.reason}"]
+    if p.speed:
+        sp = p.speed
+        lines.insert(-2, f"  speed {sp['decode_tokens_per_s_per_voter']} tokens/s per voter, prompts "
+                         f"{sp['prefill_tokens_per_s']} tokens/s, an 8k first prompt in {sp['first_prompt_8k_s']} s "
+                         f"(predicted; {sp['source']})")
     if p.runners_up:
         lines.append("  runners-up:")
         lines += [f"    {r['id']}: {r['lost']}" for r in p.runners_up]
     return "\n".join(lines)
 
 
-def detect_json(hw: HardwareProfile, budget: Budget, p: Optional[Plan], registry: list, error: str = "") -> dict:
+def detect_json(hw: HardwareProfile, budget: Budget, p: Optional[Plan], registry: list, error: str = "",
+                floor: Optional[SpeedFloor] = None) -> dict:
     alts = []
     if p is not None:
         seen = {p.variant.id}
@@ -5106,6 +5340,7 @@ def detect_json(hw: HardwareProfile, budget: Budget, p: Optional[Plan], registry
                 continue
             alt = plan_for(v, min_ctx(v), 2, budget)
             if alt:
+                alt.speed = floor.predict(v, 2) if floor else None
                 alts.append(alt.to_json())
                 seen.add(v.id)
     return {"hardware": hw.to_json(), "budget_bytes": budget.bytes, "rule": budget.rule,
@@ -5126,8 +5361,10 @@ def opencode_snippet(url: str, model_id: str, api_key: str = "", ctx: int = 3276
 
 # --- the interactive menu ----------------------------------------------------
 
-def fitting_plans(registry: list, budget: Budget, min_voters: int = 2, max_voters: int = 8) -> list:
-    """Every family/size/quant that fits, each with the most voters that fit at its minimum context."""
+def fitting_plans(registry: list, budget: Budget, min_voters: int = 2, max_voters: int = 8,
+                  floor: Optional[SpeedFloor] = None) -> list:
+    """Every family/size/quant that fits, each with the most voters that fit at its minimum
+    context, and its predicted speed when known."""
     out = []
     for v in registry:
         if v.pip:
@@ -5135,6 +5372,7 @@ def fitting_plans(registry: list, budget: Budget, min_voters: int = 2, max_voter
         n = max((k for k in range(min_voters, max_voters + 1) if plan_for(v, min_ctx(v), k, budget)), default=0)
         if n:
             out.append(plan_for(v, min_ctx(v), n, budget))
+            out[-1].speed = floor.predict(v, n) if floor else None
     return out
 
 
@@ -5152,7 +5390,8 @@ def _ask(prompt: str, valid: Callable[[str], Any], out) -> Any:
             out.write(f"  {exc}\n")
 
 
-def interactive_plan(registry: list, budget: Budget, recommended: Plan, cfg: Config, out=sys.stdout) -> Plan:
+def interactive_plan(registry: list, budget: Budget, recommended: Plan, cfg: Config, out=sys.stdout,
+                     floor: Optional[SpeedFloor] = None) -> Plan:
     """The start menu: 1) recommended, 2) browse what fits, 3) custom, q) quit."""
     def pick_menu(s):
         if s.lower() in ("1", "2", "3", "q"):
@@ -5166,7 +5405,7 @@ def interactive_plan(registry: list, budget: Budget, recommended: Plan, cfg: Con
     if choice == "1":
         return recommended
     if choice == "2":
-        plans = fitting_plans(registry, budget, cfg["swarm.min_instances"], cfg["swarm.max_instances"])
+        plans = fitting_plans(registry, budget, cfg["swarm.min_instances"], cfg["swarm.max_instances"], floor)
         out.write(f"\n  {'#':>3}  {'model':<16} {'size':<6} {'quant':<7} {'voters':>6} {'context':>8} "
                   f"{'memory':>10} {'budget':>7}\n")
         for i, p in enumerate(plans, 1):
@@ -5191,8 +5430,10 @@ def interactive_plan(registry: list, budget: Budget, recommended: Plan, cfg: Con
 
 
 def _plan_line(p: Plan, budget: Budget) -> str:
+    speed = (f", ~{p.speed['decode_tokens_per_s_per_voter']} tokens/s per voter, 8k prompt "
+             f"~{p.speed['first_prompt_8k_s']:.0f} s" if p.speed else "")
     return (f"{p.variant.id}, {p.voters} voters, context {p.ctx}, {human_bytes(p.memory_bytes)} "
-            f"({100 * p.memory_bytes / max(budget.bytes, 1):.0f}% of budget)")
+            f"({100 * p.memory_bytes / max(budget.bytes, 1):.0f}% of budget){speed}")
 
 
 def _index(s: str, items: list):
@@ -5383,15 +5624,16 @@ def main(argv: Optional[list] = None) -> int:
         registry = load_registry()
         if args.bench:
             return bench_command(args, cfg)
+        floor = speed_floor(cfg, hw, budget, this_machine=not args.hardware_profile)
         if args.detect:
             try:
-                p, err = choose_plan(cfg, registry, budget, args.force), ""
+                p, err = choose_plan(cfg, registry, budget, args.force, floor), ""
             except LocalswarmError as exc:
                 p, err = None, str(exc)
-            print(json.dumps(detect_json(hw, budget, p, registry, err), indent=2) if args.json
+            print(json.dumps(detect_json(hw, budget, p, registry, err, floor), indent=2) if args.json
                   else detect_report(hw, budget, p, err))
             return 0 if p else 1
-        p = choose_plan(cfg, registry, budget, args.force)
+        p = choose_plan(cfg, registry, budget, args.force, floor)
         interactive = (sys.stdin.isatty() and not args.yes and not cfg["models.model"]
                        and not cfg["models.model_path"] and not args.download_only
                        and not (args.mcp or args.mcp_only))
@@ -5400,7 +5642,7 @@ def main(argv: Optional[list] = None) -> int:
             # Ctrl-C must quit.
             signal.signal(signal.SIGINT, signal.default_int_handler)
             print(detect_report(hw, budget, p))
-            p = interactive_plan(registry, budget, p, cfg)
+            p = interactive_plan(registry, budget, p, cfg, floor=floor)
         if args.download_only:
             path = download_model(p.variant, os.path.expanduser(cfg["models.cache_dir"]), args.quiet) \
                 if p.variant.family != "local" else p.variant.file

@@ -8,6 +8,7 @@ The data ships inside the bfcl-eval wheel (only its data is used, not its code o
     pip download --no-deps bfcl-eval -d /tmp/bfcl && cd /tmp/bfcl && unzip -o bfcl_eval-*.whl 'bfcl_eval/data/*'
     python tests/bench_tool_calls.py --data /tmp/bfcl/bfcl_eval/data --url http://127.0.0.1:8080 [--cases 15]
     python tests/bench_tool_calls.py ... --llama-server http://127.0.0.1:8081   (a peer row)
+    python tests/bench_tool_calls.py --grammar-cost MODEL.gguf   (the grammar's cost per token)
 
 The checker is this file's own, written from BFCL's rules: each ground-truth parameter lists its
 acceptable values, "" meaning the parameter may be left out; strings compare case- and
@@ -152,9 +153,28 @@ def run(url, cases_by_cat, choice, voters, grammar, peer=False) -> dict:
     return row
 
 
+def grammar_cost(model: str, voters: int = 4, tokens: int = 64) -> None:
+    """Per-voter decode speed with the required-call grammar vs without, on one engine: the
+    grammar's cost per token. A schema with a free-text field keeps the call going."""
+    eng = ls.LlamaCppEngine(model, voters=voters, ctx=2048, parallel=1)
+    tool = {"type": "function", "function": {"name": "write_note", "parameters": {
+        "type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}}}
+    toks = eng.tokenize(eng.formatter.render([{"role": "user", "content": "Write a long note about rivers."}], [tool]))
+    grammar = ls.tool_grammar([tool], eng.formatter.tool_format)
+    try:
+        for label, g in (("no grammar", None), ("required-call grammar", grammar)) * 2:
+            out = eng.generate(toks, ls.SamplingParams(max_tokens=tokens, temperature=0.8, seed=5, grammar=g), voters)
+            rates = [r.tokens_per_s for r in out.results if r.tokens_per_s]
+            print(f"{os.path.basename(model)} {voters} voters, {label}: {sum(rates) / len(rates):.2f} tokens/s per voter, "
+                  f"{sum(r.completion_tokens for r in out.results)} tokens", flush=True)
+    finally:
+        eng.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", required=True)
+    ap.add_argument("--grammar-cost", metavar="MODEL.gguf", help="only measure the grammar's cost per token")
+    ap.add_argument("--data")
     ap.add_argument("--url", default="http://127.0.0.1:8080")
     ap.add_argument("--llama-server", metavar="URL")
     ap.add_argument("--cases", type=int, default=15)
@@ -162,6 +182,8 @@ def main() -> None:
                     "1:on:auto,1:on:required,4:on:auto,4:on:required,8:on:auto,8:on:required")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args()
+    if args.grammar_cost:
+        return grammar_cost(args.grammar_cost)
     cases = {c: load(args.data, c, args.cases) for c in CATEGORIES}
     rows = []
     runs = [(int(v), g == "on", ch, False, args.url) for v, g, ch in (c.split(":") for c in args.configs.split(","))]

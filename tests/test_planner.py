@@ -1,4 +1,5 @@
 """Registry and planner: models.json, plans for fixture machines (pinned in README), properties."""
+import json
 import os
 
 import pytest
@@ -176,3 +177,66 @@ def test_explicit_choices_fit_or_are_refused(total, spec, voters, ctx):
         return
     assert p.variant.id == spec and p.voters == voters and p.memory_bytes <= b.bytes
     assert not ctx or p.ctx == ctx
+
+
+# --- speed-aware planning (the rates below are this 2-core VM's, as calibrate_speed measured them) ---
+SLOW_CPU = ls.Speed(bandwidth=20e9, decode_flops=63e9, prefill_flops=110e9, attention_flops=110e9, source="test",
+                    step_overhead=0.0033)
+
+
+def test_speed_prediction_follows_bytes_flops_and_voters():
+    reg = {v.id: v for v in REGISTRY}
+    small, big = reg["qwen2.5-coder:0.5b:q8_0"], reg["qwen2.5-coder:7b:q8_0"]
+    s1, s4 = ls.predict_speed(big, 1, SLOW_CPU), ls.predict_speed(big, 4, SLOW_CPU)
+    # a 7B at Q8_0 streams ~8 GB of weights a step: bandwidth-bound at ~2.4 tokens/s
+    assert 2.0 < s1["decode_tokens_per_s_per_voter"] < 3.0
+    assert ls.predict_speed(small, 1, SLOW_CPU)["decode_tokens_per_s_per_voter"] > 5 * s1["decode_tokens_per_s_per_voter"]
+    assert s4["decode_tokens_per_s_per_voter"] <= s1["decode_tokens_per_s_per_voter"]
+    assert s1["first_prompt_8k_s"] > 10 * ls.predict_speed(small, 1, SLOW_CPU)["first_prompt_8k_s"]
+    assert set(s1) == {"decode_tokens_per_s_per_voter", "prefill_tokens_per_s", "first_prompt_8k_s", "source"}
+
+
+def test_a_slow_machine_gets_a_model_it_can_run_not_the_largest_that_fits():
+    b = ls.memory_budget(MACHINES["16 GB CPU-only laptop"])
+    by_memory = ls.plan(REGISTRY, b)
+    floor = ls.SpeedFloor(SLOW_CPU, 8.0, 120.0)
+    p = ls.plan(REGISTRY, b, floor=floor)
+    assert p.variant.size_bytes < by_memory.variant.size_bytes
+    assert p.speed["decode_tokens_per_s_per_voter"] >= 8.0 and p.speed["first_prompt_8k_s"] <= 120.0
+    assert p.voters >= ls.PREFERRED_VOTERS
+    assert any("too slow here" in r["lost"] for r in p.runners_up)
+
+
+def test_when_nothing_is_fast_enough_the_fastest_that_fits_is_planned_with_a_warning(caplog):
+    crawl = ls.Speed(bandwidth=0.5e9, decode_flops=1e9, prefill_flops=2e9, attention_flops=1e9, source="test")
+    p = ls.plan(REGISTRY, ls.memory_budget(MACHINES["16 GB CPU-only laptop"]), floor=ls.SpeedFloor(crawl))
+    assert p.variant.family == "qwen2.5-coder" and p.variant.size == "0.5b"
+    assert "this is the fastest" in p.reason and "fast enough" in caplog.text
+
+
+def test_gpus_are_planned_from_their_device_class():
+    hw = MACHINES["24 GB NVIDIA GPU"]
+    speed = ls.class_speed(hw, ls.memory_budget(hw))
+    assert speed and speed.bandwidth >= 100e9 and "spec sheets" in speed.source
+    assert ls.class_speed(MACHINES["16 GB CPU-only laptop"], ls.memory_budget(MACHINES["16 GB CPU-only laptop"])) is None
+
+
+def test_detect_json_predicts_the_speed_of_the_plan_and_every_alternative(tmp_path):
+    """--detect measures this machine once (cached in ~/.localswarm/speed.json) and shows
+    plan.speed; the recommendation meets the speed floor, or says it is the fastest that fits."""
+    import subprocess
+    import sys
+    env = dict(os.environ, HOME=str(tmp_path))
+    run = lambda: subprocess.run([sys.executable, os.path.join(ROOT, "localswarm.py"), "--detect", "--json"],  # noqa: E731
+                                 capture_output=True, text=True, env=env, timeout=120)
+    r = run()
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    sp = out["plan"]["speed"]
+    assert set(sp) == {"decode_tokens_per_s_per_voter", "prefill_tokens_per_s", "first_prompt_8k_s", "source"}
+    assert "measured on this machine" in sp["source"]
+    assert out["alternatives"] and all(a["speed"] for a in out["alternatives"])
+    assert (sp["decode_tokens_per_s_per_voter"] >= 8 and sp["first_prompt_8k_s"] <= 120) or \
+        "this is the fastest" in out["plan"]["reason"]
+    assert os.path.exists(tmp_path / ".localswarm" / "speed.json")
+    assert json.loads(run().stdout)["plan"]["speed"] == sp           # the second run reads the cache
