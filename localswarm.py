@@ -1830,7 +1830,7 @@ class PromptCache:
         return min(found, key=lambda e: e.used) if found else None
 
     def ram_bytes(self) -> int:
-        return sum(len(e.data) for e in self.entries if e.data is not None)
+        return sum(len(d) for d in [e.data for e in list(self.entries)] if d is not None)   # read once: another thread may look
 
     def make_room_in_ram(self, size: int) -> bool:
         """Drop least recently used RAM copies until `size` more bytes fit the budget."""
@@ -1848,9 +1848,10 @@ class PromptCache:
         e.seq, e.data = -1, None
 
     def stats(self) -> dict:
-        count = collections.Counter(e.where for e in self.entries)
+        entries = list(self.entries)
+        count = collections.Counter(e.where for e in entries)
         return {"entries_kv": count["kv"], "entries_ram": count["ram"], "entries_disk": count["disk"],
-                "tokens_kv": sum(len(e.tokens) for e in self.entries if e.where == "kv"),
+                "tokens_kv": sum(len(e.tokens) for e in entries if e.where == "kv"),
                 "ram_bytes": self.ram_bytes(), "ram_budget_bytes": self.ram_budget}
 
 
@@ -1930,13 +1931,15 @@ class DiskCache:
                 head = json.loads(f.read(n))
                 if head.get("model") != self.key:
                     return None
+                n_tok, size, crc = int(head["n_tokens"]), int(head["data_bytes"]), int(head["crc32"])
+                if not 0 < n_tok <= os.path.getsize(path) // 4 or size < 0:
+                    return None
                 toks = array.array("i")
-                toks.frombytes(f.read(4 * int(head["n_tokens"])))
-                size, crc = int(head["data_bytes"]), int(head["crc32"])
+                toks.frombytes(f.read(4 * n_tok))
                 if len(toks) != head["n_tokens"] or os.path.getsize(path) != f.tell() + size:
                     return None
                 return toks.tolist(), size, crc
-        except (OSError, ValueError, KeyError, TypeError, struct.error, AttributeError):
+        except (OSError, ValueError, KeyError, TypeError, struct.error, AttributeError, MemoryError, OverflowError):
             return None
 
     def read(self, path: str):
@@ -2230,21 +2233,21 @@ class LlamaCppEngine:
     # --- engine thread ----------------------------------------------------
     def _loop(self) -> None:
         while True:
-            with self._cv:
-                self._take_disk_news()
-                self._apply_remembered()
-                self._admit()
-                if self._closing and not self._runs:
-                    for r in self._waiting:
-                        self._finish_request(r, "cancelled")
-                    self._waiting.clear()
-                    return
-                if not self._runs:
-                    self._cv.wait(0.5)
-                    continue
             try:
+                with self._cv:
+                    self._take_disk_news()
+                    self._apply_remembered()
+                    self._admit()
+                    if self._closing and not self._runs:
+                        for r in self._waiting:
+                            self._finish_request(r, "cancelled")
+                        self._waiting.clear()
+                        return
+                    if not self._runs:
+                        self._cv.wait(0.5)
+                        continue
                 self._step()
-            except Exception as exc:   # llama.cpp failure: fail in-flight requests, reload
+            except Exception as exc:   # a failure anywhere: fail in-flight requests, reload; never die
                 log.exception("engine step failed; reloading the context")
                 self._fail_all(exc)
 
@@ -2310,7 +2313,11 @@ class LlamaCppEngine:
         if data is None:
             self._cache.remove(entry)
             return None
-        slot = self._cache_slot()
+        self._cache.entries.remove(entry)       # pinned: making room must not drop it
+        try:
+            slot = self._cache_slot()
+        finally:
+            self._cache.entries.append(entry)
         if not self.llm.set_seq_state(slot, data):
             self._cache.free_slots.append(slot)
             self.counters["prompt_cache_restore_failed"] += 1
@@ -2329,7 +2336,7 @@ class LlamaCppEngine:
     def _cache_slot(self) -> int:
         """A free reserved sequence, evicting the least recently used KV entry if need be."""
         if not self._cache.free_slots:
-            self._evict_from_kv(self._cache.lru("kv"))
+            self._evict_from_kv(self._cache.lru("kv"))   # every slot is some KV entry's
         return self._cache.free_slots.pop()
 
     def _evict_from_kv(self, entry: CacheEntry) -> None:
@@ -2578,10 +2585,13 @@ class LlamaCppEngine:
         self._kept, self._remember = [], []
         for e in [e for e in self._cache.entries if e.seq >= 0]:
             self._cache.remove(e)          # the cells go with the context
+        self._cache.free_slots = list(range(PROMPT_CACHE_SLOTS))
         self._free = list(range(PROMPT_CACHE_SLOTS, self.llm.n_seq_max))
         try:
             self.llm.new_context()
-            self.healthy = True
+            with self._cv:
+                self.healthy = True
+                self._cv.notify_all()
             for w in self.workers:
                 w.healthy = True
         except Exception:
@@ -3145,8 +3155,10 @@ def _leading_value(text: str):
             depth -= 1
             if depth == 0:
                 try:
-                    return ast.literal_eval(text[:i + 1])
-                except (ValueError, SyntaxError, RecursionError, MemoryError):
+                    value = ast.literal_eval(text[:i + 1])
+                    json.dumps(value)           # only what JSON can say (no sets, bytes, Ellipsis)
+                    return value
+                except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
                     return None
     return None
 
@@ -3174,7 +3186,7 @@ def _xml_value(text: str):
     """A qwen3-xml parameter: JSON when it parses (numbers, objects), else the raw string."""
     try:
         return json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return text
 
 
@@ -3224,7 +3236,7 @@ def parse_tool_calls(text: str, offered: Iterable[str], schemas: Optional[dict] 
         if isinstance(args, str):
             try:
                 args = json.loads(args) if args.strip() else {}
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
         if not isinstance(args, dict) or (schemas and schema_errors(args, schemas.get(name) or {})):
             continue
@@ -3258,7 +3270,8 @@ def schema_errors(value, schema, path: str = "$", depth: int = 0) -> list:
     types = schema.get("type")
     if isinstance(types, str):
         types = [types]
-    if isinstance(types, list) and types and not any(_is_type(value, t) for t in types if t in _JSON_TYPES) \
+    types = [t for t in types if isinstance(t, str)] if isinstance(types, list) else []
+    if types and not any(_is_type(value, t) for t in types if t in _JSON_TYPES) \
             and all(t in _JSON_TYPES for t in types):
         return [f"{path} must be {' or '.join(types)}"]
     if "enum" in schema and isinstance(schema["enum"], list) and value not in schema["enum"]:
@@ -3274,7 +3287,7 @@ def schema_errors(value, schema, path: str = "$", depth: int = 0) -> list:
     if isinstance(value, dict):
         props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
         for name in schema.get("required") or [] if isinstance(schema.get("required"), list) else []:
-            if name not in value:
+            if isinstance(name, str) and name not in value:
                 errs.append(f"{path}.{name} is required")
         extra = schema.get("additionalProperties", True)
         for k, v in value.items():
@@ -3347,18 +3360,21 @@ def tool_grammar(tools: list, fmt: str = "hermes", lazy: bool = False, parallel:
     outside GRAMMAR_FORMATS use the hermes wrapper). lazy: only once a call starts."""
     fmt = fmt if fmt in GRAMMAR_FORMATS else "hermes"
     rules, call = _schema_gbnf(tools, "parameters" if fmt == "llama3" else "arguments")
+    # A lazy grammar is fed the rest of the token that completed its trigger without a check
+    # (llama.cpp aborts if the grammar refuses it), so after each opening tag any whitespace is
+    # allowed, and the llama3 trigger matches only what the grammar itself allows.
     if fmt == "hermes":
-        more = " (space tool-call)*" if parallel else ""
-        root = f'root ::= tool-call{more}\ntool-call ::= "<tool_call>" space {call} space "</tool_call>"'
+        more = " (ws tool-call)*" if parallel else ""
+        root = f'root ::= tool-call{more}\ntool-call ::= "<tool_call>" ws {call} ws "</tool_call>"'
         triggers = (r"(<tool_call>)",)
     elif fmt == "mistral":
         more = f' (space "," space {call})*' if parallel else ""
-        root = f'root ::= "[TOOL_CALLS]" space "[" space {call}{more} space "]"'
+        root = f'root ::= "[TOOL_CALLS]" ws "[" space {call}{more} space "]"'
         triggers = (r"(\[TOOL_CALLS\])",)
     else:   # llama3: one JSON call (llama.cpp does the same), optionally after <|python_tag|>
-        root = f'root ::= "<|python_tag|>"? {call}'
-        triggers = (r"(<\|python_tag\|>)", r"^\s*(\{\s*\"name\")")
-    return Grammar(rules + "\n" + root + "\n", triggers if lazy else ())
+        root = f'root ::= ("<|python_tag|>" ws)? {call}'
+        triggers = (r"(<\|python_tag\|>)", r"^\s*(\{ ?\"name\")")
+    return Grammar(rules + "\n" + root + '\nws ::= [ \\t\\n]*\n', triggers if lazy else ())
 
 
 

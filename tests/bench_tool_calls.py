@@ -46,16 +46,23 @@ def load(data_dir: str, category: str, n: int) -> list:
 
 
 def json_schema(s):
-    """BFCL's parameter types as JSON Schema."""
+    """BFCL's parameter types as JSON Schema (walking properties and items, not property names)."""
     if isinstance(s, list):
         return [json_schema(x) for x in s]
     if not isinstance(s, dict):
         return s
-    out = {k: json_schema(v) for k, v in s.items() if k not in ("type",)}
-    if "type" in s:
+    out = dict(s)
+    if isinstance(s.get("type"), str):
         t = TYPES.get(s["type"], s["type"])
         if t:
             out["type"] = t
+        else:
+            del out["type"]
+    if isinstance(s.get("properties"), dict):
+        out["properties"] = {k: json_schema(v) for k, v in s["properties"].items()}
+    for key in ("items", "additionalProperties"):
+        if isinstance(s.get(key), (dict, list)):
+            out[key] = json_schema(s[key])
     return out
 
 

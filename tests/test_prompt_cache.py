@@ -222,3 +222,37 @@ def test_prefix_match_is_token_exact():
     assert cache.match([1, 2, 3, 4, 5]) == (a, 4)          # the last token is always decoded
     assert cache.match([1, 2, 7, 7]) == (b, 3)
     assert cache.match([5]) == (None, 0)
+
+
+def test_restoring_from_ram_never_loses_the_entry_or_its_slot(fresh):
+    """With every slot taken and a RAM budget of about one entry, restoring the oldest prompt
+    evicts another to RAM, which must not drop the one being restored (its slot would leak)."""
+    eng = fresh(cache_ram_bytes=3 * ls.MiB)
+    prompts = [chat(eng, f"Q{i}?", system=long_system(8 + i)) for i in range(ls.PROMPT_CACHE_SLOTS + 3)]
+    for _ in range(2):
+        for p in prompts:
+            answer(eng, p, max_tokens=1)
+    st = eng.cache_stats()
+    assert st["entries_kv"] == ls.PROMPT_CACHE_SLOTS and len(eng._cache.free_slots) == 0
+    slots = sorted(e.seq for e in eng._cache.entries if e.seq >= 0)
+    assert slots == list(range(ls.PROMPT_CACHE_SLOTS))          # each slot held by exactly one entry
+
+
+def test_the_engine_thread_survives_a_failure_outside_a_step(fresh):
+    eng = fresh()
+    real, calls = eng._admit, {"n": 0}
+
+    def broken():
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected")
+        real()
+    eng._admit = broken
+    toks = chat(eng, "Hello?")
+    with pytest.raises(ls.ApiError) as e:         # the request caught in the failure gets a 500
+        answer(eng, toks, max_tokens=2)
+    assert e.value.status == 500
+    with eng._cv:                                 # then the context reloads (503 meanwhile)
+        eng._cv.wait_for(lambda: eng.healthy, timeout=60)
+    assert eng._thread.is_alive()
+    assert answer(eng, toks, max_tokens=2)[0].results[0].completion_tokens == 2

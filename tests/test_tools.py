@@ -155,7 +155,9 @@ def test_a_started_call_is_held_to_the_schema_under_auto(engine):
     try:
         first = llm.tokenize("Hello", add_special=False)[0]
         assert llm._allowed(g, first)                       # awaiting the trigger: free text
-        for tok in llm.tokenize("Sure. <tool_call>", add_special=False):
+        # the token that completes the tag may carry a newline: the grammar must take it (llama.cpp
+        # feeds it unchecked and would abort the process if refused)
+        for tok in llm.tokenize("Sure.\n<tool_call>\n", add_special=False):
             llm.L.llama_sampler_accept(g, tok)
         brace = llm.tokenize("{", add_special=False)[0]
         assert llm._allowed(g, brace) and not llm._allowed(g, first)
