@@ -223,7 +223,8 @@ SETTINGS = [
     _s("swarm", "prompt_cache_disk_mib", int, 4096, "disk space for cached prompts (all models)", minimum=0),
     _s("models", "model", str, "", "FAMILY:SIZE[:QUANT], e.g. qwen2.5-coder:7b:q4_k_m"),
     _s("models", "model_path", str, "", "a local .gguf file (an MLX model dir or repo with backend mlx)"),
-    _s("models", "backend", str, "llama.cpp", "inference engine", choices=("llama.cpp", "mlx")),
+    _s("models", "backend", str, "auto", "inference engine (auto: MLX on Apple Silicon when mlx-lm is "
+       "installed, else llama.cpp)", choices=("auto", "llama.cpp", "mlx")),
     _s("models", "cache_dir", str, "~/.localswarm/models", "where downloaded models live",
        env="LOCALSWARM_MODELS_DIR"),
     _s("models", "preferred_models", list, [], "FAMILY[:SIZE] entries tried before the default order"),
@@ -787,7 +788,7 @@ def memory_budget(hw: HardwareProfile, fractions: Optional[dict] = None) -> Budg
 # llama.cpp's compute buffers + a margin.
 ##############################################################################
 
-QUANT_ORDER = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_1"]   # best first
+QUANT_ORDER = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "MLX_4BIT", "Q4_1"]   # best first
 QUANT_SHORT = {"q4": "Q4_K_M", "q5": "Q5_K_M", "q6": "Q6_K", "q8": "Q8_0"}
 MIN_CTX = 16384          # opencode's first request alone is ~8k prompt tokens
 CTX_FLOORS = (MIN_CTX, 8192, 4096)   # smaller devices step down rather than get no plan
@@ -828,6 +829,7 @@ class Variant:
     tool_format: str = ""         # how its calls look (TOOL_FORMATS); "": read off its chat template
     n_heads: int = 0              # query heads (0: unknown, taken as 4 x n_kv_heads)
     params: int = 0               # parameter count (0: from the file size and the quant's bits per weight)
+    backend: str = "llama.cpp"    # "mlx": an MLX build (a hub repo of safetensors), for Apple Silicon
 
     @property
     def id(self) -> str:
@@ -853,14 +855,19 @@ def load_registry(text: Optional[str] = None) -> list:
     variants = []
     for fam in data["families"]:
         for size in fam["sizes"]:
-            for quant, q in size["quants"].items():
+            quants = dict(size["quants"])
+            if size.get("mlx"):         # the MLX build: a whole repo, no single file
+                quants["MLX_4BIT"] = dict(size["mlx"], file="", backend="mlx")
+            for quant, q in quants.items():
                 variants.append(Variant(
                     fam["id"], fam["name"], size["size"], quant, size["repo"], q["file"],
                     q["size_bytes"], q.get("sha256"), size["n_layers"], size["n_kv_heads"],
                     size["head_dim"], size["n_ctx_train"], size.get("n_vocab", 152064), fam["template"], size["license"],
                     size.get("commercial_use", True), q.get("estimated", False),
                     size.get("revision"), q.get("pip"), fam.get("auto", True), fam.get("tool_format", ""),
-                    size.get("n_heads", 0), size.get("params", 0)))
+                    size.get("n_heads", 0), size.get("params", 0), q.get("backend", "llama.cpp")))
+            if size.get("mlx"):
+                variants[-1] = dataclasses.replace(variants[-1], repo=size["mlx"]["repo"], revision=None)
     return variants
 
 
@@ -870,6 +877,18 @@ def served_model_id(v: Variant) -> str:
     if v.family == "local":
         return os.path.splitext(os.path.basename(v.file))[0]
     return v.id.replace(":", "-")
+
+
+def engine_backend(configured: str, hw: "HardwareProfile") -> str:
+    """llama.cpp or mlx: the configured one; auto picks MLX on Apple Silicon when mlx-lm is installed."""
+    if configured != "auto":
+        return configured
+    return "mlx" if hw.is_apple_silicon and optional("mlx_lm") is not None else "llama.cpp"
+
+
+def registry_for(registry: list, backend: str) -> list:
+    """The variants this engine runs (the starter model stays either way: the offline fallback)."""
+    return [v for v in registry if v.backend == backend or v.pip]
 
 
 def starter_variant(registry: list) -> Variant:
@@ -954,7 +973,8 @@ def plan_for(v: Variant, ctx: int, voters: int, budget: Budget) -> Optional[Plan
 # with the square of its length (2 x layers x attention width x L^2). The machine's three rates
 # come from calibrate_speed() (measured here, cached) or, for GPUs, a device class table.
 QUANT_BITS = {"Q4_K_M": 4.89, "Q5_K_M": 5.70, "Q6_K": 6.56, "Q8_0": 8.50, "Q4_1": 5.0, "Q4_0": 4.5,
-              "F16": 16.0}     # bits per weight, llama.cpp's quantize README (shared/quant_bpw.json)
+              "F16": 16.0,     # bits per weight, llama.cpp's quantize README (shared/quant_bpw.json)
+              "MLX_4BIT": 4.5}  # mlx-lm 4-bit: 4 bits + a group-64 fp16 scale and bias
 FIRST_PROMPT_TOKENS = 8192     # what a coding agent sends first (opencode: ~7,600 tokens)
 
 
@@ -1099,8 +1119,11 @@ def _largest_fitting(registry: list, budget: Budget, min_voters: int, max_voters
     if fastest:
         groups.sort(key=lambda g: min(v.size_bytes for v in registry if (v.family, v.size) == g))
     for fam, size in groups:
-        variants = sorted((v for v in registry if v.family == fam and v.size == size and (last_resort or not v.pip)),
+        variants = sorted((v for v in registry if v.family == fam and v.size == size and (last_resort or not v.pip)
+                           and (v.backend != "mlx" or budget.backend == "metal")),
                           key=lambda v: QUANT_ORDER.index(v.quant))
+        if not variants:
+            continue
         fits = [v for v in variants if plan_for(v, min_ctx(v, floor), min_voters, budget)]
         fitting = [v for v in fits if speed.usable(v, min_voters)]
         for v in fits:
@@ -1310,13 +1333,34 @@ def _hub_cache_dir(models_dir: str, repo: str) -> str:
 
 
 def find_cached_model(v: Variant, models_dir: str) -> Optional[str]:
-    """A completed download of v in the hub-style cache under models_dir (stdlib only)."""
+    """A completed download of v in the hub-style cache under models_dir (stdlib only): the
+    file, or for an MLX build the snapshot directory holding its config and weights."""
     snaps = os.path.join(_hub_cache_dir(models_dir, v.repo), "snapshots")
     for rev in sorted(os.listdir(snaps)) if os.path.isdir(snaps) else []:
         path = os.path.join(snaps, rev, v.file)
-        if os.path.isfile(path):
+        if v.backend == "mlx" and is_mlx_model_dir(path):
+            return path.rstrip(os.sep)
+        if v.backend != "mlx" and os.path.isfile(path):
             return path
     return None
+
+
+MLX_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]   # what mlx_lm.load reads
+
+
+def is_mlx_model_dir(path: str) -> bool:
+    """A complete MLX model: its config, and every weight file its index names (or one)."""
+    try:
+        names = set(os.listdir(path))
+    except OSError:
+        return False
+    if "config.json" not in names:
+        return False
+    try:
+        with open(os.path.join(path, "model.safetensors.index.json")) as f:
+            return set(json.load(f)["weight_map"].values()) <= names
+    except (OSError, ValueError, KeyError, TypeError):
+        return any(n.endswith(".safetensors") for n in names)
 
 
 def _delete_download(path: str) -> None:
@@ -1364,6 +1408,8 @@ def download_model(v: Variant, models_dir: str, quiet: bool = False) -> str:
     os.makedirs(models_dir, exist_ok=True)
     if quiet:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if v.backend == "mlx":
+        return _download_mlx(hub, v, models_dir)
     try:
         path = hub.hf_hub_download(v.repo, v.file, revision=v.revision or None, cache_dir=models_dir)
     except Exception as exc:   # the hub raises many types; all mean "could not fetch"
@@ -1374,6 +1420,19 @@ def download_model(v: Variant, models_dir: str, quiet: bool = False) -> str:
     except LocalswarmError as exc:
         _delete_download(path)
         raise LocalswarmError(f"{exc}; the file was deleted, run again to re-download") from None
+    return path
+
+
+def _download_mlx(hub, v: Variant, models_dir: str) -> str:
+    """An MLX build is a repo (config, tokenizer, safetensors): fetch what mlx_lm.load reads."""
+    try:
+        path = hub.snapshot_download(v.repo, revision=v.revision or None, cache_dir=models_dir,
+                                     allow_patterns=MLX_FILES)
+    except Exception as exc:   # the hub raises many types; all mean "could not fetch"
+        raise LocalswarmError(f"download of {v.repo} failed: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if not is_mlx_model_dir(path):
+        raise LocalswarmError(f"download of {v.repo} is incomplete (no config.json or weights in {path})")
     return path
 
 
@@ -1388,7 +1447,8 @@ def resolve_model_file(p: "Plan", models_dir: str, registry: list, budget: Optio
         return v.file, p
     cached = starter_model_path(registry) if v.pip else find_cached_model(v, models_dir)
     if cached:
-        verify_model_file(cached, v, check_hash=False)   # hashed once after download
+        if v.backend != "mlx":
+            verify_model_file(cached, v, check_hash=False)   # hashed once after download
         return cached, p
     offline = offline or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     reason = "offline (HF_HUB_OFFLINE)"
@@ -5226,8 +5286,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--parallel", type=int, metavar="N", help=f"requests decoded at once (default: {dflt('swarm.parallel')}; env {env('swarm.parallel')})")
     g.add_argument("--threads", type=int, metavar="N", help=f"CPU threads for llama.cpp (default: one per core; env {env('swarm.threads')})")
     g.add_argument("--models-dir", metavar="DIR", help=f"model cache (default: {dflt('models.cache_dir')}; env {env('models.cache_dir')})")
-    g.add_argument("--backend", choices=("llama.cpp", "mlx"), help=f"inference engine; mlx needs Apple Silicon and an MLX "
-                   f"model in --model-path (default: llama.cpp; env {env('models.backend')})")
+    g.add_argument("--backend", choices=("auto", "llama.cpp", "mlx"), help="inference engine: auto (default) "
+                   "runs MLX builds on Apple Silicon when mlx-lm is installed, llama.cpp elsewhere; mlx with "
+                   f"--model-path serves an MLX model dir or repo (env {env('models.backend')})")
     g.add_argument("--force", action="store_true", help="try a model/voters/context over the memory budget")
     g.add_argument("--download-only", action="store_true", help="fetch the planned (or --model) file and exit")
     s = p.add_argument_group("server")
@@ -5293,7 +5354,7 @@ def choose_plan(cfg: Config, registry: list, budget: Budget, force: bool = False
     """The plan from the config (explicit model/voters/ctx honoured or refused)."""
     if cfg["models.model_path"] and cfg["models.backend"] == "mlx":
         v = Variant("local", "MLX model", "mlx", "mlx", cfg["models.model_path"], cfg["models.model_path"], 0, None,
-                    0, 0, 0, 32768, 0, "chatml", "see model")
+                    0, 0, 0, 32768, 0, "chatml", "see model", backend="mlx")
         voters, ctx = cfg["swarm.voters"] or cfg["swarm.min_instances"], cfg["swarm.ctx"] or 16384
         return Plan(v, voters, ctx, 0, {}, "metal", None, "--backend mlx --model-path")
     if cfg["models.model_path"]:
@@ -5474,7 +5535,7 @@ def _in_range(s: str, lo: int, hi: int) -> int:
 
 def make_engine(path: str, p: Plan, cfg: Config, verbose: bool = False):
     """The inference engine for a plan: llama.cpp (Metal/CUDA/ROCm/SYCL/CPU as it was built), or MLX."""
-    if cfg["models.backend"] == "mlx":
+    if p.variant.backend == "mlx" or (cfg["models.model_path"] and cfg["models.backend"] == "mlx"):
         return MLXEngine(cfg["models.model_path"] or path, p.voters, p.ctx, max_queue=cfg["server.max_queue"])
     gpu = p.placement not in ("cpu",)
     ram = cfg["swarm.prompt_cache_mib"]
@@ -5637,7 +5698,7 @@ def main(argv: Optional[list] = None) -> int:
         else:
             hw = detect_hardware()
         budget = memory_budget(hw, fractions(cfg))
-        registry = load_registry()
+        registry = registry_for(load_registry(), engine_backend(cfg["models.backend"], hw))
         if args.bench:
             return bench_command(args, cfg)
         floor = speed_floor(cfg, hw, budget, this_machine=not args.hardware_profile)

@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 import localswarm as ls
 from test_hardware import profile
 
-REGISTRY = ls.load_registry()
+REGISTRY = ls.registry_for(ls.load_registry(), "llama.cpp")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -240,3 +240,40 @@ def test_detect_json_predicts_the_speed_of_the_plan_and_every_alternative(tmp_pa
         "this is the fastest" in out["plan"]["reason"]
     assert os.path.exists(tmp_path / ".localswarm" / "speed.json")
     assert json.loads(run().stdout)["plan"]["speed"] == sp           # the second run reads the cache
+
+
+# --- MLX on Apple Silicon (run through its pure parts here: no Mac) ---------------------------
+
+def test_the_registry_has_mlx_builds_of_qwen_coder():
+    mlx = [v for v in ls.load_registry() if v.backend == "mlx"]
+    assert {v.size for v in mlx} == {"0.5b", "1.5b", "3b", "7b", "14b"}
+    assert all(v.repo.startswith("mlx-community/Qwen2.5-Coder-") and v.repo.endswith("-Instruct-4bit") for v in mlx)
+    assert all(v.quant == "MLX_4BIT" and v.file == "" for v in mlx)
+
+
+def test_auto_picks_mlx_on_apple_silicon_when_mlx_lm_is_installed(monkeypatch):
+    mac = MACHINES["16 GB Apple M-series"]
+    monkeypatch.setattr(ls, "optional", lambda name: object() if name == "mlx_lm" else None)
+    assert ls.engine_backend("auto", mac) == "mlx"
+    assert ls.engine_backend("auto", MACHINES["16 GB CPU-only laptop"]) == "llama.cpp"
+    assert ls.engine_backend("llama.cpp", mac) == "llama.cpp"
+    p = ls.plan(ls.registry_for(ls.load_registry(), "mlx"), ls.memory_budget(mac))
+    assert p.variant.backend == "mlx" and p.variant.size == "7b" and p.voters >= 3
+    monkeypatch.setattr(ls, "optional", lambda name: None)
+    assert ls.engine_backend("auto", mac) == "llama.cpp"           # without mlx-lm: llama.cpp (Metal)
+
+
+def test_mlx_builds_are_never_planned_off_apple_silicon():
+    p = ls.plan(ls.load_registry(), ls.memory_budget(MACHINES["16 GB CPU-only laptop"]))
+    assert p.variant.backend == "llama.cpp"
+
+
+def test_a_cached_mlx_build_is_found_only_when_complete(tmp_path):
+    v = next(v for v in ls.load_registry() if v.backend == "mlx" and v.size == "0.5b")
+    snap = tmp_path / ("models--" + v.repo.replace("/", "--")) / "snapshots" / "abc"
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (snap / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-1.safetensors"}}))
+    assert ls.find_cached_model(v, str(tmp_path)) is None            # the weights it names are missing
+    (snap / "model-1.safetensors").write_bytes(b"x")
+    assert ls.find_cached_model(v, str(tmp_path)) == str(snap)
