@@ -3016,9 +3016,10 @@ def _prefill(llm: "LlamaAdapter", toks: list) -> None:
             raise LocalswarmError(f"calibration: llama_decode failed ({status})")
 
 
-def machine_speed(cfg_dir: str = SPEED_CACHE, model: Optional[str] = None, threads: int = 0) -> Optional[Speed]:
-    """This machine's Speed: from the cache file, else measured on the starter model (then
-    cached). None when neither is possible (no llama.cpp, no starter model)."""
+def machine_speed(cfg_dir: str = SPEED_CACHE, model: Optional[str] = None, threads: int = 0,
+                  measure: bool = True) -> Optional[Speed]:
+    """This machine's Speed: from the cache file, else (measure) measured on the starter model
+    and cached. None when neither is possible (no llama.cpp, no starter model)."""
     path = os.path.expanduser(cfg_dir)
     try:
         with open(path) as f:
@@ -3026,7 +3027,7 @@ def machine_speed(cfg_dir: str = SPEED_CACHE, model: Optional[str] = None, threa
     except (OSError, ValueError, TypeError):
         pass
     model = model or starter_model_path()
-    if not model or optional("llama_cpp") is None:
+    if not measure or not model or optional("llama_cpp") is None:
         return None
     log.info("measuring this machine's speed once (about 10 s; cached in %s)", path)
     speed = calibrate_speed(model, threads)
@@ -5337,13 +5338,14 @@ def fractions(cfg: Config) -> dict:
                                               "ram_fraction", "mobile_ram_fraction")}
 
 
-def speed_floor(cfg: Config, hw: HardwareProfile, budget: Budget, this_machine: bool = True) -> SpeedFloor:
+def speed_floor(cfg: Config, hw: HardwareProfile, budget: Budget, this_machine: bool = True,
+                measure: bool = True) -> SpeedFloor:
     """The planner's speed floor for this hardware: GPUs by device class; a CPU measured here
-    once (cached) when the profile is this machine's."""
+    once (cached) when the profile is this machine's and the plan depends on it (measure)."""
     speed = class_speed(hw, budget)
     if speed is None and this_machine:
         try:
-            speed = machine_speed(threads=cfg["swarm.threads"])
+            speed = machine_speed(threads=cfg["swarm.threads"], measure=measure)
         except LocalswarmError as exc:
             log.warning("could not measure this machine's speed (%s); planning by memory only", exc)
     return SpeedFloor(speed, cfg["planner.min_decode_tokens_per_s"], cfg["planner.max_first_prompt_s"])
@@ -5701,7 +5703,10 @@ def main(argv: Optional[list] = None) -> int:
         registry = registry_for(load_registry(), engine_backend(cfg["models.backend"], hw))
         if args.bench:
             return bench_command(args, cfg)
-        floor = speed_floor(cfg, hw, budget, this_machine=not args.hardware_profile)
+        # measured only when it decides the plan: a model named on the command line needs no speed
+        chosen = cfg["models.model"] or cfg["models.model_path"]
+        floor = speed_floor(cfg, hw, budget, this_machine=not args.hardware_profile,
+                            measure=args.detect or not chosen)
         if args.detect:
             try:
                 p, err = choose_plan(cfg, registry, budget, args.force, floor), ""

@@ -1,6 +1,7 @@
 """Shared fixtures: the starter model, one engine for the whole session, a live server."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,6 +22,26 @@ FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 def fixture_text(name: str) -> str:
     with open(os.path.join(FIXTURES, name), encoding="utf-8") as f:
         return f.read()
+
+
+SPEED_JSON = None     # this machine's calibration, measured once per test session
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_home(tmp_path_factory):
+    """Every test, and every process a test starts, gets a HOME of its own: never the developer's
+    config, caches or downloads. This machine's speed is measured once, for real, and put there,
+    so that each start of localswarm does not measure it again (tests of the measuring make their
+    own HOME)."""
+    global SPEED_JSON
+    home = tmp_path_factory.mktemp("home")
+    os.environ["HOME"] = str(home)
+    path = os.path.join(home, ".localswarm", "speed.json")
+    os.makedirs(os.path.dirname(path))
+    with open(path, "w") as f:
+        json.dump(localswarm.calibrate_speed(localswarm.starter_model_path()).to_json(), f)
+    SPEED_JSON = path
+    yield home
 
 
 @pytest.fixture(scope="session")
@@ -79,6 +100,9 @@ def start_node(args, env=None, cwd=None):
     could fill and block it), readable with node_log(proc)."""
     log = tempfile.NamedTemporaryFile("w+", prefix="localswarm-node-", suffix=".log", delete=False)
     home = tempfile.mkdtemp(prefix="localswarm-home-")    # never the developer's config or caches
+    if SPEED_JSON:                                         # this machine's speed, already measured
+        os.makedirs(os.path.join(home, ".localswarm"))
+        shutil.copy(SPEED_JSON, os.path.join(home, ".localswarm", "speed.json"))
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "localswarm.py"), *args],
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             env=dict(os.environ, HOME=home, **(env or {})), cwd=cwd, text=True)

@@ -75,7 +75,8 @@ def test_prefix_is_reused_across_requests(engine):
 def test_the_chosen_answer_is_reused_by_the_next_turn(engine, remembered):
     """A conversation's next turn repeats the chosen answer: once remembered, its cells are
     reused too, not only the previous prompt's."""
-    toks = engine.tokenize(engine.formatter.render([{"role": "user", "content": "Name three rivers."}]))
+    # a prompt of its own: the prompt cache keeps other tests' prompts and answers too
+    toks = engine.tokenize(engine.formatter.render([{"role": "user", "content": f"Name three rivers ({remembered})."}]))
     g = engine.generate(toks, ls.SamplingParams(max_tokens=12, temperature=0.9), 3, keep_answers=True)
     answer = list(g.kept[1][1])
     assert len(answer) >= 1 and sorted(g.kept) == [0, 1, 2]
