@@ -19,7 +19,7 @@ MAIN = '''import sys
 if sys.version_info < (3, 9):
     sys.exit("localswarm needs Python 3.9 or newer (this is %d.%d)" % sys.version_info[:2])
 import localswarm
-raise SystemExit(localswarm.main())
+localswarm.run()
 '''
 
 

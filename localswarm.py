@@ -5743,5 +5743,16 @@ def main(argv: Optional[list] = None) -> int:
         return 130
 
 
+def run() -> None:
+    """The program: main(), then exit with its status. After Ctrl-C, exit at once: a download
+    thread blocked on a silent hub must not keep the process alive (threads are not joined)."""
+    code = main()
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
