@@ -1627,6 +1627,7 @@ class LlamaAdapter:
         self.n_threads = n_threads or max(1, (os.cpu_count() or 2))
         self.ctx = None
         self.batch = None
+        self._remembers: set = set()     # sampler chains with penalties (they keep a token history)
         self.new_context()
 
     def _quiet_logs(self, verbose: bool) -> None:
@@ -1752,6 +1753,7 @@ class LlamaAdapter:
         add = lambda s: L.llama_sampler_chain_add(chain, s)
         if p.repeat_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
             add(L.llama_sampler_init_penalties(64, p.repeat_penalty, p.frequency_penalty, p.presence_penalty))
+            self._remembers.add(ctypes.cast(chain, ctypes.c_void_p).value)
         if p.temperature <= 0:
             add(L.llama_sampler_init_greedy())
             return chain
@@ -1782,13 +1784,18 @@ class LlamaAdapter:
         L = self.L
         if grammar is None:
             return L.llama_sampler_sample(sampler, self.ctx, idx)
-        tok = self._sample_from(self._candidates(idx), sampler)
+        # Without penalties the chain keeps no history, so llama.cpp's own (C) sampling, which
+        # also accepts the token into the chain, is safe to try first: the common case costs
+        # one sample and a one-token grammar check.
+        stateless = ctypes.cast(sampler, ctypes.c_void_p).value not in self._remembers
+        tok = (L.llama_sampler_sample(sampler, self.ctx, idx) if stateless
+               else self._sample_from(self._candidates(idx), sampler))
         if not self._allowed(grammar, tok):
             cur = self._candidates(idx)
             L.llama_sampler_apply(grammar, ctypes.byref(cur))
             tok = self._sample_from(cur, sampler)
         L.llama_sampler_accept(grammar, tok)
-        L.llama_sampler_accept(sampler, tok)
+        L.llama_sampler_accept(sampler, tok)      # the penalties' history (a no-op for the others)
         return tok
 
     def _candidates(self, idx: int):
@@ -1816,6 +1823,7 @@ class LlamaAdapter:
 
     def free_sampler(self, sampler) -> None:
         if sampler:
+            self._remembers.discard(ctypes.cast(sampler, ctypes.c_void_p).value)
             self.L.llama_sampler_free(sampler)
 
 
