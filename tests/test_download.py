@@ -182,9 +182,12 @@ def test_ctrl_c_during_a_download_exits_130_and_leaves_no_model_file(tmp_path):
     env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{silent.getsockname()[1]}",
                LOCALSWARM_MODELS_DIR=str(tmp_path))
     try:
+        # a suite started in the background (nohup ... &) has SIGINT ignored, and children inherit
+        # that; Ctrl-C at a terminal is what this test is about, so the child gets the default
         child = subprocess.Popen([sys.executable, f"{ROOT}/localswarm.py", "--yes", "--download-only",
                                   "--model", "qwen2.5-coder:0.5b:q4_k_m"], env=env, text=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         silent.settimeout(30)
         conn, _ = silent.accept()              # it is talking to the hub now: interrupt it
         child.send_signal(signal.SIGINT)
