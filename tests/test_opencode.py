@@ -8,31 +8,11 @@ import urllib.request
 
 import pytest
 
+from capture_opencode_session import offline_home
 from conftest import ROOT, free_port, node_log, start_node, wait_http
 
 OPENCODE = os.path.join(ROOT, ".cache", "opencode", "node_modules", ".bin", "opencode")
 MODEL_ID = "smollm2-135m-q4_1"
-
-
-def offline_home(base: str) -> dict:
-    """HOME and XDG dirs in a temp dir, plugin package pre-seeded so opencode stays offline."""
-    env = {"HOME": base}
-    for var, sub in (("XDG_CONFIG_HOME", "config"), ("XDG_DATA_HOME", "data"), ("XDG_CACHE_HOME", "cache"),
-                     ("XDG_STATE_HOME", "state")):
-        env[var] = os.path.join(base, sub)
-        os.makedirs(env[var], exist_ok=True)
-    plug = os.path.join(env["XDG_CONFIG_HOME"], "opencode")
-    os.makedirs(os.path.join(plug, "node_modules"), exist_ok=True)
-    deps = {"@opencode-ai/plugin": "*"}
-    with open(os.path.join(plug, "package.json"), "w") as f:
-        json.dump({"dependencies": deps}, f)
-    with open(os.path.join(plug, "package-lock.json"), "w") as f:
-        json.dump({"name": "opencode", "lockfileVersion": 3, "requires": True,
-                   "packages": {"": {"dependencies": deps}}}, f)
-    for flag in ("AUTOUPDATE", "MODELS_FETCH", "LSP_DOWNLOAD", "SHARE", "DEFAULT_PLUGINS", "CLAUDE_CODE",
-                 "EXTERNAL_SKILLS"):
-        env[f"OPENCODE_DISABLE_{flag}"] = "1"
-    return env
 
 
 def cached_tokens(port: int) -> int:
