@@ -1602,6 +1602,9 @@ def append_token_text(res: "VoterResult", stop: StopMatcher, piece: str, max_tok
     return "length" if res.completion_tokens >= max_tokens else None
 
 
+GRAMMAR_FIRST_LOOK = 64   # when a sampled token breaks the grammar, judge these many likeliest first
+
+
 class LlamaAdapter:
     """Thin wrapper over llama-cpp-python's low-level API (written for LLAMA_CPP_VERSION):
     the only place that touches llama_cpp, so an upgrade changes this class alone."""
@@ -1791,12 +1794,32 @@ class LlamaAdapter:
         tok = (L.llama_sampler_sample(sampler, self.ctx, idx) if stateless
                else self._sample_from(self._candidates(idx), sampler))
         if not self._allowed(grammar, tok):
-            cur = self._candidates(idx)
-            L.llama_sampler_apply(grammar, ctypes.byref(cur))
-            tok = self._sample_from(cur, sampler)
+            tok = self._sample_allowed(sampler, grammar, idx)
         L.llama_sampler_accept(grammar, tok)
         L.llama_sampler_accept(sampler, tok)      # the penalties' history (a no-op for the others)
         return tok
+
+    def _sample_allowed(self, sampler, grammar, idx: int) -> int:
+        """Sample again among the tokens the grammar allows. The grammar judges each candidate
+        by its text, so it first judges only the likeliest few (they hold nearly all the mass
+        that top-k/top-p keep) and the whole vocabulary only when none of those is allowed."""
+        L = self.L
+        few = self._top_candidates(idx, GRAMMAR_FIRST_LOOK)
+        L.llama_sampler_apply(grammar, ctypes.byref(few))
+        if any(few.data[i].logit != -math.inf for i in range(few.size)):
+            return self._sample_from(few, sampler)
+        every = self._candidates(idx)
+        L.llama_sampler_apply(grammar, ctypes.byref(every))
+        return self._sample_from(every, sampler)
+
+    def _top_candidates(self, idx: int, k: int):
+        """The k tokens with the highest logits at batch index idx, as a llama_token_data_array."""
+        L, np = self.L, require("numpy")
+        logits = np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, idx), shape=(self.n_vocab,))
+        ids = np.argpartition(logits, -k)[-k:]
+        few = (L.llama_token_data * k)(*[L.llama_token_data(int(t), float(logits[t]), 0.0) for t in ids])
+        self._few = few                                  # the array must outlive the sampling
+        return L.llama_token_data_array(ctypes.cast(few, L.llama_token_data_p), k, -1, False)
 
     def _candidates(self, idx: int):
         """Every token with its logit at batch index idx, as a llama_token_data_array."""

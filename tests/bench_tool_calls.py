@@ -160,7 +160,7 @@ def run(url, cases_by_cat, choice, voters, grammar, peer=False) -> dict:
     return row
 
 
-def grammar_cost(model: str, voters: int = 4, tokens: int = 64) -> None:
+def grammar_cost(model: str, voters: int = 4, tokens: int = 128, rounds: int = 3) -> None:
     """Per-voter decode speed with the required-call grammar vs without, on one engine: the
     grammar's cost per token. A schema with a free-text field keeps the call going."""
     eng = ls.LlamaCppEngine(model, voters=voters, ctx=2048, parallel=1)
@@ -169,7 +169,7 @@ def grammar_cost(model: str, voters: int = 4, tokens: int = 64) -> None:
     toks = eng.tokenize(eng.formatter.render([{"role": "user", "content": "Write a long note about rivers."}], [tool]))
     grammar = ls.tool_grammar([tool], eng.formatter.tool_format)
     try:
-        for label, g in (("no grammar", None), ("required-call grammar", grammar)) * 2:
+        for label, g in (("no grammar", None), ("required-call grammar", grammar)) * rounds:
             out = eng.generate(toks, ls.SamplingParams(max_tokens=tokens, temperature=0.8, seed=5, grammar=g), voters)
             rates = [r.tokens_per_s for r in out.results if r.tokens_per_s]
             print(f"{os.path.basename(model)} {voters} voters, {label}: {sum(rates) / len(rates):.2f} tokens/s per voter, "

@@ -168,6 +168,36 @@ def test_a_started_call_is_held_to_the_schema_under_auto(engine):
         llm.free_sampler(g)
 
 
+@pytest.mark.parametrize("text, whole_vocab", [("Paris", False), ("zqxjv-unlikely", True)],
+                         ids=["likely", "unlikely"])
+def test_a_refused_token_is_resampled_among_the_allowed(starter_path, text, whole_vocab, monkeypatch):
+    """A sampled token the grammar refuses is replaced by an allowed one, whether an allowed
+    token is among the likeliest few (the cheap look) or only elsewhere in the vocabulary."""
+    llm = ls.LlamaAdapter(starter_path, n_ctx=256, n_seq_max=1)
+    looks = []
+    monkeypatch.setattr(llm, "_candidates", lambda idx, f=llm._candidates: looks.append(idx) or f(idx))
+    prompt = llm.tokenize("<|im_start|>user\nThe capital of France is<|im_end|>\n<|im_start|>assistant\n")
+    g = llm.new_grammar(ls.Grammar(f'root ::= "{text}"'))
+    sampler = llm.new_sampler(ls.SamplingParams(temperature=0.8), seed=3)
+    llm.seq_rm(0)
+    try:
+        out = []
+        for i in range(len(prompt)):
+            assert llm.decode([(prompt[i], i, 0, i == len(prompt) - 1)]) == 0
+        pos = len(prompt)
+        text_of = lambda toks: b"".join(llm.piece(t) for t in toks).decode()
+        while len(text_of(out)) < len(text):
+            out.append(llm.sample(sampler, 0, g))
+            assert llm.decode([(out[-1], pos, 0, True)]) == 0
+            pos += 1
+        assert text_of(out) == text
+        assert bool(looks) == whole_vocab
+    finally:
+        llm.free_sampler(g)
+        llm.free_sampler(sampler)
+        llm.close()
+
+
 def post(url, body, stream=False):
     req = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(),
                                  {"Content-Type": "application/json"})
