@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import array
 import ast
+import bisect
 import builtins
 import codecs
 import collections
@@ -53,6 +54,7 @@ import queue
 import random
 import re
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -202,6 +204,12 @@ SETTINGS = [
     _s("server", "api_key", str, "", "require this bearer key on /v1 (empty: no key)"),
     _s("server", "max_body_bytes", int, 8 * MiB, "largest request body accepted", minimum=1024),
     _s("server", "max_queue", int, 16, "requests waiting beyond this get 503", minimum=0),
+    _s("server", "max_connections", int, 128, "client connections served at once (more get 503 and "
+       "are closed)", minimum=1),
+    _s("server", "allowed_hosts", list, [], "extra names clients may use in the Host header (IP "
+       "addresses, localhost and this machine's name always work; '*': any, which allows DNS rebinding)"),
+    _s("server", "cors_origins", list, [], "web origins allowed to call the API from a browser, e.g. "
+       "http://localhost:3000 ('*': any); others are refused"),
     _s("server", "strict_model", bool, False, "answer 404 to a request naming another model (default: "
        "serve it with an X-Localswarm-Warning header, as llama-server does)"),
     _s("swarm", "voters", int, 0, "voters per request (0: the plan's choice)", minimum=0, maximum=64),
@@ -298,6 +306,8 @@ def coerce_setting(s: Setting, value, where: str):
             if isinstance(value, bool):
                 raise ValueError
             value = float(value)
+            if not math.isfinite(value):       # NaN passes every range check; inf never fires
+                raise ValueError
         else:
             if not isinstance(value, str):
                 raise ValueError
@@ -1541,6 +1551,7 @@ class GenRequest:
         self.cached_tokens = 0
         self.cache_entry = None          # the prompt cache entry holding this prompt; engine thread
         self.error: Optional[Exception] = None
+        self.timed_out = False           # cancelled because the swarm's timeout passed
         self.submitted = time.monotonic()
         self._cancel = threading.Event()
         self._done = threading.Event()
@@ -1561,12 +1572,19 @@ class GenRequest:
         return self._done.is_set()
 
 
+MAX_STOP_STRINGS = 16        # per request (OpenAI allows 4; llama-server has no limit)
+MAX_STOP_CHARS = 256         # per stop string
+
+
 class StopMatcher:
-    """Finds stop strings in streamed text and holds back what might start one."""
+    """Finds stop strings in streamed text and holds back what might start one. Each call looks
+    only at the end of the text (at most the longest stop string), so its cost does not grow
+    with the text generated so far."""
 
     def __init__(self, stops: Iterable[str]):
         self.stops = [s for s in stops if s]
-        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        # ends[s][c]: lengths k (ascending) of the proper prefixes s[:k] that end with character c
+        self.ends = [{c: [k for k in range(1, len(s)) if s[k - 1] == c] for c in set(s)} for s in self.stops]
 
     def find(self, text: str, start: int) -> int:
         """Index of the earliest stop string ending at or after `start`, or -1."""
@@ -1574,11 +1592,20 @@ class StopMatcher:
         return min(hits) if hits else -1
 
     def safe_length(self, text: str) -> int:
-        """How much of text can be emitted without splitting a possible stop string."""
-        for k in range(min(self.hold, len(text)), 0, -1):
-            if any(s.startswith(text[-k:]) for s in self.stops):
-                return len(text) - k
-        return len(text)
+        """How much of text can be emitted without splitting a possible stop string: the text
+        minus its longest ending that begins some stop string."""
+        if not text:
+            return 0
+        held = 0
+        for s, ends in zip(self.stops, self.ends):
+            ks = ends.get(text[-1], ())
+            for i in range(bisect.bisect_right(ks, len(text)) - 1, -1, -1):
+                if ks[i] <= held:
+                    break
+                if text.endswith(s[:ks[i]]):
+                    held = ks[i]
+                    break
+        return len(text) - held
 
 
 def note_token_time(res: "VoterResult", elapsed: float) -> None:
@@ -2285,12 +2312,17 @@ class LlamaCppEngine:
 
     def generate(self, prompt_tokens: list, params: SamplingParams, voters: Optional[int] = None,
                  on_token=None, timeout: Optional[float] = None,
-                 cancel: Optional[threading.Event] = None, keep_answers: bool = False) -> GenRequest:
-        """Submit and wait; cancels the request on timeout or when `cancel` is set."""
+                 cancel: Optional[threading.Event] = None, keep_answers: bool = False,
+                 admitted: Optional[threading.Event] = None) -> GenRequest:
+        """Submit and wait; cancels the request on timeout or when `cancel` is set. `admitted`
+        is set once the request is queued (after the checks that refuse it at once)."""
         req = self.submit(GenRequest(prompt_tokens, params, voters or self.voters, on_token, keep_answers))
+        if admitted is not None:
+            admitted.set()
         deadline = time.monotonic() + (timeout or 1e9)
         while not req.wait(0.1):
-            if (cancel is not None and cancel.is_set()) or time.monotonic() > deadline:
+            req.timed_out = time.monotonic() > deadline
+            if (cancel is not None and cancel.is_set()) or req.timed_out:
                 req.cancel()
                 req.wait(30)
                 break
@@ -2873,11 +2905,13 @@ class MLXEngine:
 
     def generate(self, prompt_tokens: list, params: SamplingParams, voters: Optional[int] = None,
                  on_token=None, timeout: Optional[float] = None,
-                 cancel: Optional[threading.Event] = None) -> GenRequest:
+                 cancel: Optional[threading.Event] = None, admitted: Optional[threading.Event] = None) -> GenRequest:
         if len(prompt_tokens) >= self.ctx_limit:
             raise ContextLengthError(f"the prompt has {len(prompt_tokens)} tokens; the context is {self.ctx_limit}")
         if self._waiting >= self.max_queue:
             raise BusyError()
+        if admitted is not None:
+            admitted.set()
         req = GenRequest(prompt_tokens, params, voters or self.voters, on_token)
         from mlx_lm.sample_utils import make_logits_processors, make_sampler
         args = mlx_sampling(params)
@@ -3490,6 +3524,7 @@ class ChatRequest:
     n: int = 1
     max_tokens_requested: Optional[int] = None
     cancel: threading.Event = field(default_factory=threading.Event)   # set when the client leaves
+    admitted: threading.Event = field(default_factory=threading.Event)  # set once the engine queued it
     shown_voter: Optional[int] = None     # whose text the client got, when not the vote's pick
     parallel_tool_calls: bool = True
     tool_grammar: Optional[bool] = None   # constrain calls by grammar (None: the server's setting)
@@ -3615,7 +3650,10 @@ class Swarm:
         voters = req.voters or self.voters
         remember = getattr(self.engine, "remember", None)     # the llama.cpp engine has it
         keep = {"keep_answers": True} if remember else {}
-        g = self.engine.generate(tokens, params, voters, on_token, self.timeout, req.cancel, **keep)
+        g = self.engine.generate(tokens, params, voters, on_token, self.timeout, req.cancel,
+                                 admitted=req.admitted, **keep)
+        if g.timed_out:
+            self._end_timed_out(g)
         offered = req.offered_tools()
         schemas = {t["function"]["name"]: t["function"].get("parameters") for t in req.offered_tool_defs()}
         parsed = [parse_tool_calls(r.text, offered, schemas) if offered else (r.text, []) for r in g.results]
@@ -3637,6 +3675,16 @@ class Swarm:
         return SwarmAnswer(content, calls, _finish(win.finish_reason, calls), verdict, g.results, parsed,
                            len(tokens), g.cached_tokens, time.monotonic() - t0, self.model_id,
                            params.max_tokens, asked if asked and asked > params.max_tokens else None)
+
+    def _end_timed_out(self, g: GenRequest) -> None:
+        """Voters stopped by the timeout end as cut off (`length`) with what they produced; when
+        none produced anything there is no answer to give."""
+        for r in g.results:
+            if r.finish_reason == "cancelled" and r.text:
+                r.finish_reason = "length"
+        if not any(r.text or r.finish_reason not in ("cancelled", "error") for r in g.results):
+            raise ApiError(504, f"no voter answered within the swarm's timeout ({self.timeout:.0f} s, "
+                           "swarm.timeout)", type="server_error", code="timeout")
 
     def call_grammar(self, req: ChatRequest) -> Optional[Grammar]:
         """The grammar for this request's tool calls: from the first token when a call is
@@ -4113,7 +4161,11 @@ def cross_vote(answers: list, threshold: float = AGREEMENT_THRESHOLD) -> Verdict
 ##############################################################################
 
 KEEPALIVE_INTERVAL = 2.0    # seconds between SSE comments while the voters work
-READ_TIMEOUT = 30.0         # seconds a client may take to send its request
+READ_TIMEOUT = 30.0         # seconds a client may take to send a whole request (line, headers, body),
+                            # counted from when the connection is ready for it (nginx: 60 s per phase)
+DISCONNECT_POLL = 0.5       # seconds between checks that a waiting client is still there
+JSON_ROUTES = {"chat", "completions", "fed_vote"}
+FEDERATION_ROUTES = {"fed_health", "fed_info", "fed_vote"}
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
@@ -4259,10 +4311,10 @@ class App:
             raise ApiError(503, msg, type="unavailable_error", headers={"Retry-After": "5"})
         return self.swarm
 
-    def answer(self, req: ChatRequest, on_token=None) -> SwarmAnswer:
-        """The consensus answer: local, or federated when peers are live."""
+    def answer(self, req: ChatRequest, on_token=None, federate: bool = True) -> SwarmAnswer:
+        """The consensus answer: local, or federated when peers are live (and federate)."""
         swarm = self.ready_swarm()
-        if self.federation and self.federation.live_peers() and on_token is None:
+        if federate and self.federation and self.federation.live_peers() and on_token is None:
             ans = self.federation.answer(swarm, req)
         else:
             ans = swarm.answer(req, on_token)
@@ -4326,8 +4378,9 @@ def parse_request(body: Any, chat: bool, swarm: Swarm, cfg: Config) -> ChatReque
         req.prompt = prompt
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
-    if not all(isinstance(s, str) for s in stop) or len(stop) > 16:
-        raise ApiError(400, "'stop' must be a string or up to 16 strings", param="stop")
+    if not all(isinstance(s, str) and len(s) <= MAX_STOP_CHARS for s in stop) or len(stop) > MAX_STOP_STRINGS:
+        raise ApiError(400, f"'stop' must be a string or up to {MAX_STOP_STRINGS} strings of at most "
+                       f"{MAX_STOP_CHARS} characters", param="stop")
     p = SamplingParams()
     for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty",
                  "frequency_penalty", "seed"):
@@ -4369,6 +4422,108 @@ def parse_request(body: Any, chat: bool, swarm: Swarm, cfg: Config) -> ChatReque
     return req
 
 
+class SwarmRun:
+    """One request's swarm work in its own thread, so that the handler's thread stays free to
+    notice a client that left and to write what a live stream shows. live: voter 0's tokens
+    are shown as they come (stream_mode fastest); they pass through a queue, as the engine
+    thread must never wait on a client's socket."""
+
+    def __init__(self, app: App, req: ChatRequest, live: bool = False, federate: bool = True):
+        self.app, self.req, self.live, self.federate = app, req, live, federate
+        self.tokens: queue.Queue = queue.Queue()
+        self.finished = threading.Event()
+        self.answer: Optional[SwarmAnswer] = None
+        self.error: Optional[BaseException] = None
+        if live:
+            req.shown_voter = 0
+
+    def start(self) -> None:
+        threading.Thread(target=self._work, name="localswarm-request", daemon=True).start()
+
+    def _work(self) -> None:
+        on_token = (lambda voter, text: voter == 0 and self.tokens.put(text)) if self.live else None
+        try:
+            self.answer = self.app.answer(self.req, on_token, self.federate)
+        except BaseException as exc:      # handed to the handler's thread, which reports it
+            self.error = exc
+        finally:
+            self.finished.set()
+            self.tokens.put(None)
+
+    def wait_admitted(self) -> None:
+        """Return once the engine queued the request; raise what refused it."""
+        while not self.req.admitted.wait(0.05):
+            if self.finished.is_set():
+                break
+        if self.error is not None:
+            raise self.error
+
+    def live_text(self, keepalive: float):
+        """Voter 0's text as it comes (live runs), with None every `keepalive` seconds of quiet;
+        ends when the answer is ready."""
+        while not (self.finished.is_set() and self.tokens.empty()):
+            try:
+                text = self.tokens.get(timeout=keepalive)
+            except queue.Empty:
+                yield None
+                continue
+            if text is not None:
+                yield text
+
+    def cancel(self) -> None:
+        self.req.cancel.set()
+
+    def result(self) -> SwarmAnswer:
+        self.finished.wait()
+        if self.error is not None:
+            raise self.error
+        return self.answer
+
+
+class DeadlineReader(io.RawIOBase):
+    """The client's socket as the handler reads it, with one deadline for a whole request: a
+    per-read timeout alone lets a client that sends a byte a second hold a thread forever."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock, self.deadline = sock, None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("the request did not arrive in time")
+            self.sock.settimeout(left)
+        return self.sock.recv_into(buf)
+
+
+def host_allowed(host: Optional[str], extra: list) -> bool:
+    """The Host header names this server: an IP address, localhost, this machine's name or an
+    allowed name. A web page that tricks the browser with DNS rebinding sends its own name."""
+    if host is None or "*" in extra:
+        return True               # no Host: not a browser (HTTP/1.0 clients)
+    name = host.strip().lower()
+    name = name[1:name.find("]")] if name.startswith("[") and "]" in name else name.rsplit(":", 1)[0]
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    me = socket.gethostname().lower()
+    return name in ("localhost", me, me + ".local") or name.endswith(".localhost") \
+        or name in [h.lower() for h in extra]
+
+
+def origin_allowed(origin: Optional[str], host: Optional[str], allowed: list) -> bool:
+    """A browser's cross-origin request is refused unless its origin is configured
+    (server.cors_origins); pages this server serves itself are same-origin."""
+    if origin is None or "*" in allowed or origin in allowed:
+        return True
+    return urllib.parse.urlsplit(origin).netloc.lower() == (host or "").strip().lower() != ""
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     """Routes requests to App; one catch turns any failure into an OpenAI error."""
 
@@ -4381,12 +4536,27 @@ class Handler(http.server.BaseHTTPRequestHandler):
         ("GET", "/v1/federation/health"): "fed_health", ("GET", "/v1/federation/info"): "fed_info",
         ("POST", "/v1/federation/vote"): "fed_vote",
     }
-    OPEN = {"health", "metrics", "fed_health", "fed_info", "fed_vote"}   # no API key needed
+    OPEN = {"health"}                       # no API key needed (liveness probes), as in llama-server
     default_request_version = "HTTP/1.0"   # so even an unparsable request line gets a status line
 
     @property
     def app(self) -> App:
         return self.server.app
+
+    def setup(self) -> None:
+        super().setup()
+        self._reader = DeadlineReader(self.connection)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def handle_one_request(self) -> None:
+        """One request, which must arrive whole within `timeout` of the connection being ready."""
+        self._reader.deadline = time.monotonic() + self.timeout
+        super().handle_one_request()
+
+    def _request_read(self) -> None:
+        """The request is in: from here on timeouts are for writing the answer."""
+        self._reader.deadline = None
+        self.connection.settimeout(self.timeout)
 
     def do_GET(self):
         self._dispatch("GET")
@@ -4411,26 +4581,93 @@ class Handler(http.server.BaseHTTPRequestHandler):
         name = self.ROUTES.get((method, path))
         self._status = 200
         self._sse_started = False
+        self._body_pending = self._has_body()
+        if not self._body_pending:
+            self._request_read()
         try:
+            self._check_framing()
+            self._check_browser()
             if name is None:
-                if any(p == path for _, p in self.ROUTES):
+                known = [m for m, p in self.ROUTES if p == path]
+                if method == "OPTIONS" and known:
+                    return self._preflight(known)
+                if known:
                     raise ApiError(405, f"{method} is not allowed on {path}", code="method_not_allowed")
                 raise ApiError(404, f"no route {method} {path}", code="not_found")
-            if name not in self.OPEN:
+            if name not in self.OPEN and not (name in FEDERATION_ROUTES and self._signed_federation()):
                 self._check_key()
+            if name in JSON_ROUTES:
+                self._check_json_type()
             getattr(self, "route_" + name)()
         except ApiError as exc:
             # 503 (loading, busy) is routine back-pressure, not a server error
             log.log(logging.ERROR if exc.status >= 500 and exc.status != 503 else logging.WARNING,
                     "%s %s -> %d %s", method, path, exc.status, exc.message)
             self._error(exc)
-        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+        except socket.timeout:
             self.close_connection = True
+            self._status = 408
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+            self._status = 499          # nginx's "client closed the request"
         except Exception as exc:     # the boundary: a bug becomes a 500, never a traceback to the client
             log.exception("%s %s failed", method, path)
             self._error(ApiError(500, f"internal error: {type(exc).__name__}", type="server_error"))
         finally:
             self.app.metrics.observe_request(name or "unknown", self._status, time.monotonic() - t0)
+
+    def _has_body(self) -> bool:
+        return self.headers.get("Content-Length", "0").strip() not in ("", "0") or "Transfer-Encoding" in self.headers
+
+    def _check_framing(self) -> None:
+        """One unambiguous body length (as nginx demands): Content-Length once, in plain digits,
+        and no Transfer-Encoding. Anything else could make us and a proxy disagree on where the
+        next request starts."""
+        lengths = self.headers.get_all("Content-Length") or []
+        if "Transfer-Encoding" in self.headers:
+            raise ApiError(411, "Transfer-Encoding is not supported; send the body with Content-Length",
+                           code="length_required")
+        if len(lengths) > 1:
+            raise ApiError(400, "more than one Content-Length header", code="bad_framing")
+        if lengths and not re.fullmatch(r"[0-9]{1,18}", lengths[0].strip()):
+            raise ApiError(400, "bad Content-Length (plain digits only)", code="bad_framing")
+
+    def _check_browser(self) -> None:
+        """Refuse what a web page could make the user's browser send: a foreign Host (DNS
+        rebinding) or a cross-origin request from an origin not in server.cors_origins."""
+        host, cfg = self.headers.get("Host"), self.app.cfg
+        if not host_allowed(host, cfg["server.allowed_hosts"]):
+            raise ApiError(403, f"Host '{host}' is not this server's name (add it to server.allowed_hosts)",
+                           type="permission_error", code="host_not_allowed")
+        if not origin_allowed(self.headers.get("Origin"), host, cfg["server.cors_origins"]):
+            raise ApiError(403, f"cross-origin request from {self.headers.get('Origin')} refused "
+                           "(allow it with server.cors_origins)", type="permission_error", code="origin_not_allowed")
+
+    def _check_json_type(self) -> None:
+        ctype = (self.headers.get("Content-Type") or "application/json").split(";")[0].strip().lower()
+        if ctype != "application/json" and not ctype.endswith("+json"):
+            raise ApiError(415, f"Content-Type must be application/json, not {ctype}", code="unsupported_media_type")
+
+    def _cors_headers(self) -> dict:
+        headers = getattr(self, "headers", None)        # absent when the request line was unreadable
+        origin = headers.get("Origin") if headers else None
+        allowed = self.app.cfg["server.cors_origins"]
+        if origin and ("*" in allowed or origin in allowed):
+            return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+        return {}
+
+    def _preflight(self, methods: list) -> None:
+        """A browser's CORS preflight (OPTIONS) for an allowed origin."""
+        self._send(204, b"", "text/plain", dict(self._cors_headers(), **{
+            "Access-Control-Allow-Methods": ", ".join(sorted(set(methods) | {"OPTIONS"})),
+            "Access-Control-Allow-Headers": "Authorization, Content-Type, X-Api-Key",
+            "Access-Control-Max-Age": "600"}))
+
+    def _signed_federation(self) -> bool:
+        """Federation routes of a node with a federation token are guarded by the signature
+        (checked by the route); without a token the API key guards them like any route."""
+        fed = self.app.federation
+        return bool(fed and fed.token)
 
     def _check_key(self) -> None:
         key = self.app.cfg["server.api_key"]
@@ -4455,6 +4692,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _error(self, exc: ApiError) -> None:
         if self._sse_started:        # headers are gone: report in the stream, then end it
+            self._status = exc.status
             try:
                 self._chunk(b"data: " + json.dumps(exc.body()).encode() + b"\n\n")
                 self._chunk(b"")
@@ -4462,7 +4700,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 pass
             self.close_connection = True
             return
-        self._send_json(exc.status, exc.body(), exc.headers)
+        headers = exc.headers
+        if self._body_pending:       # the unread body must not be taken for the next request
+            headers = dict(headers, Connection="close")
+        self._send_json(exc.status, exc.body(), headers)
 
     def _send_json(self, status: int, obj: Any, headers: Optional[dict] = None) -> None:
         self._send(status, json.dumps(obj).encode(), "application/json", headers)
@@ -4472,7 +4713,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
+        for k, v in dict(self._cors_headers(), **(headers or {})).items():
             self.send_header(k, v)
         if status >= 400 and status not in (401, 404, 429, 503):
             self.close_connection = self.close_connection or status in (411, 413) or status >= 500
@@ -4480,29 +4721,21 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def _read_raw(self) -> bytes:
-        """The request body: 411 without Content-Length, 413 over the limit."""
+        """The request body (its framing was checked by _check_framing): 411 without
+        Content-Length, 413 over the limit."""
         length = self.headers.get("Content-Length")
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            self.close_connection = True
-            raise ApiError(411, "chunked request bodies are not supported; send Content-Length")
         if length is None:
             raise ApiError(411, "Content-Length is required", code="length_required")
-        try:
-            n = int(length)
-            if n < 0:
-                raise ValueError
-        except ValueError:
-            self.close_connection = True
-            raise ApiError(400, "bad Content-Length") from None
-        limit = self.app.cfg["server.max_body_bytes"]
+        n, limit = int(length), self.app.cfg["server.max_body_bytes"]
         if n > limit:
-            self.close_connection = True
             raise ApiError(413, f"request body of {n} bytes is over the limit of {limit}",
                            code="request_too_large")
         raw = self.rfile.read(n)
         if len(raw) < n:
             self.close_connection = True
             raise ApiError(400, "request body shorter than Content-Length")
+        self._body_pending = False
+        self._request_read()
         return raw
 
     def _read_json(self) -> Any:
@@ -4567,43 +4800,42 @@ class Handler(http.server.BaseHTTPRequestHandler):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             self._stream(req, chat, rid, include_usage, headers)
             return
-        ans = self._run_with_disconnect_check(req)
+        ans = self._run_swarm(req)
         self._send_json(200, completion_json(ans, req, chat, rid),
                         dict(headers, **{"X-Localswarm-Confidence": f"{ans.verdict.confidence:.3f}"}))
 
-    def _run_with_disconnect_check(self, req: ChatRequest, on_token=None, keepalive=None) -> SwarmAnswer:
-        """Run the swarm in a worker thread; send keep-alives; cancel when the client leaves."""
-        box = {}
-        live = []
+    def _run_swarm(self, req: ChatRequest, stream: bool = False, federate: bool = True) -> "SwarmRun":
+        """Start the swarm on req in a worker thread. Not streaming: wait for the answer,
+        cancelling it when the client leaves. Streaming: return the run once the engine has
+        admitted the request (so a full queue or a too-long prompt is still a plain error)."""
+        run = SwarmRun(self.app, req, live=stream and self._fastest(req), federate=federate)
+        run.start()
+        if stream:
+            run.wait_admitted()
+            return run
+        while not run.finished.wait(DISCONNECT_POLL):
+            if self._client_gone():
+                run.cancel()
+                raise BrokenPipeError("client went away")
+        return run.result()
 
-        def work():
-            try:
-                box["ans"] = self.app.answer(req, on_token)
-            except BaseException as exc:
-                box["err"] = exc
-        t = threading.Thread(target=work, daemon=True)
-        t.start()
-        while t.is_alive():
-            t.join(KEEPALIVE_INTERVAL)
-            if t.is_alive() and keepalive is not None:
-                try:
-                    keepalive()
-                except OSError:
-                    req.cancel.set()
-                    t.join()
-                    raise BrokenPipeError("client went away") from None
-        if "err" in box:
-            raise box["err"]
-        return box["ans"]
+    def _client_gone(self) -> bool:
+        """True when the client closed its side while we work (a readable socket with no data)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    def _fastest(self, req: ChatRequest) -> bool:
+        return self.app.cfg["swarm.stream_mode"] == "fastest" and not req.offered_tools()
 
     def _stream(self, req: ChatRequest, chat: bool, rid: str, include_usage: bool,
                 headers: Optional[dict] = None) -> None:
+        run = self._run_swarm(req, stream=True)      # raises before any header is sent
         created = int(time.time())
         model = self.app.swarm.model_id
         obj = "chat.completion.chunk" if chat else "text_completion"
-        fastest = self.app.cfg["swarm.stream_mode"] == "fastest" and not req.offered_tools()
-        if fastest:
-            req.shown_voter = 0
 
         def chunk(delta=None, finish=None, text=None, usage=None, extra=None):
             if chat:
@@ -4619,33 +4851,32 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 c.update(extra)
             return c
 
-        self._start_sse(headers)
-        lock = threading.Lock()
-        if chat:
-            self._event(chunk({"role": "assistant", "content": ""}))
-        else:
-            self._chunk(b": localswarm is voting\n\n")
-
-        def keepalive():
-            with lock:
-                self._chunk(b": voters working\n\n")
-
-        def live_token(voter, text):
-            if voter == 0:
-                with lock:
+        try:
+            self._start_sse(headers)
+            if chat:
+                self._event(chunk({"role": "assistant", "content": ""}))
+            else:
+                self._chunk(b": localswarm is voting\n\n")
+            # Tokens are written here, in the handler's thread: a client that stops reading
+            # stalls only itself, never the engine thread that produced them.
+            for text in run.live_text(KEEPALIVE_INTERVAL):
+                if text is None:
+                    self._chunk(b": voters working\n\n")
+                else:
                     self._event(chunk({"content": text}) if chat else chunk(text=text))
-        ans = self._run_with_disconnect_check(req, live_token if fastest else None, keepalive)
-        if not fastest:
+        except OSError:
+            run.cancel()
+            raise
+        ans = run.result()
+        if not run.live:
             if ans.text:
                 self._event(chunk({"content": ans.text}) if chat else chunk(text=ans.text))
             for i, call in enumerate(ans.tool_calls if chat else []):
                 self._event(chunk({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
                                                    "function": {"name": call["function"]["name"], "arguments": ""}}]}))
                 self._event(chunk({"tool_calls": [{"index": i, "function": {"arguments": call["function"]["arguments"]}}]}))
-        finish = ans.finish_reason
-        if fastest:
-            finish = _finish(ans.results[0].finish_reason, [])
-        self._event(chunk({}, finish, extra={"x_localswarm": dict(ans.x_localswarm(), streamed_voter=0 if fastest
+        finish = _finish(ans.results[0].finish_reason, []) if run.live else ans.finish_reason
+        self._event(chunk({}, finish, extra={"x_localswarm": dict(ans.x_localswarm(), streamed_voter=0 if run.live
                                                                  else ans.verdict.index)}))
         if include_usage:
             self._event(chunk(usage=usage_json(ans)))
@@ -4670,7 +4901,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
             data = json.loads(body)
         except ValueError:
             raise ApiError(400, "invalid JSON body") from None
-        self._send_json(200, fed.local_vote(self.app, data))
+        req = fed.vote_request(self.app, data)
+        ans = self._run_swarm(req, federate=False)     # hop limit 1: peers never forward
+        self._send_json(200, fed.vote_reply(ans))
 
     def _federation(self):
         if self.app.federation is None:
@@ -4710,7 +4943,34 @@ class Server(http.server.ThreadingHTTPServer):
 
     def __init__(self, addr, app: App):
         self.app = app
+        self.slots = threading.BoundedSemaphore(app.cfg["server.max_connections"])
         super().__init__(addr, Handler)
+
+    def process_request(self, request, client_address):
+        """A thread per connection, up to server.max_connections; beyond that the client gets a
+        503 at once and the connection is closed (a flood cannot exhaust threads)."""
+        if not self.slots.acquire(blocking=False):
+            self.app.metrics.observe_request("unknown", 503, 0.0)
+            body = json.dumps(ApiError(503, "too many connections; try again shortly").body()).encode()
+            try:
+                request.settimeout(1.0)
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
     def handle_error(self, request, client_address):
         """A client that resets its connection is routine; anything else is logged once."""
@@ -5047,14 +5307,14 @@ class Federation:
                 "load": {"queue_depth": st.get("queue_depth", 0), "busy_voters": st.get("busy_voters", 0)},
                 "peers": len(self.live_peers())}
 
-    def local_vote(self, app: App, data: Any) -> dict:
-        """POST /v1/federation/vote: the local swarm's best answer. Never forwards (hop limit 1)."""
+    def vote_request(self, app: App, data: Any) -> ChatRequest:
+        """POST /v1/federation/vote's body as a request for the local swarm."""
         if not isinstance(data, dict):
             raise ApiError(400, "the vote request must be a JSON object")
-        chat = data.get("messages") is not None
-        req = parse_request(data, chat, app.ready_swarm(), self.cfg)
-        ans = app.ready_swarm().answer(req)
-        app.metrics.observe_answer(ans)
+        return parse_request(data, data.get("messages") is not None, app.ready_swarm(), self.cfg)
+
+    def vote_reply(self, ans: SwarmAnswer) -> dict:
+        """The local swarm's best answer, as a peer's vote."""
         return {"node_id": self.node_id, "name": self.name, "text": ans.text, "tool_calls": ans.tool_calls,
                 "finish_reason": ans.finish_reason, "confidence": ans.verdict.confidence,
                 "voters": len(ans.results), "model": ans.model, "latency": ans.latency,
@@ -5607,6 +5867,7 @@ def serve(cfg: Config, hw: HardwareProfile, budget: Budget, p: Plan, registry: l
     """The start-up story: open the port (so /health answers "loading" at once), resolve the model
     file (download, or fall back), say what is served, load it, join the federation, then serve
     until a signal."""
+    check_exposure(cfg)
     app = App(cfg, hardware=hw, plan=p)
     server, url = open_http(app) if not args.mcp_only else (None, "")
     stop = stop_on_signals()
@@ -5640,6 +5901,15 @@ def serve(cfg: Config, hw: HardwareProfile, budget: Budget, p: Plan, registry: l
         if engine:
             engine.close()
     return 0
+
+
+def check_exposure(cfg: Config) -> None:
+    """Refuse a setup that would leave the API key open through the back door: unsigned
+    federation trusts any private address, so it cannot sit beside an API key."""
+    if cfg["network.enabled"] and cfg["server.api_key"] and not cfg["network.auth_token"]:
+        raise LocalswarmError("--federate with an API key needs a federation token (set "
+                              "LOCALSWARM_FEDERATION_TOKEN on every node): unsigned federation lets any "
+                              "machine on the LAN use the swarm")
 
 
 def open_http(app: App) -> tuple:

@@ -154,13 +154,13 @@ def raw_request(url, data: bytes, read_timeout=10) -> bytes:
 
 def test_malformed_http(live_server):
     url, _ = live_server
-    r = raw_request(url, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n")
+    r = raw_request(url, b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert r.startswith(b"HTTP/1.1 411")
-    r = raw_request(url, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999\r\n\r\n")
+    r = raw_request(url, b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 99999999999\r\n\r\n")
     assert r.startswith(b"HTTP/1.1 413")
     r = raw_request(url, b"GARBAGE\r\n\r\n")
     assert r.startswith(b"HTTP/1.1 400") or r.startswith(b"HTTP/1.0 400")
-    r = raw_request(url, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n")
+    r = raw_request(url, b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: abc\r\n\r\n")
     assert r.startswith(b"HTTP/1.1 400")
     assert b"Traceback" not in r
 
@@ -170,7 +170,7 @@ def test_half_sent_request_times_out_without_tying_up_the_server(live_server, mo
     monkeypatch.setattr(ls.Handler, "timeout", 1.0)
     host, port = url.split("//")[1].split(":")
     s = socket.create_connection((host, int(port)))
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"mess")
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n{\"mess")
     with urllib.request.urlopen(url + "/health", timeout=5) as r:     # others are still served
         assert r.status == 200
     s.settimeout(5)
@@ -282,7 +282,9 @@ class ScriptedEngine:
     def tokenize(self, text):
         return list(range(len(text.split())))
 
-    def generate(self, toks, params, voters, on_token, timeout, cancel):
+    def generate(self, toks, params, voters, on_token, timeout, cancel, admitted=None):
+        if admitted is not None:
+            admitted.set()
         g = ls.GenRequest(toks, params, voters)
         for r in g.results:
             r.text, r.completion_tokens, r.latency = self.text, 5, 0.1
