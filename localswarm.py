@@ -2320,7 +2320,7 @@ class LlamaCppEngine:
         if admitted is not None:
             admitted.set()
         deadline = time.monotonic() + (timeout or 1e9)
-        while not req.wait(0.1):
+        while not req.wait(max(0.0, min(0.1, deadline - time.monotonic()))):
             req.timed_out = time.monotonic() > deadline
             if (cancel is not None and cancel.is_set()) or req.timed_out:
                 req.cancel()

@@ -129,3 +129,7 @@ def pytest_sessionfinish(session, exitstatus):
     if os.environ.get("LOCALSWARM_NO_SKIPS") == "1" and _skipped and exitstatus == 0:
         print(f"\n{len(_skipped)} test(s) skipped, which CI does not allow: " + ", ".join(_skipped))
         session.exitstatus = 1
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cfg(values): config values (dotted key -> value) for a fixture's server")

@@ -1,0 +1,257 @@
+"""HTTP API hardening (issue 15): who may call which route, request framing, slow and
+abandoned clients, browsers' cross-origin requests, and errors that come before any header.
+
+Protocol checks run against a server whose model has not loaded (every check comes before
+the swarm); what needs generation runs on the real starter model."""
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+import localswarm as ls
+
+
+def serve(app):
+    server = ls.make_server(app, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+@pytest.fixture
+def bare(request):
+    """A server without a model, config from the test's `cfg` marker (dotted key -> value)."""
+    cfg = ls.load_config(env={}, read_file=False)
+    cfg.set("network.broadcast_addresses", ["127.255.255.255"])
+    marker = request.node.get_closest_marker("cfg")
+    for k, v in (marker.args[0] if marker else {}).items():
+        cfg.set(k, v)
+    app = ls.App(cfg)
+    if cfg["network.enabled"]:
+        app.federation = ls.Federation(cfg, app, 0)
+    server, url = serve(app)
+    yield url, app
+    server.shutdown()
+    server.server_close()
+
+
+def call(url, path, body=None, headers=None, method=None):
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def exchange(url, data: bytes, timeout=10.0) -> bytes:
+    """Send raw bytes; everything the server sends until it closes (or the timeout)."""
+    host, port = url.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except socket.timeout:
+            pass
+        return out
+
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+# --- who may call what -------------------------------------------------------------------
+@pytest.mark.cfg({"server.api_key": "sekrit", "network.enabled": True})
+def test_the_api_key_guards_metrics_and_unsigned_federation(bare):
+    url, _ = bare
+    for method, path in [("GET", "/metrics"), ("GET", "/v1/federation/info"), ("GET", "/v1/federation/health"),
+                         ("POST", "/v1/federation/vote"), ("POST", "/v1/chat/completions")]:
+        status, _, body = call(url, path, CHAT if method == "POST" else None, method=method)
+        assert status == 401, (path, body)
+        assert json.loads(body)["error"]["code"] == "invalid_api_key"
+    key = {"Authorization": "Bearer sekrit"}
+    assert call(url, "/metrics", headers=key)[0] == 200
+    assert call(url, "/v1/federation/info", headers=key)[0] == 200
+    assert call(url, "/health")[0] == 503          # open, as in llama-server: liveness only
+
+
+@pytest.mark.cfg({"network.enabled": True, "network.auth_token": "t0ken", "server.api_key": "sekrit"})
+def test_signed_federation_needs_the_signature_not_the_key(bare):
+    url, _ = bare
+    status, _, body = call(url, "/v1/federation/info")
+    assert status == 401 and json.loads(body)["error"]["code"] == "unsigned"
+
+
+def test_federation_with_an_api_key_but_no_token_is_refused():
+    cfg = ls.load_config(env={}, read_file=False)
+    cfg.set("network.enabled", True)
+    cfg.set("server.api_key", "k")
+    with pytest.raises(ls.LocalswarmError, match="federation token"):
+        ls.check_exposure(cfg)
+    cfg.set("network.auth_token", "t")
+    ls.check_exposure(cfg)
+
+
+# --- framing -----------------------------------------------------------------------------
+@pytest.mark.cfg({"server.api_key": "sekrit"})
+def test_an_error_before_the_body_is_read_closes_the_connection(bare):
+    """A refused POST whose body is itself a request must not get that request answered too."""
+    url, _ = bare
+    smuggled = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer sekrit\r\n\r\n"
+    out = exchange(url, b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n" % len(smuggled) + smuggled)
+    assert out.count(b"HTTP/1.1 ") == 1 and out.startswith(b"HTTP/1.1 401")
+    assert b"Connection: close" in out and b"localswarm_requests_total" not in out
+
+
+@pytest.mark.parametrize("headers, status", [
+    (b"Content-Length: +48\r\n", 400), (b"Content-Length: 4_8\r\n", 400), (b"Content-Length: 0x30\r\n", 400),
+    (b"Content-Length: 48\r\nContent-Length: 48\r\n", 400), (b"Content-Length: 48\r\nContent-Length: 5\r\n", 400),
+    (b"Transfer-Encoding: gzip, chunked\r\nContent-Length: 48\r\n", 411), (b"Transfer-Encoding: chunked\r\n", 411),
+], ids=["plus", "underscore", "hex", "twice", "conflicting", "te-and-cl", "chunked"])
+def test_ambiguous_framing_is_refused_and_the_connection_closed(bare, headers, status):
+    url, _ = bare
+    body = b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n" + b" " * 7
+    out = exchange(url, b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n" + headers + b"\r\n" + body)
+    assert out.startswith(b"HTTP/1.1 %d" % status) and out.count(b"HTTP/1.1 ") == 1, out[:300]
+    assert b"Traceback" not in out
+
+
+# --- slow clients and floods -------------------------------------------------------------
+def test_a_byte_a_second_does_not_hold_a_thread_past_the_deadline(bare, monkeypatch):
+    url, app = bare
+    monkeypatch.setattr(ls.Handler, "timeout", 1.5)
+    host, port = url.split("//")[1].split(":")
+    s = socket.create_connection((host, int(port)), timeout=10)
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nX-Pad: " + b"a" * 40
+    t0, closed = time.monotonic(), False
+    try:
+        for b in head:                      # one byte every 0.2 s: each read is quick, the whole is not
+            s.sendall(bytes([b]))
+            time.sleep(0.2)
+    except OSError:
+        closed = True
+    if not closed:
+        s.settimeout(5)
+        try:
+            closed = s.recv(100) == b""
+        except OSError:
+            closed = True
+    s.close()
+    assert closed and time.monotonic() - t0 < 6, "the server drops a request that trickles in past its deadline"
+
+
+@pytest.mark.cfg({"server.max_connections": 4})
+def test_connections_beyond_the_cap_get_503_and_threads_stay_bounded(bare):
+    url, _ = bare
+    host, port = url.split("//")[1].split(":")
+    threads_before = threading.active_count()
+    idle = [socket.create_connection((host, int(port))) for _ in range(12)]   # never send a byte
+    try:
+        time.sleep(0.5)
+        assert threading.active_count() - threads_before <= 4
+        out = exchange(url, b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 503") and b"Retry-After" in out
+    finally:
+        for s in idle:
+            s.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and call(url, "/health")[0] != 503:
+        time.sleep(0.2)
+    status, _, body = call(url, "/health")
+    assert status == 503 and json.loads(body)["status"] == "loading"      # served again (not "too many")
+
+
+# --- browsers ----------------------------------------------------------------------------
+def test_dns_rebinding_and_cross_origin_posts_are_refused(bare):
+    url, _ = bare
+    port = url.rsplit(":", 1)[1]
+    status, _, body = call(url, "/v1/chat/completions", CHAT, {"Host": "attacker.example"})
+    assert status == 403 and json.loads(body)["error"]["code"] == "host_not_allowed"
+    status, _, body = call(url, "/v1/chat/completions", CHAT, {"Origin": "http://attacker.example"})
+    assert status == 403 and json.loads(body)["error"]["code"] == "origin_not_allowed"
+    status, _, body = call(url, "/v1/chat/completions", CHAT, {"Content-Type": "text/plain"})
+    assert status == 415
+    # what is not a browser attack still works: IP and localhost Host names, same-origin pages
+    for headers in ({"Host": f"localhost:{port}"}, {"Host": f"127.0.0.1:{port}"},
+                    {"Origin": f"http://127.0.0.1:{port}"}, {"Content-Type": "application/json; charset=utf-8"}):
+        assert call(url, "/v1/chat/completions", CHAT, headers)[0] == 503, headers     # model loading
+
+
+@pytest.mark.cfg({"server.cors_origins": ["http://localhost:3000"], "server.allowed_hosts": ["my-box.lan"]})
+def test_configured_origins_and_hosts_are_allowed_with_cors_headers(bare):
+    url, _ = bare
+    status, headers, _ = call(url, "/v1/chat/completions", CHAT, {"Origin": "http://localhost:3000"})
+    assert status == 503 and headers["Access-Control-Allow-Origin"] == "http://localhost:3000"
+    status, headers, _ = call(url, "/v1/chat/completions", None, {"Origin": "http://localhost:3000",
+                              "Access-Control-Request-Method": "POST"}, method="OPTIONS")
+    assert status == 204 and "POST" in headers["Access-Control-Allow-Methods"]
+    assert "Authorization" in headers["Access-Control-Allow-Headers"]
+    assert call(url, "/v1/chat/completions", CHAT, {"Host": "my-box.lan"})[0] == 503
+    assert call(url, "/v1/chat/completions", CHAT, {"Origin": "http://localhost:3001"})[0] == 403
+
+
+def test_metrics_count_the_status_the_client_got(bare, monkeypatch):
+    url, app = bare
+    monkeypatch.setattr(ls.Handler, "timeout", 1.0)
+    exchange(url, b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 200\r\n\r\n{\"m", 5)
+    time.sleep(0.3)
+    assert app.metrics.requests[("chat", 408)] == 1 and app.metrics.requests[("chat", 200)] == 0
+
+
+# --- on the real model -------------------------------------------------------------------
+def test_a_client_that_leaves_cancels_its_voters(live_server):
+    url, app = live_server
+    body = json.dumps({"messages": [{"role": "user", "content": "Write a very long story about a dragon."}],
+                       "max_tokens": 1500, "temperature": 1.0, "voters": 4}).encode()
+    host, port = url.split("//")[1].split(":")
+    s = socket.create_connection((host, int(port)))
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    deadline = time.monotonic() + 60
+    while app.swarm.status()["busy_voters"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    s.close()
+    left = time.monotonic()
+    while app.swarm.status()["busy_voters"] and time.monotonic() - left < 30:
+        time.sleep(0.05)
+    assert app.swarm.status()["busy_voters"] == 0
+    assert time.monotonic() - left < 5, "voters stop within a few seconds of the client leaving"
+
+
+def test_refusals_of_a_stream_come_as_plain_errors_before_any_header(live_server):
+    url, _ = live_server
+    long = {"messages": [{"role": "user", "content": "word " * 5000}], "stream": True}
+    status, headers, body = call(url, "/v1/chat/completions", long)
+    assert status == 400 and headers["Content-Type"] == "application/json"
+    assert json.loads(body)["error"]["code"] == "context_length_exceeded"
+
+
+def test_live_tokens_are_written_by_the_handler_not_the_engine_thread(live_server, monkeypatch):
+    url, app = live_server
+    writers = set()
+    real = ls.Handler._chunk
+    monkeypatch.setattr(ls.Handler, "_chunk", lambda self, data: (writers.add(threading.current_thread().name),
+                                                                 real(self, data)))
+    monkeypatch.setitem(app.cfg.values["swarm"], "stream_mode", "fastest")
+    status, _, body = call(url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Count to ten."}],
+                                                         "max_tokens": 24, "stream": True})
+    assert status == 200 and body.count(b"data: ") > 3
+    assert "localswarm-engine" not in writers
+
+
+def test_a_timeout_is_an_error_or_a_cut_answer_never_an_empty_stop(engine):
+    fresh = " ".join(f"w{i}x{time.time_ns() % 9973}" for i in range(200))    # no cached prefix: a long prefill
+    asked = ls.ChatRequest(messages=[{"role": "user", "content": fresh}], max_tokens_requested=2000)
+    with pytest.raises(ls.ApiError) as exc:
+        ls.Swarm(engine, timeout=0.05).answer(asked)
+    assert exc.value.status == 504 and exc.value.code == "timeout"
+    asked = ls.ChatRequest(messages=[{"role": "user", "content": "Write a long story."}], max_tokens_requested=2000)
+    ans = ls.Swarm(engine, timeout=1.5).answer(asked)
+    assert ans.text and ans.finish_reason == "length"
