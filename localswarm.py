@@ -2752,9 +2752,11 @@ def message_text(content) -> str:
         return ""
     if isinstance(content, str):
         return content
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-    raise ApiError(400, "message content must be a string or an array of text parts", param="messages")
+    if isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get("type"), str) and
+                                         (p["type"] != "text" or isinstance(p.get("text"), str)) for p in content):
+        return "".join(p["text"] for p in content if p["type"] == "text")
+    raise ApiError(400, "message content must be a string or an array of text parts "
+                   '({"type": "text", "text": "..."})', param="messages")
 
 
 class ChatFormatter:
@@ -4061,10 +4063,22 @@ def _vote_tool_calls(cands: list, tools: Optional[set]) -> Optional[Verdict]:
                    note="voted on tool calls")
 
 
+NO_ANSWER_PASSED = "no answer passed the quality gate"
+
+
 def vote(candidates: list, strategy: str = "similarity", prompt: Optional[str] = None,
          threshold: float = PICK_THRESHOLD, tools: Optional[Iterable[str]] = None) -> Verdict:
     """Pick the best of N answers: strategy 'similarity' (the medoid of the largest agreeing
-    group among answers that pass the quality gate), 'quality' or 'fastest'."""
+    group among answers that pass the quality gate), 'quality' or 'fastest'. When none passes,
+    the vote is among the non-empty ones, and the verdict's note says so."""
+    v = _vote(candidates, strategy, prompt, threshold, tools)
+    if v.quality and not any(q > 0 for q in v.quality) and not v.note.startswith("voted on tool calls"):
+        v.note = NO_ANSWER_PASSED + (f"; {v.note}" if v.note else "")
+    return v
+
+
+def _vote(candidates: list, strategy: str, prompt: Optional[str], threshold: float,
+          tools: Optional[Iterable[str]]) -> Verdict:
     if strategy not in STRATEGIES:
         raise ApiError(400, f"consensus must be one of {', '.join(STRATEGIES)}", param="consensus")
     cands = [as_candidate(c) for c in candidates]
@@ -4082,7 +4096,8 @@ def vote(candidates: list, strategy: str = "similarity", prompt: Optional[str] =
     qs = [quality(c, prompt, wants_code) for c in cands]
     qual, reasons = [q for q, _ in qs], [r for _, r in qs]
     # The gate: answers of the best tier that exists (sound > suspicious > failed).
-    ok = [i for i in range(n) if qual[i] >= 0.5] or [i for i in range(n) if qual[i] > 0] or list(range(n))
+    ok = [i for i in range(n) if qual[i] >= 0.5] or [i for i in range(n) if qual[i] > 0] \
+        or [i for i in range(n) if cands[i].text.strip()] or list(range(n))    # never empty over text
     fastest = lambda idx: min(idx, key=lambda i: (cands[i].latency or math.inf, i))
     if n == 1:
         return Verdict(0, 1.0 if qual[0] > 0 else 0.0, strategy, [[0]], [0.0], qual, reasons,
@@ -4352,20 +4367,65 @@ def check_fields(body: dict) -> None:
             raise ApiError(400, f"'{name}' must be between {lo} and {hi}", param=name, code="invalid_value")
 
 
+MAX_JSON_DEPTH = 64     # nesting of request values (tool schemas are the deepest legitimate part)
+
+
+def check_values(value: Any, param: str, depth: int = 0) -> None:
+    """400 for text that cannot be UTF-8 (a lone surrogate) or nesting deeper than MAX_JSON_DEPTH."""
+    if depth > MAX_JSON_DEPTH:
+        raise ApiError(400, f"'{param}' is nested too deeply (over {MAX_JSON_DEPTH} levels)", param=param)
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, f"'{param}' holds text that is not valid Unicode (a lone surrogate)",
+                           param=param) from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_values(k, param, depth + 1)
+            check_values(v, param, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            check_values(v, param, depth + 1)
+
+
+def check_message(i: int, m: Any) -> None:
+    """400 naming the first field of messages[i] with the wrong shape."""
+    where = f"messages[{i}]"
+    if not isinstance(m, dict) or m.get("role") not in ROLES:
+        raise ApiError(400, f"{where} needs a role of {', '.join(ROLES)}", param=where)
+    message_text(m.get("content"))
+    for key in ("name", "tool_call_id"):
+        if m.get(key) is not None and not isinstance(m[key], str):
+            raise ApiError(400, f"{where}.{key} must be a string", param=f"{where}.{key}")
+    calls = m.get("tool_calls")
+    if calls is None:
+        return
+    shape = (f"{where}.tool_calls must be an array of {{id, type: function, function: {{name, arguments}}}}")
+    if not isinstance(calls, list):
+        raise ApiError(400, shape, param=f"{where}.tool_calls")
+    for c in calls:
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not (isinstance(fn, dict) and isinstance(fn.get("name"), str)
+                and isinstance(fn.get("arguments", "{}"), (str, dict))
+                and isinstance(c.get("id", ""), (str, type(None)))):
+            raise ApiError(400, shape, param=f"{where}.tool_calls")
+
+
 def parse_request(body: Any, chat: bool, swarm: Swarm, cfg: Config) -> ChatRequest:
     """Validate an OpenAI request body into a ChatRequest."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     check_fields(body)
+    for key in ("messages", "prompt", "tools", "tool_choice", "stop"):
+        check_values(body.get(key), key)
     req = ChatRequest()
     if chat:
         msgs = body.get("messages")
         if not msgs:
             raise ApiError(400, "'messages' must be a non-empty array", param="messages")
         for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or m.get("role") not in ROLES:
-                raise ApiError(400, f"messages[{i}] needs a role of {', '.join(ROLES)}", param=f"messages[{i}]")
-            message_text(m.get("content"))
+            check_message(i, m)
         req.messages = [dict(m, role="system") if m["role"] == "developer" else m for m in msgs]
     else:
         prompt = body.get("prompt")
@@ -4405,7 +4465,8 @@ def parse_request(body: Any, chat: bool, swarm: Swarm, cfg: Config) -> ChatReque
         for i, t in enumerate(tools):
             fn = t.get("function") if isinstance(t, dict) else None
             if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or \
-                    not isinstance(fn.get("parameters", {}), dict):
+                    not isinstance(fn.get("parameters", {}), dict) or \
+                    not isinstance(fn.get("description", ""), (str, type(None))):
                 raise ApiError(400, f"tools[{i}] must be {{type: function, function: {{name, parameters: "
                                "{...}}}}", param=f"tools[{i}]")
         req.tools = tools
@@ -4743,6 +4804,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return json.loads(self._read_raw())
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"invalid JSON body: {exc}", code="invalid_json") from None
+        except RecursionError:
+            raise ApiError(400, "invalid JSON body: nested too deeply", code="invalid_json") from None
 
     def _chunk(self, data: bytes) -> None:
         self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
@@ -4899,7 +4962,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         fed.check_request(self, body)
         try:
             data = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ApiError(400, "invalid JSON body") from None
         req = fed.vote_request(self.app, data)
         ans = self._run_swarm(req, federate=False)     # hop limit 1: peers never forward

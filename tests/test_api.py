@@ -199,6 +199,67 @@ def test_fuzz_never_5xx(live_server, body):
         assert set(json.loads(raw)["error"]) == {"message", "type", "param", "code"}
 
 
+text_part = st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=10)})
+tool_call = st.fixed_dictionaries({"id": st.text(max_size=8), "type": st.just("function"),
+                                   "function": st.fixed_dictionaries({"name": st.just("read_file"),
+                                                                      "arguments": st.just('{"path": "a.py"}')})})
+message = st.fixed_dictionaries(
+    {"role": st.sampled_from(["system", "user", "assistant", "tool", "developer"]),
+     "content": st.none() | st.text(max_size=20) | st.lists(text_part, max_size=2)},
+    optional={"tool_calls": st.lists(tool_call, max_size=2), "name": st.text(max_size=8),
+              "tool_call_id": st.text(max_size=8)})
+
+
+def paths(obj, path=()):
+    """Every place in a JSON value (containers too), deepest first."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from paths(v, path + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from paths(v, path + (i,))
+    yield path
+
+
+def replaced(obj, path, value):
+    if not path:
+        return value
+    out = dict(obj) if isinstance(obj, dict) else list(obj)
+    out[path[0]] = replaced(obj[path[0]], path[1:], value)
+    return out
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_fuzz_wrong_leaves_in_well_formed_requests_never_5xx(live_server, data):
+    """Well-formed messages and tools with one value swapped for anything: every check after
+    the message's role is reached (a random body rarely gets that far)."""
+    url, _ = live_server
+    body = {"messages": data.draw(st.lists(message, min_size=1, max_size=3)), "tools": TOOLS,
+            "tool_choice": data.draw(st.sampled_from(["auto", "none", "required",
+                                                      {"type": "function", "function": {"name": "read_file"}}]))}
+    where = data.draw(st.sampled_from([p for p in paths(body) if p]))
+    body = replaced(body, where, data.draw(json_values | st.just("\ud800")))
+    body.update(max_tokens=2, tool_grammar=False)
+    s, _, raw = post(url + "/v1/chat/completions", body)
+    assert s < 500, (where, raw)
+    if s >= 400:
+        assert set(json.loads(raw)["error"]) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("raw", [b"[" * 100000, b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
+                                 json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}).encode(),
+                                 json.dumps({"tools": [{"function": "x"}], "messages": [{"role": "user", "content": "a"}]}).encode(),
+                                 json.dumps({"tool_choice": {"function": "x"}, "messages": [{"role": "user", "content": "a"}]}).encode(),
+                                 json.dumps({"messages": [{"role": "assistant", "tool_calls": [5]}]}).encode(),
+                                 json.dumps({"messages": [{"role": "assistant", "tool_calls": "abc"}]}).encode(),
+                                 json.dumps({"messages": [{"role": "assistant", "tool_calls": [{"function": "ab"}]}]}).encode()],
+                         ids=["deep", "surrogate", "text-part", "tools", "tool-choice", "calls-int", "calls-str", "calls-fn"])
+def test_wrong_nested_shapes_are_400(live_server, raw):
+    s, _, out = post(live_server[0] + "/v1/chat/completions", None, raw=raw)
+    assert s == 400, out
+
+
 def test_server_still_answers_after_the_fuzz(client):
     assert client.chat.completions.create(model="localswarm", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
 

@@ -34,6 +34,19 @@ def test_empty_and_comment_only_answers_do_not_cluster_and_win():
     assert ls.vote(cands, prompt=prompt).index == 3
 
 
+@pytest.mark.parametrize("strategy", ls.STRATEGIES)
+def test_an_empty_answer_never_beats_text_when_none_passes_the_gate(strategy):
+    """Seen under load: [length, length, stop] with the stop one empty, and the client got "".
+    The empty answer is the fastest, yet a cut-off answer with text must win, and say why."""
+    cands = [ls.Candidate("", "stop", latency=0.1),
+             ls.Candidate("The answer begins with a long explanation that", "length", latency=3.0),
+             ls.Candidate("Another long explanation which was also cut", "length", latency=3.2)]
+    v = ls.vote(cands, strategy, prompt="Explain recursion.")
+    assert v.index in (1, 2)
+    assert v.note.startswith(ls.NO_ANSWER_PASSED)
+    assert ls.vote([GOOD, GOOD2, GOOD3], strategy, prompt="write add").note != ls.NO_ANSWER_PASSED
+
+
 def test_refusal_loses():
     v = ls.vote(["I'm sorry, I cannot help with that.", GOOD, GOOD2], prompt="write add")
     assert v.index != 0 and v.reasons[0] == "refusal"
