@@ -38,6 +38,7 @@ import dataclasses
 import difflib
 import hashlib
 import hmac
+import http.client
 import http.server
 import importlib
 import importlib.util
@@ -3857,6 +3858,9 @@ class _Features:
     by_line: bool = False
 
 
+MAX_COMPARED_ITEMS = 2000      # tokens, lines or words of an answer that the similarity reads
+
+
 def _features(text: str) -> _Features:
     blocks, prose = split_answer(text)
     lines = [line for lang, code in blocks
@@ -3865,7 +3869,8 @@ def _features(text: str) -> _Features:
     long = sum(line.count(" ") + 1 for line in lines) > LONG_ANSWER_TOKENS
     toks = lines if long else [t for line in lines for t in line.split(" ")]
     words = re.findall(r"\w+", prose.lower())
-    return _Features(toks, words, bool(toks), long)
+    # and whatever the answer, only its start is compared (difflib's cost grows as the square)
+    return _Features(toks[:MAX_COMPARED_ITEMS], words[:MAX_COMPARED_ITEMS], bool(toks), long)
 
 
 def similarity_matrix(feats: list, code_weight: float) -> list:
@@ -4949,12 +4954,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def route_fed_health(self) -> None:
         fed = self._federation()
         fed.check_request(self, b"")
-        self._send_json(200, {"status": "ok" if self.app.swarm else "loading", "node_id": fed.node_id})
+        self._send_fed(200, {"status": "ok" if self.app.swarm else "loading", "node_id": fed.node_id})
 
     def route_fed_info(self) -> None:
         fed = self._federation()
         fed.check_request(self, b"")
-        self._send_json(200, fed.info(self.app))
+        self._send_fed(200, fed.info(self.app))
+
+    def _send_fed(self, status: int, obj: Any) -> None:
+        """A federation reply, signed for the request it answers when there is a token."""
+        data, fed = json.dumps(obj).encode(), self.app.federation
+        sig = {"X-Localswarm-Signature": sign_reply(fed.token, self.headers.get("X-Localswarm-Nonce", ""), data)} \
+            if fed.token else {}
+        self._send(status, data, "application/json", sig)
 
     def route_fed_vote(self) -> None:
         fed = self._federation()
@@ -4966,7 +4978,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise ApiError(400, "invalid JSON body") from None
         req = fed.vote_request(self.app, data)
         ans = self._run_swarm(req, federate=False)     # hop limit 1: peers never forward
-        self._send_json(200, fed.vote_reply(ans))
+        self._send_fed(200, fed.vote_reply(ans))
 
     def _federation(self):
         if self.app.federation is None:
@@ -5076,9 +5088,22 @@ class DropPacket(Exception):
         self.reason = reason
 
 
-def sign(token: str, ts: str, nonce: str, body: bytes) -> str:
-    """HMAC-SHA256 over timestamp, nonce and body."""
-    return hmac.new(token.encode(), ts.encode() + b"\n" + nonce.encode() + b"\n" + body, hashlib.sha256).hexdigest()
+MAX_PEER_TEXT = 64 * 1024   # characters of a peer's answer: longer ones are refused (bounds the vote's cost)
+MAX_PEERS_PER_HOST = 4      # discovered peers one address may register
+SIGNATURE_RE = re.compile(r"[0-9a-f]{64}")
+NONCE_RE = re.compile(r"[0-9a-f]{8,64}")
+
+
+def sign(token: str, ts: str, nonce: str, body: bytes, context: tuple = ()) -> str:
+    """HMAC-SHA256 over what a message is for (context: a request's method, path and
+    destination node), its timestamp, nonce and body."""
+    head = "\n".join((*context, ts, nonce)).encode()
+    return hmac.new(token.encode(), head + b"\n" + body, hashlib.sha256).hexdigest()
+
+
+def sign_reply(token: str, nonce: str, body: bytes) -> str:
+    """A reply's signature, bound to the request it answers (its nonce is never reused)."""
+    return sign(token, "reply", nonce, body)
 
 
 class ReplayGuard:
@@ -5088,17 +5113,22 @@ class ReplayGuard:
         self.seen: dict = {}
         self.lock = threading.Lock()
 
-    def check(self, token: str, ts: str, nonce: str, sig: str, body: bytes, now: Optional[float] = None) -> None:
+    def check(self, token: str, ts: str, nonce: str, sig: str, body: bytes, now: Optional[float] = None,
+              context: tuple = ()) -> None:
         now = time.time() if now is None else now
         if not (ts and nonce and sig):
             raise DropPacket("unsigned")
+        if not (SIGNATURE_RE.fullmatch(sig) and NONCE_RE.fullmatch(nonce)):
+            raise DropPacket("bad_signature")
         try:
             age = abs(now - float(ts))
         except ValueError:
-            raise DropPacket("unsigned") from None
+            raise DropPacket("bad_timestamp") from None
+        if not math.isfinite(age):
+            raise DropPacket("bad_timestamp")
         if age > MAX_SKEW:
             raise DropPacket("stale")
-        if not hmac.compare_digest(sig, sign(token, ts, nonce, body)):
+        if not hmac.compare_digest(sig, sign(token, ts, nonce, body, context)):
             raise DropPacket("bad_signature")
         with self.lock:
             for k in [k for k, t in self.seen.items() if now - t > 2 * MAX_SKEW]:
@@ -5143,11 +5173,20 @@ def decode_announcement(data: bytes, token: str, guard: ReplayGuard, now: Option
         raise DropPacket("foreign")
     if obj.get("v") != FED_VERSION:
         raise DropPacket("version")
+    if token and obj.get("addrs") and not isinstance(obj["addrs"], list):
+        raise DropPacket("malformed")
     ok = (isinstance(obj.get("node_id"), str) and isinstance(obj.get("port"), int) and 0 < obj["port"] < 65536
           and isinstance(obj.get("instance"), str))
     if not ok:
         raise DropPacket("malformed")
     return obj
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def is_private(host: str) -> bool:
@@ -5161,6 +5200,50 @@ def is_private(host: str) -> bool:
 def parse_ip_addr(text: str) -> list:
     """Broadcast addresses from `ip -o -4 addr show` ("... inet A/N brd B ...")."""
     return [m.group(1) for m in re.finditer(r"\binet \S+ brd (\d+\.\d+\.\d+\.\d+)", text)]
+
+
+def parse_ip_addresses(text: str) -> list:
+    """Interface addresses from `ip -o -4 addr show` ("... inet A/N ...")."""
+    return re.findall(r"\binet (\d+\.\d+\.\d+\.\d+)/", text)
+
+
+def local_addresses() -> list:
+    """This machine's IPv4 addresses, which a signed announcement lists so that a copy sent
+    from another host is refused (empty when they cannot be found: then not checked)."""
+    found = parse_ip_addresses(run_probe(["ip", "-o", "-4", "addr", "show"]) or "")
+    if not found:
+        with contextlib.suppress(OSError):
+            found = socket.gethostbyname_ex(socket.gethostname())[2] + ["127.0.0.1"]
+    return sorted(set(found))[:32]
+
+
+def clean_vote(r: Any) -> dict:
+    """A peer's vote with every field checked: text and calls must be well-formed (ValueError
+    otherwise), numbers are made finite and clamped, so no reply can crash or outweigh the vote."""
+    if not isinstance(r, dict) or not isinstance(r.get("text"), str):
+        raise ValueError("not a vote")
+    if len(r["text"]) > MAX_PEER_TEXT:
+        raise ValueError(f"answer over {MAX_PEER_TEXT} characters")
+    calls = r.get("tool_calls") or []
+    if not isinstance(calls, list) or len(calls) > 64 or not all(
+            isinstance(c, dict) and isinstance(c.get("function"), dict) and isinstance(c["function"].get("name"), str)
+            and isinstance(c["function"].get("arguments"), str) for c in calls):
+        raise ValueError("malformed tool_calls")
+
+    def num(key, lo, hi):
+        v = r.get(key)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        return min(max(v, lo), hi) if ok else lo
+
+    text = lambda key, n: r[key][:n] if isinstance(r.get(key), str) else ""
+    return {"node_id": text("node_id", 64), "name": text("name", 64), "model": text("model", 128),
+            "text": r["text"], "tool_calls": [{"id": str(c.get("id", ""))[:64], "type": "function",
+                                               "function": {"name": c["function"]["name"][:128],
+                                                            "arguments": c["function"]["arguments"]}} for c in calls],
+            "finish_reason": r.get("finish_reason") if r.get("finish_reason") in ("stop", "length", "tool_calls")
+            else "stop", "confidence": float(num("confidence", 0.0, 1.0)),
+            "voters": int(num("voters", 1, REQUEST_FIELDS["voters"][2])), "latency": float(num("latency", 0.0, 86400.0)),
+            "completion_tokens": int(num("completion_tokens", 0, 10 ** 7))}
 
 
 def default_broadcasts() -> list:
@@ -5199,6 +5282,7 @@ class Federation:
         self.instance = secrets.token_hex(8)     # never copied: tells our own packets from a clone's
         self.name = cfg["network.name"] or socket.gethostname()
         self.broadcasts = cfg["network.broadcast_addresses"] or default_broadcasts()
+        self.addresses = local_addresses() if self.token else []
         self.peers: dict = {}
         self.dropped = collections.Counter()
         self.guard = ReplayGuard()
@@ -5218,12 +5302,23 @@ class Federation:
             log.warning("federation without auth_token: accepting peers from private and loopback "
                         "addresses only (set LOCALSWARM_FEDERATION_TOKEN to sign)")
         self.sock = self._open_socket()
-        for target in (self._listen, self._announce, self._check_static):
+        loops = [self._listen, self._check_static] + ([self._announce] if self.reachable() else [])
+        for target in loops:
             t = threading.Thread(target=target, name=f"localswarm-{target.__name__[1:]}", daemon=True)
             t.start()
             self.threads.append(t)
         log.info("federation on: node %s, UDP %d, announcing to %s", self.node_id,
                  self.cfg["network.discovery_port"], ", ".join(self.broadcasts))
+
+    def reachable(self) -> bool:
+        """Whether peers could reach the API we would announce: not when it is bound to
+        loopback and the announcements go beyond this machine (then we only listen)."""
+        host = self.cfg["server.host"]
+        if is_loopback(host) and not all(is_loopback(b) for b in self.broadcasts):
+            log.warning("the API is bound to %s, which no other machine can reach: listening for peers "
+                        "but not announcing this node (use --host 0.0.0.0 to take part)", host)
+            return False
+        return True
 
     def stop(self) -> None:
         self.stopping.set()
@@ -5255,7 +5350,7 @@ class Federation:
         hw = self.app.hardware
         return {"proto": FED_PROTOCOL, "v": FED_VERSION, "node_id": self.node_id, "instance": self.instance,
                 "name": self.name, "port": self.api_port, "model": sw.model_id if sw else "",
-                "voters": sw.voters if sw else 0, "version": __version__,
+                "voters": sw.voters if sw else 0, "version": __version__, "addrs": self.addresses,
                 "hw": {"cpu": hw.cpu_model[:60], "ram": hw.ram_total_bytes, "gpus": [g.name[:40] for g in hw.gpus][:4]}
                 if hw else {}}
 
@@ -5292,17 +5387,30 @@ class Federation:
         if not self.token and not is_private(host):
             raise DropPacket("not_private")
         ann = decode_announcement(data, self.token, self.guard, now)
+        addrs = ann.get("addrs") or []
+        if self.token and addrs and host not in addrs:
+            raise DropPacket("wrong_source")      # a signed packet replayed from another host
         if ann["node_id"] == self.node_id:
             if ann["instance"] == self.instance:
                 return None           # our own broadcast
+            if not self.token:
+                raise DropPacket("clash_unsigned")     # anyone could send it: it may not rename us
             if ann["instance"] < self.instance:   # a clone: the smaller instance keeps the id
                 old, self.node_id = self.node_id, uuid.uuid4().hex[:12]
                 log.warning("node id %s clashes with %s:%s (copied config or cloned VM?); now %s",
                             old, host, ann["port"], self.node_id)
+        ours = self.app.swarm.model_id if self.app.swarm else ""
+        if not self.cfg["network.mix_models"] and ours and ann.get("model") != ours:
+            raise DropPacket("other_model")
         key = ann["node_id"]
+        clock = time.monotonic() if now is None else now
         with self.lock:
-            if key not in self.peers and len(self.live_peers()) >= self.cfg["network.max_peers"]:
-                raise DropPacket("table_full")
+            self._prune(clock)
+            if key not in self.peers:
+                if len(self.peers) >= self.cfg["network.max_peers"]:
+                    raise DropPacket("table_full")
+                if sum(1 for p in self.peers.values() if p.host == host and not p.static) >= MAX_PEERS_PER_HOST:
+                    raise DropPacket("host_full")
             peer = self.peers.get(key) or Peer(host, ann["port"])
             peer.host, peer.port, peer.node_id = host, ann["port"], key
             peer.name, peer.model = str(ann.get("name", ""))[:64], str(ann.get("model", ""))[:128]
@@ -5314,12 +5422,25 @@ class Federation:
             self.peers[key] = peer
         return peer
 
+    def _prune(self, now: float) -> None:
+        """Forget discovered peers that expired (static ones stay, to be checked again)."""
+        limit = EXPIRE_INTERVALS * self.interval
+        for key in [k for k, p in self.peers.items() if not p.static and now - p.last_seen > limit]:
+            del self.peers[key]
+
     def live_peers(self, now: Optional[float] = None) -> list:
-        """Peers heard from within EXPIRE_INTERVALS intervals (static ones after a good check)."""
+        """Peers heard from within EXPIRE_INTERVALS intervals (static ones after a good check),
+        one per node id (a static --peer that discovery also found is asked once)."""
         now = time.monotonic() if now is None else now
         limit = EXPIRE_INTERVALS * self.interval
-        return [p for p in list(self.peers.values()) if p.last_seen and now - p.last_seen <= limit
-                and (self.cfg["network.mix_models"] or not self.app.swarm or p.model == self.app.swarm.model_id)]
+        live, ids = [], set()
+        for p in sorted(self.peers.values(), key=lambda p: p.static):
+            if p.last_seen and now - p.last_seen <= limit and (p.node_id not in ids or not p.node_id) \
+                    and (self.cfg["network.mix_models"] or not self.app.swarm or p.model == self.app.swarm.model_id) \
+                    and p.node_id != self.node_id:
+                live.append(p)
+                ids.add(p.node_id)
+        return live
 
     def _check_static(self) -> None:
         while not self.stopping.is_set():
@@ -5327,34 +5448,59 @@ class Federation:
                 if peer.static:
                     try:
                         info = self.request(peer, "GET", "/v1/federation/info", None, timeout=max(1.0, self.interval))
-                        peer.node_id, peer.name = info.get("node_id", ""), info.get("name", "")
-                        peer.model, peer.voters = info.get("model", ""), int(info.get("voters") or 0)
+                        text = lambda k, n: str(info.get(k) or "")[:n] if isinstance(info, dict) else ""
+                        peer.node_id, peer.name, peer.model = text("node_id", 64), text("name", 64), text("model", 128)
+                        peer.voters = info.get("voters") if isinstance(info.get("voters"), int) else 0
                         peer.last_seen = time.monotonic()
                     except Exception as exc:
                         log.debug("static peer %s:%d unreachable: %s", peer.host, peer.port, exc)
             self.stopping.wait(self.interval)
 
     # --- requests between nodes -------------------------------------------
-    def request(self, peer: Peer, method: str, path: str, payload: Optional[dict], timeout: float) -> dict:
+    def request(self, peer: Peer, method: str, path: str, payload: Optional[dict], timeout: float,
+                conns: Optional[list] = None) -> Any:
+        """One signed request to a peer; its reply must be signed too. The connection is put
+        in `conns` so that the caller can close it when its deadline passes."""
         body = json.dumps(payload).encode() if payload is not None else b""
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/json", "Host": f"{peer.host}:{peer.port}"}
+        nonce = secrets.token_hex(8)
         if self.token:
-            ts, nonce = f"{time.time():.3f}", secrets.token_hex(8)
+            ts = f"{time.time():.3f}"
             headers.update({"X-Localswarm-Timestamp": ts, "X-Localswarm-Nonce": nonce,
-                            "X-Localswarm-Signature": sign(self.token, ts, nonce, body)})
-        req = urllib.request.Request(peer.url + path, data=body if payload is not None else None,
-                                     headers=headers, method=method)
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read(self.cfg["server.max_body_bytes"]))
+                            "X-Localswarm-Node": peer.node_id,
+                            "X-Localswarm-Signature": sign(self.token, ts, nonce, body, (method, path, peer.node_id))})
+        conn = http.client.HTTPConnection(peer.host, peer.port, timeout=timeout)
+        if conns is not None:
+            conns.append(conn)
+        try:
+            conn.request(method, path, body=body if payload is not None else None, headers=headers)
+            resp = conn.getresponse()
+            limit = self.cfg["server.max_body_bytes"]
+            data = resp.read(limit + 1)
+            if resp.status != 200:
+                raise ValueError(f"HTTP {resp.status}")
+            if len(data) > limit:
+                raise ValueError("reply over server.max_body_bytes")
+            if self.token and not hmac.compare_digest(resp.getheader("X-Localswarm-Signature") or "",
+                                                      sign_reply(self.token, nonce, data)):
+                raise ValueError("reply not signed with the federation token")
+            return json.loads(data)
+        finally:
+            conn.close()
 
     def check_request(self, handler, body: bytes) -> None:
-        """Refuse federation requests that are unsigned, stale, replayed (token) or from outside (no token)."""
+        """Refuse federation requests that are unsigned, stale, replayed, signed for another
+        route or node (token), or from outside (no token)."""
         host = handler.client_address[0]
         try:
             if self.token:
                 h = handler.headers
+                dest = h.get("X-Localswarm-Node", "")
+                path = handler.path.split("?", 1)[0]
                 self.guard.check(self.token, h.get("X-Localswarm-Timestamp", ""), h.get("X-Localswarm-Nonce", ""),
-                                 h.get("X-Localswarm-Signature", ""), body)
+                                 h.get("X-Localswarm-Signature", ""), body, context=(handler.command, path, dest))
+                if dest != self.node_id and not (dest == "" and handler.command == "GET"):
+                    raise DropPacket("wrong_node")   # only a static peer's first look may not know us yet
             elif not is_private(host):
                 raise DropPacket("not_private")
         except DropPacket as exc:
@@ -5394,28 +5540,38 @@ class Federation:
                                                           "repeat_penalty", "presence_penalty", "frequency_penalty")}}
         payload = {k: v for k, v in payload.items() if v is not None}
         timeout = self.cfg["network.peer_timeout"]
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(peers) + 1)
+        deadline = time.monotonic() + timeout
+        conns, replies = [], {}
+
+        def ask(p: Peer) -> None:
+            try:
+                vote = clean_vote(self.request(p, "POST", "/v1/federation/vote", payload, timeout, conns))
+                vote["voters"] = min(vote["voters"], p.voters or 1)    # no more than it announced
+                replies[p.node_id or p.url] = vote
+            except Exception as exc:
+                replies[p.node_id or p.url] = exc
+        threads = [threading.Thread(target=ask, args=(p,), name="localswarm-peer", daemon=True) for p in peers]
+        for t in threads:
+            t.start()
+        got: dict = {}
         try:
-            futures = {pool.submit(self.request, p, "POST", "/v1/federation/vote", payload, timeout): p for p in peers}
             local = swarm.answer(req)
-            remote, skipped = [], []
-            done, late = concurrent.futures.wait(futures, timeout=max(0.0, timeout - local.latency))
-            for f in done:
-                p = futures[f]
-                try:
-                    r = f.result()
-                    if not (isinstance(r, dict) and isinstance(r.get("text"), str)):
-                        raise ValueError("not a vote")
-                    remote.append(r)
-                except Exception as exc:
-                    log.warning("peer %s (%s:%d) failed: %s", p.name or p.node_id, p.host, p.port, exc)
-                    skipped.append({"node_id": p.node_id, "reason": f"failed: {exc}"[:200]})
-            for f in late:
-                p = futures[f]
-                log.warning("peer %s (%s:%d) too late (> %.0fs); skipped", p.name or p.node_id, p.host, p.port, timeout)
-                skipped.append({"node_id": p.node_id, "reason": f"no answer within {timeout:.0f}s"})
+            for t in threads:
+                t.join(max(0.0, deadline - time.monotonic()) if not req.cancel.is_set() else 0)
+            got = dict(replies)            # what came in time
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+            for c in list(conns):          # one deadline for all: late peers' sockets are closed,
+                with contextlib.suppress(OSError, AttributeError):     # which also cancels their work
+                    c.sock.shutdown(socket.SHUT_RDWR)
+        remote, skipped = [], []
+        for p in peers:
+            r = got.get(p.node_id or p.url)
+            if isinstance(r, dict):
+                remote.append(r)
+                continue
+            why = f"failed: {r}"[:200] if r is not None else f"no answer within {timeout:.0f}s"
+            log.warning("peer %s (%s:%d) skipped: %s", p.name or p.node_id, p.host, p.port, why)
+            skipped.append({"node_id": p.node_id, "reason": why})
         return merge_federated(local, remote, self.node_id, self.name, skipped)
 
 

@@ -1,9 +1,11 @@
 """Federation: packet framing and signatures (pure), three nodes on loopback, and separate test
 hosts in network namespaces made by the test itself (root only). Traffic goes only to 127.0.0.0/8
 or to the namespaces' own 10.77.0.0/24; every wait is bounded."""
+import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -57,6 +59,7 @@ def test_bad_packets_are_dropped_with_a_reason(data, reason):
 
 def test_signed_announcements_stale_replayed_and_unsigned_are_refused():
     a, b = fed("tok"), fed("tok")
+    a.addresses = ["10.0.0.5"]
     packet = ls.encode_announcement(a.announcement(), "tok")
     assert b.receive(packet, "10.0.0.5")
     with pytest.raises(ls.DropPacket, match="replay"):
@@ -77,10 +80,11 @@ def test_without_token_only_private_addresses():
 
 
 def test_node_id_clash_is_resolved():
-    a, b = fed(), fed()
-    b.node_id = a.node_id                     # a cloned VM
+    a, b = fed("tok"), fed("tok")
+    b.node_id = a.node_id                     # a cloned VM (signed: only a real peer may rename us)
     smaller, larger = sorted((a, b), key=lambda f: f.instance)
-    larger.receive(ls.encode_announcement(smaller.announcement()), "127.0.0.1")
+    smaller.addresses = ["127.0.0.1"]
+    larger.receive(ls.encode_announcement(smaller.announcement(), "tok"), "127.0.0.1")
     assert larger.node_id != smaller.node_id
 
 
@@ -93,6 +97,170 @@ def test_peers_expire_and_the_table_is_bounded():
         b.receive(ls.encode_announcement(ann(fed(), node_id="n9")), "127.0.0.1", now=now)
     assert len(b.live_peers(now + b.interval * 3)) == 2
     assert b.live_peers(now + b.interval * 3.6) == []
+
+
+# --- issue 15: what a hostile packet, request or peer reply could do ---------------------
+
+def test_a_signed_announcement_sent_from_another_host_is_refused():
+    a, b = fed("tok"), fed("tok")
+    a.addresses = ["10.0.0.5"]
+    with pytest.raises(ls.DropPacket, match="wrong_source"):
+        b.receive(ls.encode_announcement(a.announcement(), "tok"), "10.0.0.66")
+
+
+def test_an_unsigned_clash_does_not_rename_us():
+    a, b = fed(), fed()
+    b.node_id, before = a.node_id, a.node_id
+    for _ in range(5):
+        with pytest.raises(ls.DropPacket, match="clash_unsigned"):
+            b.receive(ls.encode_announcement(ann(fed(), node_id=before, instance="0")), "127.0.0.1")
+    assert b.node_id == before
+
+
+def test_the_table_counts_every_peer_prunes_the_expired_and_limits_each_host():
+    b = fed(**{"network.max_peers": 32})
+    now = time.monotonic()
+    for wave in range(40):                    # 40 waves of 32 new ids, each after the last expired
+        t = now + wave * b.interval * 4
+        for i in range(32):
+            with contextlib.suppress(ls.DropPacket):
+                b.receive(ls.encode_announcement(ann(fed(), node_id=f"w{wave}n{i}")), f"10.0.{i}.1", now=t)
+    assert len(b.peers) <= 32
+    with pytest.raises(ls.DropPacket, match="host_full"):
+        for i in range(ls.MAX_PEERS_PER_HOST + 1):
+            b.receive(ls.encode_announcement(ann(fed(), node_id=f"h{i}", port=22 + i)), "10.9.9.9", now=t + 100)
+
+
+def test_other_models_are_not_stored_when_models_may_not_mix(engine):
+    b = fed(**{"network.mix_models": False})
+    b.app.swarm = ls.Swarm(engine, model_id="mine")
+    for i in range(50):
+        with pytest.raises(ls.DropPacket, match="other_model"):
+            b.receive(ls.encode_announcement(ann(fed(), node_id=f"f{i}", model="theirs")), "127.0.0.1")
+    assert b.peers == {}
+
+
+def test_a_static_peer_found_again_by_discovery_is_asked_once():
+    b = fed(**{"network.peers": ["127.0.0.1:9"]})
+    static = b.peers["static:127.0.0.1:9"]
+    static.node_id, static.last_seen = "abc", time.monotonic()
+    b.receive(ls.encode_announcement(ann(fed(), node_id="abc", port=9)), "127.0.0.1")
+    assert [p.node_id for p in b.live_peers()] == ["abc"]
+
+
+def test_a_node_bound_to_loopback_does_not_announce_to_the_lan():
+    assert not fed(**{"server.host": "127.0.0.1", "network.broadcast_addresses": ["10.77.0.255"]}).reachable()
+    assert fed(**{"server.host": "127.0.0.1"}).reachable()          # loopback-only federation
+    assert fed(**{"server.host": "0.0.0.0", "network.broadcast_addresses": ["10.77.0.255"]}).reachable()
+
+
+@pytest.mark.parametrize("ts, sig, reason", [("nan", "0" * 64, "bad_timestamp"), ("inf", "0" * 64, "bad_timestamp"),
+                                             (None, "é" * 64, "bad_signature"), (None, "zz", "bad_signature")])
+def test_malformed_signatures_and_timestamps_are_refused(ts, sig, reason):
+    with pytest.raises(ls.DropPacket) as e:
+        ls.ReplayGuard().check("tok", ts or f"{time.time():.3f}", "0123456789abcdef", sig, b"{}")
+    assert e.value.reason == reason
+
+
+def test_a_signature_holds_only_for_its_route_and_node():
+    ts, nonce, body = f"{time.time():.3f}", "0123456789abcdef", b"{}"
+    sig = ls.sign("tok", ts, nonce, body, ("POST", "/v1/federation/vote", "nodeA"))
+    for context in [("POST", "/v1/federation/vote", "nodeB"), ("GET", "/v1/federation/info", "nodeA")]:
+        with pytest.raises(ls.DropPacket, match="bad_signature"):
+            ls.ReplayGuard().check("tok", ts, nonce, sig, body, context=context)
+    ls.ReplayGuard().check("tok", ts, nonce, sig, body, context=("POST", "/v1/federation/vote", "nodeA"))
+
+
+def test_a_vote_request_captured_on_its_way_to_one_node_is_refused_by_another():
+    from types import SimpleNamespace
+    a, b, sender = fed("tok"), fed("tok"), fed("tok")
+    body, ts, nonce = b'{"prompt": "x"}', f"{time.time():.3f}", "0123456789abcdef"
+    sig = ls.sign("tok", ts, nonce, body, ("POST", "/v1/federation/vote", a.node_id))
+    headers = {"X-Localswarm-Timestamp": ts, "X-Localswarm-Nonce": nonce, "X-Localswarm-Signature": sig,
+               "X-Localswarm-Node": a.node_id}
+    handler = SimpleNamespace(headers=headers, command="POST", path="/v1/federation/vote",
+                              client_address=("10.0.0.7", 5))
+    a.check_request(handler, body)                      # for A: fine
+    with pytest.raises(ls.ApiError) as e:
+        b.check_request(handler, body)                  # replayed to B
+    assert e.value.status == 401 and e.value.code == "wrong_node" and b.dropped["request_wrong_node"] == 1
+    with pytest.raises(ls.ApiError):
+        a.check_request(SimpleNamespace(**{**vars(handler), "path": "/v1/federation/info"}), body)
+
+
+@pytest.mark.parametrize("field, value, expect", [
+    ("completion_tokens", "abc", 0), ("latency", "slow", 0.0), ("voters", "many", 1), ("confidence", "high", 0.0),
+    ("voters", 1e300, 64), ("latency", float("nan"), 0.0), ("confidence", 7, 1.0), ("finish_reason", 5, "stop")])
+def test_every_field_of_a_peer_vote_is_checked_and_clamped(field, value, expect):
+    vote = {"text": "x", "voters": 2, "confidence": 0.5, field: value}
+    assert ls.clean_vote(vote)[field] == expect
+
+
+@pytest.mark.parametrize("vote", [{"text": 5}, {"text": "x", "tool_calls": 5}, {"text": "x", "tool_calls": [5]},
+                                  {"text": "x" * (ls.MAX_PEER_TEXT + 1)}, "text"])
+def test_malformed_peer_votes_are_refused(vote):
+    with pytest.raises(ValueError):
+        ls.clean_vote(vote)
+
+
+def test_a_huge_voter_count_cannot_outvote_agreeing_voters():
+    good = "```python\ndef add(a, b):\n    return a + b\n```"
+    local = [{"text": good, "voters": 3, "confidence": 1.0}]
+    liar = ls.clean_vote({"text": "x", "voters": 1e308, "confidence": 1.0})
+    liar["voters"] = min(liar["voters"], 3)          # what Federation.answer does: no more than announced
+    assert ls.cross_vote(local + [liar]).index == 0
+
+
+def test_a_silent_peer_costs_one_deadline_and_its_socket_is_closed(engine):
+    """A peer that accepts and never answers: the request ends at network.peer_timeout, the
+    connection to it is closed (so it would stop working) and no thread is left waiting."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)
+    port = silent.getsockname()[1]
+    b = fed(**{"network.peer_timeout": 1.5, "network.peers": [f"127.0.0.1:{port}"]})
+    b.app.swarm = ls.Swarm(engine, model_id="m")
+    peer = b.peers[f"static:127.0.0.1:{port}"]
+    peer.node_id, peer.last_seen, peer.voters = "silent", time.monotonic(), 2
+    threads = threading.active_count()
+    t0 = time.monotonic()
+    ans = b.answer(b.app.swarm, ls.ChatRequest(messages=[{"role": "user", "content": "hi"}], max_tokens_requested=4))
+    assert time.monotonic() - t0 < 1.5 + 5
+    assert [n["reason"] for n in ans.nodes if n.get("skipped")] == ["no answer within 2s"]
+    conn, _ = silent.accept()
+    conn.settimeout(5)
+    conn.recv(65536)                          # the request
+    assert conn.recv(65536) == b"", "the connection to the late peer is closed"
+    conn.close()
+    silent.close()
+    time.sleep(0.2)
+    assert threading.active_count() <= threads
+
+
+def test_an_unsigned_reply_is_not_a_vote():
+    """With a token, a peer's reply must be signed for the request it answers."""
+    import http.server
+
+    class Impostor(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"text": "trust me", "voters": 3}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+    srv = http.server.HTTPServer(("127.0.0.1", 0), Impostor)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        b = fed("tok")
+        with pytest.raises(ValueError, match="not signed"):
+            b.request(ls.Peer("127.0.0.1", srv.server_address[1], node_id="x"), "POST", "/v1/federation/vote", {}, 5)
+    finally:
+        srv.shutdown()
+        srv.server_close()
 
 
 def test_parse_ip_addr():
