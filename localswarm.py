@@ -5639,19 +5639,44 @@ class ToolFailure(Exception):
     """A tool's own failure: reported as a result with isError true."""
 
 
+MCP_LOAD_WAIT = 600.0      # seconds a tool call waits for the model to finish loading
+MCP_PROGRESS_EVERY = 2.0   # seconds between progress notifications while it waits
+MCP_MAX_CALLS = 4          # tool calls running at once; more get an error
+
+
+@dataclass
+class McpCall:
+    """What a running tool call may use besides its arguments."""
+    cancel: threading.Event = field(default_factory=threading.Event)   # notifications/cancelled
+    progress: Callable[[float, str], None] = lambda done, message: None
+
+
 class McpServer:
-    """JSON-RPC dispatch for the five tools; serve() runs it over a line stream."""
+    """JSON-RPC dispatch for the five tools; serve() runs it over a line stream. Tool calls run
+    in their own threads, so pings and cancellations are answered while the swarm works."""
 
     def __init__(self, app: App, registry: list, budget: Budget):
         self.app, self.registry, self.budget = app, registry, budget
         self.version = MCP_VERSIONS[0]
+        self.out = None
+        self.write_lock = threading.Lock()
+        self.calls: dict = {}                 # request id -> McpCall, while running
+        self.slots = threading.BoundedSemaphore(MCP_MAX_CALLS)
 
     def handle(self, line: str) -> Optional[dict]:
         """One JSON-RPC message in, the reply out (None for notifications)."""
+        msg, err = self._parse(line)
+        return err or self.handle_message(msg)
+
+    @staticmethod
+    def _parse(line: str) -> tuple:
+        """(message, None), or (None, the parse error's reply)."""
         try:
-            msg = json.loads(line)
-        except ValueError:
-            return _rpc_error(None, -32700, "parse error: not JSON")
+            return json.loads(line), None
+        except (ValueError, RecursionError):
+            return None, _rpc_error(None, -32700, "parse error: not JSON")
+
+    def handle_message(self, msg: Any, call: Optional[McpCall] = None) -> Optional[dict]:
         if not isinstance(msg, dict) or msg.get("jsonrpc") != "2.0" or not isinstance(msg.get("method", ""), str):
             return _rpc_error(msg.get("id") if isinstance(msg, dict) else None, -32600, "invalid request")
         if "method" not in msg:
@@ -5661,7 +5686,7 @@ class McpServer:
         try:
             if not isinstance(params, dict):
                 raise McpError(-32602, "params must be an object")
-            result = self._call(method, params)
+            result = self._call(method, params, call or McpCall())
         except McpError as exc:
             return None if notification else _rpc_error(mid, exc.code, exc.message)
         except Exception as exc:      # the boundary: never a traceback on stdout
@@ -5669,13 +5694,18 @@ class McpServer:
             return None if notification else _rpc_error(mid, -32603, f"internal error: {type(exc).__name__}")
         return None if notification else {"jsonrpc": "2.0", "id": mid, "result": result}
 
-    def _call(self, method: str, params: dict) -> Any:
+    def _call(self, method: str, params: dict, call: McpCall) -> Any:
         if method == "initialize":
             asked = params.get("protocolVersion")
             self.version = asked if asked in MCP_VERSIONS else MCP_VERSIONS[0]
             return {"protocolVersion": self.version, "capabilities": {"tools": {"listChanged": False}},
                     "serverInfo": {"name": "localswarm", "version": __version__},
                     "instructions": "A local swarm of coding models; generate_code returns the consensus answer."}
+        if method == "notifications/cancelled":
+            running = self.calls.get(params.get("requestId"))
+            if running:
+                running.cancel.set()
+            return {}
         if method.startswith("notifications/"):
             return {}
         if method == "ping":
@@ -5690,40 +5720,43 @@ class McpServer:
             if not isinstance(args, dict):
                 raise McpError(-32602, "arguments must be an object")
             try:
-                text = tool(args)
+                text = tool(args, call)
                 return {"content": [{"type": "text", "text": text}], "isError": False}
             except (ToolFailure, LocalswarmError) as exc:
                 return {"content": [{"type": "text", "text": str(exc)}], "isError": True}
         raise McpError(-32601, f"method not found: {method}")
 
     # --- the five tools ---------------------------------------------------
-    def tool_get_hardware_info(self, args: dict) -> str:
+    def tool_get_hardware_info(self, args: dict, call: McpCall) -> str:
         hw = self.app.hardware or detect_hardware()
         return json.dumps({"hardware": hw.to_json(), "rule": self.budget.rule,
                            "budget_bytes": self.budget.bytes, "backend": self.budget.backend}, indent=1)
 
-    def tool_get_swarm_status(self, args: dict) -> str:
+    def tool_get_swarm_status(self, args: dict, call: McpCall) -> str:
         if self.app.swarm is None:
             return json.dumps({"status": "loading" if not self.app.load_error else "error",
                                "error": self.app.load_error, "plan": self.app.plan.to_json() if self.app.plan else None})
         return json.dumps(dict(self.app.swarm.status(), status="ok", peers=self.app.peer_count()), indent=1)
 
-    def tool_generate_code(self, args: dict) -> str:
+    def tool_generate_code(self, args: dict, call: McpCall) -> str:
         prompt = args.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise ToolFailure("generate_code needs a non-empty 'prompt' string")
         try:
             check_fields({k: args[k] for k in ("max_tokens", "temperature", "voters") if k in args})
+            check_values(prompt, "prompt")
         except ApiError as exc:
             raise ToolFailure(f"bad argument {exc.param}: {exc.message}") from None
-        if self.app.swarm is None:
-            raise ToolFailure("the model is not ready yet (still loading); try again shortly"
-                              if not self.app.load_error else f"the model failed to load: {self.app.load_error}")
         lang = args.get("language")
+        if lang is not None and not isinstance(lang, str):
+            raise ToolFailure("bad argument language: must be a string")
+        self._wait_for_model(call)
         ask = prompt + (f"\n\nAnswer in {lang}, with the code in one fenced block." if lang else "")
+        temperature = args.get("temperature")
         req = ChatRequest(messages=[{"role": "user", "content": ask}],
-                          params=SamplingParams(temperature=float(args.get("temperature", 0.8))),
-                          voters=args.get("voters"), max_tokens_requested=int(args.get("max_tokens", 512)))
+                          params=SamplingParams(temperature=0.8 if temperature is None else float(temperature)),
+                          voters=args.get("voters"), max_tokens_requested=args.get("max_tokens") or 512,
+                          cancel=call.cancel)
         try:
             ans = self.app.answer(req)
         except ApiError as exc:
@@ -5732,7 +5765,21 @@ class McpServer:
         return (f"{ans.text}\n\n---\nstrategy: {meta['strategy']}, confidence: {meta['confidence']:.2f}, "
                 f"voters: {meta['voters']}, latency: {meta['latency_s']:.2f}s, model: {ans.model}")
 
-    def tool_list_available_models(self, args: dict) -> str:
+    def _wait_for_model(self, call: McpCall) -> None:
+        """An assistant calls tools right after initialize: wait for the model (reporting
+        progress) rather than fail, up to MCP_LOAD_WAIT seconds."""
+        t0 = time.monotonic()
+        while self.app.swarm is None:
+            waited = time.monotonic() - t0
+            if self.app.load_error:
+                raise ToolFailure(f"the model failed to load: {self.app.load_error}")
+            if waited > MCP_LOAD_WAIT or call.cancel.is_set():
+                raise ToolFailure("the model is not ready yet (still loading); try again shortly"
+                                  if not call.cancel.is_set() else "cancelled")
+            call.progress(round(waited), "loading the model")
+            call.cancel.wait(MCP_PROGRESS_EVERY)
+
+    def tool_list_available_models(self, args: dict, call: McpCall) -> str:
         rows = []
         for v in self.registry:
             fits = plan_for(v, min_ctx(v), 2, self.budget)
@@ -5742,21 +5789,78 @@ class McpServer:
                          estimate_memory(v, min_ctx(v), 2, self.budget.backend)["total"], "license": v.license})
         return json.dumps({"budget_bytes": self.budget.bytes, "models": rows}, indent=1)
 
-    def tool_get_worker_details(self, args: dict) -> str:
+    def tool_get_worker_details(self, args: dict, call: McpCall) -> str:
         if self.app.swarm is None:
             raise ToolFailure("the model is not ready yet (still loading)")
         return json.dumps({"voters": self.app.swarm.workers()}, indent=1)
 
     # --- transport --------------------------------------------------------
     def serve(self, inp, out) -> None:
-        """Read lines until end of input; write one reply line per request, flushed."""
-        for line in inp:
+        """Read lines until end of input; write one reply line per request. Bytes that are
+        not UTF-8 are replaced (the message is then usually not JSON: a parse error), and a
+        line over server.max_body_bytes is answered with an error and skipped."""
+        self.out = out
+        for line in self._lines(getattr(inp, "buffer", inp), self.app.cfg["server.max_body_bytes"]):
+            if line is None:
+                self.send(_rpc_error(None, -32700, f"message over {self.app.cfg['server.max_body_bytes']} bytes"))
+                continue
             if not line.strip():
                 continue
-            reply = self.handle(line)
-            if reply is not None:
-                out.write(json.dumps(reply, separators=(",", ":")) + "\n")
-                out.flush()
+            msg, err = self._parse(line)
+            if err:
+                self.send(err)
+            elif isinstance(msg, dict) and msg.get("method") == "tools/call" and "id" in msg:
+                self._start_call(msg)
+            else:
+                self.send(self.handle_message(msg))
+
+    @staticmethod
+    def _lines(raw, limit: int):
+        """Lines as text (None for one over the limit, whose rest is skipped)."""
+        def read() -> bytes:
+            line = raw.readline(limit + 1)
+            return line.encode("utf-8", "surrogateescape") if isinstance(line, str) else line
+        while line := read():
+            if len(line) > limit and not line.endswith(b"\n"):
+                while (rest := read()) and not rest.endswith(b"\n"):
+                    pass
+                yield None
+                continue
+            yield line.decode("utf-8", "replace")
+
+    def _start_call(self, msg: dict) -> None:
+        """Run one tools/call in its own thread; its reply is written when it ends."""
+        mid = msg.get("id")
+        if not self.slots.acquire(blocking=False):
+            self.send(_rpc_error(mid, -32000, f"busy: {MCP_MAX_CALLS} tool calls are running"))
+            return
+        token = ((msg.get("params") or {}).get("_meta") or {}).get("progressToken") \
+            if isinstance(msg.get("params"), dict) and isinstance(msg["params"].get("_meta"), dict) else None
+        call = McpCall(progress=(lambda done, message: self.send({
+            "jsonrpc": "2.0", "method": "notifications/progress",
+            "params": {"progressToken": token, "progress": done, "message": message}})) if token is not None
+            else McpCall.progress)
+        try:
+            hash(mid)
+            self.calls[mid] = call
+        except TypeError:
+            pass
+
+        def run():
+            try:
+                self.send(self.handle_message(msg, call))
+            finally:
+                with contextlib.suppress(TypeError):
+                    self.calls.pop(mid, None)
+                self.slots.release()
+        threading.Thread(target=run, name="localswarm-mcp-call", daemon=True).start()
+
+    def send(self, reply: Optional[dict]) -> None:
+        if reply is None or self.out is None:
+            return
+        with self.write_lock:
+            self.out.write(json.dumps(reply, separators=(",", ":")) + "\n")
+            self.out.flush()
 
 
 def _rpc_error(mid, code: int, message: str) -> dict:

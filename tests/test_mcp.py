@@ -95,3 +95,99 @@ def test_dispatch_errors_and_version_negotiation():
                                                                                      "arguments": {"prompt": "x"}}})
     assert r["result"]["isError"] and "not ready" in r["result"]["content"][0]["text"]
     assert rpc(server, {"jsonrpc": "2.0", "id": 7, "method": "ping"})["result"] == {}
+
+
+# --- issue 15: the transport survives bad input and never blocks on a tool call ----------------
+
+class Pipe:
+    """The server's stdin and stdout as pipes, the server in a thread; replies read by id."""
+
+    def __init__(self, server):
+        import io
+        import threading
+        r, self.w = os.pipe()
+        self.out_r, w = os.pipe()
+        self.inp = io.open(r, "r", encoding="utf-8", errors="strict")     # strict, as sys.stdin can be
+        self.out = io.open(w, "w", encoding="utf-8")
+        self.thread = threading.Thread(target=server.serve, args=(self.inp, self.out), daemon=True)
+        self.thread.start()
+        self.reader = io.open(self.out_r, "r", encoding="utf-8")
+        self.seen = []
+
+    def send(self, data):
+        os.write(self.w, (data if isinstance(data, bytes) else json.dumps(data).encode()) + b"\n")
+
+    def next(self, timeout=60):
+        import select
+        ready, _, _ = select.select([self.reader], [], [], timeout)
+        assert ready, "no reply in time"
+        msg = json.loads(self.reader.readline())
+        self.seen.append(msg)
+        return msg
+
+    def close(self):
+        os.close(self.w)
+        self.thread.join(5)
+
+
+def mcp_server(app, **cfg):
+    for k, v in cfg.items():
+        app.cfg.set(k, v)
+    return ls.McpServer(app, ls.load_registry(), ls.Budget(8 * ls.GiB, "test", [8 * ls.GiB], "cpu"))
+
+
+def test_invalid_utf8_and_overlong_lines_do_not_kill_the_reader():
+    server = mcp_server(ls.App(ls.load_config(env={}, read_file=False)), **{"server.max_body_bytes": 1024})
+    p = Pipe(server)
+    try:
+        p.send(b'{"jsonrpc": "2.0", "id": 1, "method": "ping", "x": "\xff\xfe"}')
+        assert p.next()["id"] == 1                    # replaced bytes: still a ping
+        p.send(b"\xc3\x28 not json")
+        assert p.next()["error"]["code"] == -32700
+        p.send(b'{"jsonrpc": "2.0", "id": 2, "method": "ping", "pad": "' + b"a" * 5000 + b'"}')
+        assert p.next()["error"]["code"] == -32700
+        p.send({"jsonrpc": "2.0", "id": 3, "method": "ping"})
+        assert p.next() == {"jsonrpc": "2.0", "id": 3, "result": {}}
+    finally:
+        p.close()
+
+
+def test_a_tool_call_waits_for_the_model_with_progress_and_pings_are_answered_meanwhile(engine):
+    app = ls.App(ls.load_config(env={}, read_file=False))
+    p = Pipe(mcp_server(app))
+    try:
+        p.send({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+            "name": "generate_code", "arguments": {"prompt": "Write add(a, b) in Python.", "max_tokens": None},
+            "_meta": {"progressToken": "t1"}}})
+        p.send({"jsonrpc": "2.0", "id": 2, "method": "ping"})
+        first = p.next()
+        assert first.get("id") == 2 or first.get("method") == "notifications/progress"
+        time.sleep(2.5)                                # the model "finishes loading"
+        app.swarm = ls.Swarm(engine, model_id="m")
+        while (msg := p.next()).get("id") != 1:
+            pass
+        assert not msg["result"]["isError"], msg
+        assert any(m.get("method") == "notifications/progress" and m["params"]["progressToken"] == "t1"
+                   for m in p.seen)
+        assert any(m.get("id") == 2 for m in p.seen)
+    finally:
+        p.close()
+
+
+def test_a_running_tool_call_can_be_cancelled_and_does_not_block_pings(engine):
+    app = ls.App(ls.load_config(env={}, read_file=False), ls.Swarm(engine, model_id="m"))
+    p = Pipe(mcp_server(app))
+    try:
+        p.send({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {
+            "name": "generate_code", "arguments": {"prompt": "Write a very long story.", "max_tokens": 1500}}})
+        deadline = time.monotonic() + 30
+        while app.swarm.status()["busy_voters"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        p.send({"jsonrpc": "2.0", "id": 8, "method": "ping"})
+        assert p.next(10)["id"] == 8                 # answered while the swarm works
+        t0 = time.monotonic()
+        p.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 7}})
+        reply = p.next(30)
+        assert reply["id"] == 7 and time.monotonic() - t0 < 10
+    finally:
+        p.close()
