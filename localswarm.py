@@ -1427,11 +1427,23 @@ def download_model(v: Variant, models_dir: str, quiet: bool = False) -> str:
         raise LocalswarmError(f"download of {v.repo}/{v.file} failed: {type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     try:
-        verify_model_file(path, v)
+        verify_model_file(path, v if v.sha256 else dataclasses.replace(v, sha256=hub_sha256(hub, v)))
     except LocalswarmError as exc:
         _delete_download(path)
         raise LocalswarmError(f"{exc}; the file was deleted, run again to re-download") from None
     return path
+
+
+def hub_sha256(hub, v: Variant) -> str:
+    """The sha256 the hub records for v's file (its LFS object id), for variants the registry
+    has none pinned for; "" when the hub does not say (then only the GGUF header is checked)."""
+    try:
+        info = hub.HfApi().get_paths_info(v.repo, [v.file], revision=v.revision or None)
+        sha = getattr(getattr(info[0], "lfs", None), "sha256", "") if info else ""
+    except Exception as exc:    # noqa: BLE001 - the metadata is a bonus; the file itself arrived
+        log.info("no sha256 from the hub for %s: %s", v.file, exc)
+        return ""
+    return sha if isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha) else ""
 
 
 def _download_mlx(hub, v: Variant, models_dir: str) -> str:

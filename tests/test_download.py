@@ -45,6 +45,18 @@ class MirrorHandler(http.server.BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.end_headers()
 
+    def do_POST(self):
+        """The hub's paths-info API: the file's LFS object id is its sha256."""
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        srv = self.server
+        body = json.dumps([{"type": "file", "path": "starter.gguf", "size": len(srv.payload), "oid": "0" * 40,
+                            "lfs": {"oid": srv.sha, "size": len(srv.payload), "pointerSize": 134}}]).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def do_HEAD(self):
         if "/resolve/" not in self.path:
             self.send_error(404)
@@ -99,8 +111,9 @@ except ls.LocalswarmError as exc:
 
 
 def download(mirror, tmp_path, sha=None, endpoint=None):
-    """Run the download in a child (huggingface_hub reads HF_ENDPOINT when it is imported)."""
-    code = SCRIPT.format(size=len(mirror.payload), sha=sha or mirror.sha)
+    """Run the download in a child (huggingface_hub reads HF_ENDPOINT when it is imported);
+    sha "" = a variant with no pinned sha256."""
+    code = SCRIPT.format(size=len(mirror.payload), sha=mirror.sha if sha is None else sha)
     endpoint = endpoint or f"http://127.0.0.1:{mirror.server_address[1]}"
     env = dict(os.environ, HF_ENDPOINT=endpoint, PYTHONPATH=ROOT,
                HF_HUB_DOWNLOAD_TIMEOUT="3", HF_HUB_ETAG_TIMEOUT="3", HF_HUB_DISABLE_TELEMETRY="1")
@@ -141,6 +154,12 @@ def test_corrupted_file_is_rejected_and_deleted(mirror, tmp_path):
     assert "error" in out and "sha256" in out["error"] and "deleted" in out["error"]
     left = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "models") for f in fs if f.endswith(".gguf")]
     assert all(not os.path.exists(p) for p in left), "a bad file must not stay where it would be used"
+
+
+@pytest.mark.parametrize("mirror", ["corrupt"], indirect=True)
+def test_a_variant_without_a_pinned_sha256_is_checked_against_the_hubs(mirror, tmp_path):
+    out = download(mirror, tmp_path, sha="")
+    assert "sha256" in out.get("error", ""), out
 
 
 def test_bad_magic_is_rejected(tmp_path):
