@@ -1232,16 +1232,31 @@ _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 
 
 
 def read_gguf_metadata(path: str, skip_arrays: bool = True) -> dict:
-    """Key/value metadata of a GGUF file (stdlib; big arrays such as the vocabulary skipped)."""
+    """Key/value metadata of a GGUF file (stdlib; big arrays such as the vocabulary skipped).
+    A damaged or truncated file is one LocalswarmError, never a traceback."""
+    try:
+        return _read_gguf_metadata(path, skip_arrays)
+    except (struct.error, MemoryError, KeyError, OverflowError, ValueError, EOFError) as exc:
+        raise LocalswarmError(f"{path} is not a valid GGUF file (damaged or truncated)") from None
+    except OSError as exc:
+        raise LocalswarmError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _read_gguf_metadata(path: str, skip_arrays: bool) -> dict:
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise LocalswarmError(f"{path} is not a GGUF file (bad magic)")
+        size = os.fstat(f.fileno()).st_size
         version, _n_tensors, n_kv = struct.unpack("<IQQ", f.read(20))
         if version < 2:
             raise LocalswarmError(f"{path}: GGUF version {version} is too old")
+        if n_kv > size:
+            raise ValueError("more keys than bytes")
 
         def read_str():
             (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - f.tell():
+                raise EOFError("a string runs past the end of the file")
             return f.read(n).decode("utf-8", "replace")
 
         def read_value(t):
@@ -1249,6 +1264,8 @@ def read_gguf_metadata(path: str, skip_arrays: bool = True) -> dict:
                 return read_str()
             if t == 9:
                 (et, n) = struct.unpack("<IQ", f.read(12))
+                if n > size - f.tell():
+                    raise EOFError("an array runs past the end of the file")
                 if skip_arrays and n > 64:
                     if et == 8:
                         for _ in range(n):
@@ -6054,10 +6071,12 @@ def detect_json(hw: HardwareProfile, budget: Budget, p: Optional[Plan], registry
 
 
 def opencode_snippet(url: str, model_id: str, api_key: str = "", ctx: int = 32768) -> dict:
-    """A ready-to-paste opencode.json provider block for this server."""
+    """A ready-to-paste opencode.json provider block for this server. A key is never printed:
+    opencode reads it from the environment ({env:...} is opencode's own substitution)."""
+    key = "{env:" + SETTINGS_BY_KEY[("server", "api_key")].env + "}" if api_key else "none"
     return {"$schema": "https://opencode.ai/config.json", "provider": {"localswarm": {
         "npm": "@ai-sdk/openai-compatible", "name": "localswarm",
-        "options": {"baseURL": url + "/v1", "apiKey": api_key or "none"},
+        "options": {"baseURL": url + "/v1", "apiKey": key},
         # output limit: opencode keeps context - output for the prompt, and its prompt is ~7.6k tokens
         "models": {model_id: {"name": f"localswarm ({model_id})",
                               "limit": {"context": ctx, "output": min(4096, max(256, ctx // 8))}}}}},
@@ -6185,7 +6204,7 @@ def startup_summary(app: App, url: str, budget: Budget, p: Plan) -> str:
         f"  hardware:   {app.hardware.cpu_model if app.hardware else '?'}; {budget.rule}",
         f"  plan:       {_plan_line(p, budget)}",
         f"  url:        {url}/v1   (OpenAI-compatible; model ids: see /v1/models)",
-        f"  api key:    {'required' if key else 'none (anyone who can reach the port can use it)'}",
+        f"  api key:    {'required (opencode reads it from ' + SETTINGS_BY_KEY[('server', 'api_key')].env + ')' if key else 'none (anyone who can reach the port can use it)'}",
         f"  federation: {fed}",
         "  opencode.json:", snippet])
 

@@ -113,3 +113,21 @@ def test_unknown_model_flag_is_one_line_with_suggestions():
     r = subprocess.run([sys.executable, os.path.join(ROOT, "localswarm.py"), "--model", "qwen2.5-coder:7b:q9", "-y"],
                        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "closest:" in r.stderr
+
+
+def test_the_opencode_snippet_never_prints_the_api_key():
+    snippet = json.dumps(ls.opencode_snippet("http://127.0.0.1:8080", "m", "sekrit-key"))
+    assert "sekrit-key" not in snippet and "{env:LOCALSWARM_API_KEY}" in snippet
+    assert '"apiKey": "none"' in json.dumps(ls.opencode_snippet("http://127.0.0.1:8080", "m", ""))
+
+
+@pytest.mark.parametrize("data", [b"GGUF\x03\x00\x00\x00" + b"\xff" * 16, b"GGUF\x03\x00\x00\x00\x01",
+                                  b"GGUF\x03\x00\x00\x00" + b"\x00" * 8 + b"\x01" + b"\x00" * 7 + b"\xff" * 8],
+                         ids=["huge-counts", "truncated", "string-past-the-end"])
+def test_a_malformed_gguf_is_one_line_and_nonzero(tmp_path, data):
+    import subprocess
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(data)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "localswarm.py"), "--model-path", str(bad), "-y",
+                        "--port", "0"], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "not a valid GGUF file" in r.stderr, r.stderr
