@@ -2246,6 +2246,9 @@ class WorkerStats:
     errors: int = 0
 
 
+RELOAD_MAX_DELAY = 60.0     # seconds between attempts to reload a failed context, at most
+
+
 class LlamaCppEngine:
     """One model, many voters: a scheduler thread owns the llama.cpp context; requests are
     queued (bounded FIFO), admitted while sequences are free, and decoded together."""
@@ -2269,6 +2272,7 @@ class LlamaCppEngine:
                                        self.llm.special_text("bos"), self.llm.special_text("eos"), tool_format)
         self.workers = [WorkerStats(i) for i in range(voters)]
         self.healthy = True
+        self._reload_at, self._reload_delay = 0.0, 0.0
         self.counters = collections.Counter()
         self._waiting: collections.deque = collections.deque()
         self._runs: list = []
@@ -2386,6 +2390,8 @@ class LlamaCppEngine:
     # --- engine thread ----------------------------------------------------
     def _loop(self) -> None:
         while True:
+            if not self.healthy and time.monotonic() >= self._reload_at:
+                self._reload()
             try:
                 with self._cv:
                     self._take_disk_news()
@@ -2740,15 +2746,27 @@ class LlamaCppEngine:
             self._cache.remove(e)          # the cells go with the context
         self._cache.free_slots = list(range(PROMPT_CACHE_SLOTS))
         self._free = list(range(PROMPT_CACHE_SLOTS, self.llm.n_seq_max))
+        self._reload_delay = 0.0
+        self._reload()
+
+    def _reload(self) -> None:
+        """A fresh context; when that fails too (the device is still busy or lost), the engine
+        thread tries again with backoff, 1 s doubling to a minute, and stays "reloading"
+        (503 with Retry-After) meanwhile."""
         try:
             self.llm.new_context()
-            with self._cv:
-                self.healthy = True
-                self._cv.notify_all()
-            for w in self.workers:
-                w.healthy = True
         except Exception:
-            log.exception("engine reload failed")
+            self._reload_delay = min(RELOAD_MAX_DELAY, max(1.0, 2 * self._reload_delay))
+            self._reload_at = time.monotonic() + self._reload_delay
+            log.exception("engine reload failed; trying again in %.0f s", self._reload_delay)
+            return
+        with self._cv:
+            self.healthy = True
+            self._cv.notify_all()
+        for w in self.workers:
+            w.healthy = True
+        if self._reload_delay:
+            log.warning("engine reloaded after earlier failures")
 
 
 

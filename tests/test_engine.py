@@ -241,6 +241,36 @@ def test_engine_failure_fails_in_flight_requests_and_reloads(starter_path):
         eng.close()
 
 
+def test_a_failed_reload_is_retried_with_backoff_until_the_device_recovers(starter_path):
+    eng = ls.LlamaCppEngine(starter_path, voters=2, ctx=512, parallel=1)
+    try:
+        real_decode, real_context = eng.llm.decode, eng.llm.new_context
+        attempts = []
+
+        def lost_device():
+            attempts.append(time.monotonic())
+            if len(attempts) <= 2:
+                raise RuntimeError("device lost")
+            real_context()
+        eng.llm.decode, eng.llm.new_context = (lambda items: -3), lost_device
+        toks = eng.tokenize("Hello there")
+        with pytest.raises(ls.ApiError):
+            eng.generate(toks, ls.SamplingParams(max_tokens=5), timeout=30)
+        eng.llm.decode = real_decode
+        with pytest.raises(ls.ApiError) as e:          # while it is down: 503 with Retry-After
+            eng.generate(toks, ls.SamplingParams(max_tokens=2), timeout=30)
+        assert e.value.status == 503 and "Retry-After" in e.value.headers
+        deadline = time.monotonic() + 20
+        while not eng.healthy and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert eng.healthy and len(attempts) == 3
+        assert attempts[2] - attempts[1] >= 1.5          # backoff: 1 s, then 2 s
+        g = eng.generate(toks, ls.SamplingParams(max_tokens=3, seed=1), timeout=30)
+        assert all(r.completion_tokens == 3 for r in g.results)
+    finally:
+        eng.close()
+
+
 def test_kv_cache_full_ends_the_newest_request_without_hanging(starter_path):
     eng = ls.LlamaCppEngine(starter_path, voters=2, ctx=512, parallel=1, n_cells=256)
     try:
