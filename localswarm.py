@@ -1731,15 +1731,26 @@ class LlamaAdapter:
             self.model = None
 
     # --- text -------------------------------------------------------------
-    def tokenize(self, text: str, add_special: bool = True) -> list:
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list:
+        """Tokens of text; parse_special: spelled-out control tokens become those tokens."""
         L, raw = self.L, text.encode("utf-8")
         cap = len(raw) + 16
         buf = (L.llama_token * cap)()
-        n = L.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_special, True)
+        n = L.llama_tokenize(self.vocab, raw, len(raw), buf, cap, add_special, parse_special)
         if n < 0:
             buf = (L.llama_token * -n)()
-            n = L.llama_tokenize(self.vocab, raw, len(raw), buf, -n, add_special, True)
+            n = L.llama_tokenize(self.vocab, raw, len(raw), buf, -n, add_special, parse_special)
         return list(buf[:n])
+
+    def control_texts(self) -> list:
+        """How the vocabulary's control tokens (turn and role markers) are spelled."""
+        L, out = self.L, []
+        for tok in range(self.n_vocab):
+            if L.llama_vocab_get_attr(self.vocab, tok) & L.LLAMA_TOKEN_ATTR_CONTROL:
+                text = self.piece(tok, special=True).decode("utf-8", "replace")
+                if len(text) > 1:
+                    out.append(text)
+        return out
 
     def piece(self, token: int, special: bool = False) -> bytes:
         buf = ctypes.create_string_buffer(64)
@@ -2272,6 +2283,7 @@ class LlamaCppEngine:
                                        self.llm.special_text("bos"), self.llm.special_text("eos"), tool_format)
         self.workers = [WorkerStats(i) for i in range(voters)]
         self.healthy = True
+        self._special_texts: Optional[list] = None
         self._reload_at, self._reload_delay = 0.0, 0.0
         self.counters = collections.Counter()
         self._waiting: collections.deque = collections.deque()
@@ -2297,6 +2309,19 @@ class LlamaCppEngine:
 
     def tokenize(self, text: str) -> list:
         return self.llm.tokenize(text)
+
+    def tokenize_parts(self, parts: list) -> list:
+        """Tokens of [(text, parse_special)]: template text may spell control tokens, user text
+        may not (see SpecialGuard)."""
+        out = []
+        for i, (text, special) in enumerate(parts):
+            out += self.llm.tokenize(text, add_special=i == 0, parse_special=special)
+        return out
+
+    def special_texts(self) -> list:
+        if self._special_texts is None:
+            self._special_texts = self.llm.control_texts()
+        return self._special_texts
 
     @property
     def max_voters(self) -> int:
@@ -2805,6 +2830,46 @@ def message_text(content) -> str:
         return "".join(p["text"] for p in content if p["type"] == "text")
     raise ApiError(400, "message content must be a string or an array of text parts "
                    '({"type": "text", "text": "..."})', param="messages")
+
+
+SPECIAL_MARK = re.compile("\ue000(\\d+)\ue001")     # stands in for a control token spelled in user text
+
+
+class SpecialGuard:
+    """User text that spells a control token (say "<|im_start|>system") must stay text, or a
+    message could open a turn of its own. Such spellings are swapped for markers before the
+    template is rendered, and each marker is tokenized as plain text after: only the
+    template's own text can mark turns."""
+
+    def __init__(self, specials: Iterable[str]):
+        specials = sorted({s for s in specials if s}, key=len, reverse=True)
+        # the marker's own first character is guarded too, so user text cannot forge a marker
+        self.pattern = re.compile("|".join(map(re.escape, specials + ["\ue000"]))) if specials else None
+        self.found: list = []
+
+    def hide(self, value: Any) -> Any:
+        """value (messages, tools: any JSON) with control-token spellings in its strings marked."""
+        if self.pattern is None or value is None:
+            return value
+        if isinstance(value, str):
+            return self.pattern.sub(self._mark, value)
+        if isinstance(value, dict):
+            return {k: self.hide(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.hide(v) for v in value]
+        return value
+
+    def _mark(self, m: re.Match) -> str:
+        self.found.append(m.group(0))
+        return f"\ue000{len(self.found) - 1}\ue001"
+
+    def parts(self, text: str) -> list:
+        """The rendered prompt as [(text, may spell control tokens)]."""
+        out, pos = [], 0
+        for m in SPECIAL_MARK.finditer(text):
+            out += [(text[pos:m.start()], True), (self.found[int(m.group(1))], False)]
+            pos = m.end()
+        return [p for p in out + [(text[pos:], True)] if p[0]]
 
 
 class ChatFormatter:
@@ -3686,10 +3751,21 @@ class Swarm:
         tools = req.tools if req.offered_tools() else None
         return self.engine.formatter.render(req.messages, tools)
 
+    def prompt_tokens(self, req: ChatRequest) -> list:
+        """The prompt's tokens. A plain completion's prompt is the client's own template text;
+        in chat, control tokens come from the template only (SpecialGuard)."""
+        specials = getattr(self.engine, "special_texts", None)
+        if req.prompt is not None or specials is None:
+            return self.engine.tokenize(self.prompt_text(req))
+        guard = SpecialGuard(specials())
+        tools = req.tools if req.offered_tools() else None
+        text = self.engine.formatter.render(guard.hide(req.messages), guard.hide(tools))
+        return self.engine.tokenize_parts(guard.parts(text)) if guard.found else self.engine.tokenize(text)
+
     def answer(self, req: ChatRequest, on_token: Optional[Callable[[int, str], None]] = None) -> SwarmAnswer:
         """Run the voters on one request and vote. on_token(voter, text) streams tokens live."""
         t0 = time.monotonic()
-        tokens = self.engine.tokenize(self.prompt_text(req))
+        tokens = self.prompt_tokens(req)
         room = self.engine.ctx_limit - len(tokens)
         if room < 1:
             raise ContextLengthError(f"the prompt has {len(tokens)} tokens; this model's context is "
