@@ -49,6 +49,14 @@ def test_bad_environment_is_an_error():
         ls.load_config(env={"LOCALSWARM_VOTERS": "many"}, read_file=False)
 
 
+@pytest.mark.parametrize("env", [{"LOCALSWARM_TIMEOUT": "nan"}, {"LOCALSWARM_RAM_FRACTION": "nan"},
+                                 {"LOCALSWARM_TIMEOUT": "inf"}, {"LOCALSWARM_ADVERTISE_INTERVAL": "-inf"}])
+def test_nan_and_infinity_are_refused(env):
+    """NaN passes every range check (timeout=nan: the deadline never fires)."""
+    with pytest.raises(ls.LocalswarmError, match="must be a float"):
+        ls.load_config(env=env, read_file=False)
+
+
 def test_env_lists_and_bools():
     cfg = ls.load_config(env={"LOCALSWARM_PEERS": "a:1, b:2", "LOCALSWARM_FEDERATE": "yes"}, read_file=False)
     assert cfg["network.peers"] == ["a:1", "b:2"] and cfg["network.enabled"] is True

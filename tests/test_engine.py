@@ -193,6 +193,34 @@ def test_mlx_sampling_maps_the_parameters():
     assert ls.mlx_sampling(ls.SamplingParams())["processors"]["repetition_penalty"] is None
 
 
+def test_stop_matching_looks_only_at_the_end_of_the_text():
+    """16 stops of the longest allowed length: the cost per token must not grow with the text
+    (the review measured 5.75 s for 1,000 tokens before). Counted in work, not time: the
+    matcher may compare at most the longest stop's worth of text per stop and token."""
+    import random
+    stops = ["x" * (ls.MAX_STOP_CHARS - 2) + "y" + chr(65 + i) for i in range(ls.MAX_STOP_STRINGS)]
+    m, text = ls.StopMatcher(stops), ""
+    compared = []
+    real_endswith = str.endswith
+
+    class Text(str):
+        def endswith(self, suffix, *a):
+            compared.append(len(suffix))
+            return real_endswith(self, suffix, *a)
+    for _ in range(300):
+        text += "x" * 4
+        m.safe_length(Text(text))
+    assert max(compared) <= ls.MAX_STOP_CHARS and len(compared) <= 300 * len(stops)
+    random.seed(3)                                       # and it agrees with the obvious definition
+    for _ in range(3000):
+        ss = ["".join(random.choice("ab\n") for _ in range(random.randint(1, 5))) for _ in range(random.randint(1, 3))]
+        t = "".join(random.choice("ab\nc") for _ in range(random.randint(0, 9)))
+        if any(s in t for s in ss):
+            continue
+        held = max([k for k in range(1, len(t) + 1) for s in ss if len(s) > k and s.startswith(t[-k:])], default=0)
+        assert m.__class__(ss).safe_length(t) == len(t) - held, (ss, t)
+
+
 def test_mlx_voter_stream_applies_stop_strings_max_tokens_and_streams():
     seen = []
     r = ls.run_voter_stream(iter([("def ", None), ("f():", None), ("\n\nEND", None), ("x", None)]),

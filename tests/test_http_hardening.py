@@ -255,3 +255,10 @@ def test_a_timeout_is_an_error_or_a_cut_answer_never_an_empty_stop(engine):
     asked = ls.ChatRequest(messages=[{"role": "user", "content": "Write a long story."}], max_tokens_requested=2000)
     ans = ls.Swarm(engine, timeout=1.5).answer(asked)
     assert ans.text and ans.finish_reason == "length"
+
+
+@pytest.mark.parametrize("stop", [["x" * (ls.MAX_STOP_CHARS + 1)], ["s"] * (ls.MAX_STOP_STRINGS + 1)],
+                         ids=["too-long", "too-many"])
+def test_stop_strings_are_bounded(live_server, stop):
+    status, _, body = call(live_server[0], "/v1/chat/completions", dict(CHAT, stop=stop))
+    assert status == 400 and json.loads(body)["error"]["param"] == "stop"
