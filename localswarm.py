@@ -205,8 +205,8 @@ SETTINGS = [
     _s("server", "api_key", str, "", "require this bearer key on /v1 (empty: no key)"),
     _s("server", "max_body_bytes", int, 8 * MiB, "largest request body accepted", minimum=1024),
     _s("server", "max_queue", int, 16, "requests waiting beyond this get 503", minimum=0),
-    _s("server", "max_connections", int, 128, "client connections served at once (more get 503 and "
-       "are closed)", minimum=1),
+    _s("server", "max_connections", int, 512, "client connections served at once, a thread each (more "
+       "get 503 and are closed)", minimum=1),
     _s("server", "allowed_hosts", list, [], "extra names clients may use in the Host header (IP "
        "addresses, localhost and this machine's name always work; '*': any, which allows DNS rebinding)"),
     _s("server", "cors_origins", list, [], "web origins allowed to call the API from a browser, e.g. "
@@ -5154,6 +5154,8 @@ class Server(http.server.ThreadingHTTPServer):
                 request.settimeout(1.0)
                 request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                                 b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+                request.setblocking(False)
+                request.recv(1 << 16)     # what the client already sent: unread, it would turn the close into a reset
             except OSError:
                 pass
             self.shutdown_request(request)
