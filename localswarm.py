@@ -2310,6 +2310,11 @@ class LlamaCppEngine:
     def tokenize(self, text: str) -> list:
         return self.llm.tokenize(text)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread runs (it survives any error; /health says so if it did not)."""
+        return self._thread.is_alive() or self._closing
+
     def tokenize_parts(self, parts: list) -> list:
         """Tokens of [(text, parse_special)]: template text may spell control tokens, user text
         may not (see SpecialGuard)."""
@@ -3826,7 +3831,8 @@ class Swarm:
         """Numbers for /health, MCP's get_swarm_status and the status line."""
         e = self.engine
         return {"model": self.model_id, "backend": e.backend, "voters": self.voters,
-                "healthy_voters": sum(1 for w in e.workers if w.healthy), "busy_voters": e.busy_voters(),
+                "healthy_voters": sum(1 for w in e.workers if w.healthy) if getattr(e, "alive", True) else 0,
+                "busy_voters": e.busy_voters(),
                 "queue_depth": e.queue_depth(), "strategy": self.strategy, "ctx": e.ctx_limit,
                 "requests": self.requests, "last_confidence": self.last_confidence,
                 "uptime_s": round(time.time() - self.started, 1),
