@@ -225,7 +225,8 @@ def test_a_silent_peer_costs_one_deadline_and_its_socket_is_closed(engine):
     threads = threading.active_count()
     t0 = time.monotonic()
     ans = b.answer(b.app.swarm, ls.ChatRequest(messages=[{"role": "user", "content": "hi"}], max_tokens_requested=4))
-    assert time.monotonic() - t0 < 1.5 + 5
+    local = next(n["latency_s"] for n in ans.nodes if not n.get("skipped"))
+    assert time.monotonic() - t0 < max(1.5, local) + 3       # the deadline, not the peer, ends the wait
     assert [n["reason"] for n in ans.nodes if n.get("skipped")] == ["no answer within 2s"]
     conn, _ = silent.accept()
     conn.settimeout(5)
