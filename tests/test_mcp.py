@@ -91,9 +91,10 @@ def test_dispatch_errors_and_version_negotiation():
     assert rpc(server, {"id": 3, "method": "ping"})["error"]["code"] == -32600
     assert rpc(server, {"jsonrpc": "2.0", "id": 4, "method": "server/discover"})["error"]["code"] == -32601
     assert rpc(server, {"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": []})["error"]["code"] == -32602
+    app.load_error = "no such file"          # a model that failed to load: said at once, no waiting
     r = rpc(server, {"jsonrpc": "2.0", "id": 6, "method": "tools/call", "params": {"name": "generate_code",
                                                                                      "arguments": {"prompt": "x"}}})
-    assert r["result"]["isError"] and "not ready" in r["result"]["content"][0]["text"]
+    assert r["result"]["isError"] and "failed to load: no such file" in r["result"]["content"][0]["text"]
     assert rpc(server, {"jsonrpc": "2.0", "id": 7, "method": "ping"})["result"] == {}
 
 
