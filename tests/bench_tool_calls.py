@@ -131,6 +131,9 @@ def ask(url: str, case, choice: str, voters: int, grammar: bool, peer: bool) -> 
     except urllib.error.HTTPError as exc:
         print("  error", exc.code, exc.read()[:200], file=sys.stderr)
         return []
+    except OSError as exc:          # a server gone: the case counts as no call, the run goes on
+        print("  error", exc, file=sys.stderr)
+        return []
     out = []
     for c in msg.get("tool_calls") or []:
         try:
@@ -204,6 +207,9 @@ def main() -> None:
         cells = "  ".join(f"{c}: {r['returned']}/{r['valid']}/{r['correct']} of {r['cases']} ({r['seconds']}s)"
                           for c, r in row.items())
         print(f"{label:38} {choice:9} {cells}", flush=True)
+        if args.json:                # after every row: an interrupted run keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
