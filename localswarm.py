@@ -45,7 +45,6 @@ import importlib.util
 import io
 import ipaddress
 import json
-import keyword
 import logging
 import math
 import os
@@ -59,7 +58,6 @@ import select
 import shutil
 import signal
 import socket
-import socketserver
 import struct
 import subprocess
 import sys
@@ -1236,7 +1234,7 @@ def read_gguf_metadata(path: str, skip_arrays: bool = True) -> dict:
     A damaged or truncated file is one LocalswarmError, never a traceback."""
     try:
         return _read_gguf_metadata(path, skip_arrays)
-    except (struct.error, MemoryError, KeyError, OverflowError, ValueError, EOFError) as exc:
+    except (struct.error, MemoryError, KeyError, OverflowError, ValueError, EOFError):
         raise LocalswarmError(f"{path} is not a valid GGUF file (damaged or truncated)") from None
     except OSError as exc:
         raise LocalswarmError(f"cannot read {path}: {exc.strerror or exc}") from None

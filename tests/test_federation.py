@@ -173,7 +173,7 @@ def test_a_signature_holds_only_for_its_route_and_node():
 
 def test_a_vote_request_captured_on_its_way_to_one_node_is_refused_by_another():
     from types import SimpleNamespace
-    a, b, sender = fed("tok"), fed("tok"), fed("tok")
+    a, b = fed("tok"), fed("tok")
     body, ts, nonce = b'{"prompt": "x"}', f"{time.time():.3f}", "0123456789abcdef"
     sig = ls.sign("tok", ts, nonce, body, ("POST", "/v1/federation/vote", a.node_id))
     headers = {"X-Localswarm-Timestamp": ts, "X-Localswarm-Nonce": nonce, "X-Localswarm-Signature": sig,
