@@ -197,6 +197,8 @@ def _s(section, key, typ, default, help, env=None, **kw) -> Setting:
 
 
 STRATEGIES = ("similarity", "quality", "fastest")
+STREAM_MODES = ("live", "consensus", "fastest")
+GREEDY_SPREAD = 0.7         # a temperature-0 request: voter 0 greedy, the others at this (BENCHMARKS)
 SETTINGS = [
     _s("server", "host", str, "127.0.0.1", "address to bind"),
     _s("server", "port", int, 8080, "port for the API and federation", minimum=0, maximum=65535),
@@ -216,8 +218,13 @@ SETTINGS = [
     _s("swarm", "max_instances", int, 8, "most voters the planner chooses", minimum=1, maximum=64),
     _s("swarm", "consensus_strategy", str, "similarity", "how the answer is chosen",
        env="LOCALSWARM_STRATEGY", choices=STRATEGIES),
-    _s("swarm", "stream_mode", str, "consensus", "stream the consensus winner, or the fastest voter live",
-       choices=("consensus", "fastest")),
+    _s("swarm", "stream_mode", str, "live", "what a stream shows: live (the text a majority of voters "
+       "agree on, as it comes, then the winner's rest), consensus (the winner once the vote is done) "
+       "or fastest (the first voter to answer, live; the vote is only reported)", choices=STREAM_MODES),
+    _s("swarm", "early_stop", bool, True, "stop the voters still decoding once they can no longer change "
+       "the vote"),
+    _s("swarm", "greedy_spread", float, GREEDY_SPREAD, "a temperature-0 request keeps voter 0 greedy and "
+       "samples the others at this temperature (0: one greedy voter)", minimum=0.0, maximum=2.0),
     _s("swarm", "timeout", float, 600.0, "seconds a request may run", minimum=1),
     _s("swarm", "ctx", int, 0, "context tokens per request (0: the plan's choice)", minimum=0),
     _s("swarm", "parallel", int, 2, "requests decoded at once (continuous batching)", minimum=1, maximum=16),
@@ -1542,6 +1549,14 @@ class SamplingParams:
     max_tokens: int = 512
     stop: tuple = ()
     grammar: Optional["Grammar"] = None     # constrains every voter's output (tool calls)
+    # Voters after the first sample at no less than this temperature, so that a greedy request
+    # (temperature 0) still has voters that can differ (swarm.greedy_spread).
+    others_temperature: float = 0.0
+
+    def for_voter(self, i: int) -> "SamplingParams":
+        if i == 0 or self.temperature >= self.others_temperature:
+            return self
+        return dataclasses.replace(self, temperature=self.others_temperature)
 
 
 @dataclass
@@ -1549,12 +1564,14 @@ class VoterResult:
     """One voter's answer and how it was made."""
     index: int
     text: str = ""
-    finish_reason: str = "stop"      # stop | length | cancelled | error
+    finish_reason: str = "stop"      # stop | length | cancelled | error | early_stop (the vote
+                                     # was decided without it)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     ttft: float = 0.0                # seconds from submit to first token
     latency: float = 0.0             # seconds from submit to last token
     seed: int = 0
+    finished: bool = False           # set last, by the engine thread: the fields above are final
 
     @property
     def tokens_per_s(self) -> float:
@@ -1563,7 +1580,8 @@ class VoterResult:
 
 
 class GenRequest:
-    """N voters answering one prompt; the engine thread fills it in."""
+    """N voters answering one prompt; the engine thread fills it in. on_token(voter, text) gets
+    each voter's text as it comes, and on_token(voter, None) once when that voter ends."""
 
     def __init__(self, prompt_tokens: list, params: SamplingParams, voters: int,
                  on_token: Optional[Callable[[int, str], None]] = None, keep_answers: bool = False):
@@ -1580,13 +1598,31 @@ class GenRequest:
         self.cache_entry = None          # the prompt cache entry holding this prompt; engine thread
         self.error: Optional[Exception] = None
         self.timed_out = False           # cancelled because the swarm's timeout passed
+        self.early_stop: Optional[str] = None   # why the outstanding voters were stopped
         self.submitted = time.monotonic()
+        self.voter_ended = threading.Event()   # set by the engine when a voter ends
         self._cancel = threading.Event()
         self._done = threading.Event()
 
     def cancel(self) -> None:
         """Stop this request's sequences within one decode step."""
         self._cancel.set()
+
+    def stop_outstanding(self, reason: str) -> None:
+        """End the voters still decoding within one step (finish_reason early_stop); the
+        finished answers stand."""
+        self.early_stop = reason
+
+    def watch(self, decide: Optional[Callable[[list, int], Optional[str]]]) -> None:
+        """Ask decide(finished results, outstanding count) whether the vote is settled, and
+        stop the outstanding voters if it is. Called in the waiting thread, never the engine's."""
+        self.voter_ended.clear()
+        finished = [r for r in self.results if r.finished]
+        if decide is None or self.early_stop or not 0 < len(finished) < self.voters:
+            return
+        reason = decide(finished, self.voters - len(finished))
+        if reason:
+            self.stop_outstanding(reason)
 
     @property
     def cancelled(self) -> bool:
@@ -2375,14 +2411,18 @@ class LlamaCppEngine:
     def generate(self, prompt_tokens: list, params: SamplingParams, voters: Optional[int] = None,
                  on_token=None, timeout: Optional[float] = None,
                  cancel: Optional[threading.Event] = None, keep_answers: bool = False,
-                 admitted: Optional[threading.Event] = None) -> GenRequest:
+                 admitted: Optional[threading.Event] = None, decide=None) -> GenRequest:
         """Submit and wait; cancels the request on timeout or when `cancel` is set. `admitted`
-        is set once the request is queued (after the checks that refuse it at once)."""
+        is set once the request is queued (after the checks that refuse it at once). Each time
+        a voter ends, decide(finished, outstanding) may stop the rest (GenRequest.watch)."""
         req = self.submit(GenRequest(prompt_tokens, params, voters or self.voters, on_token, keep_answers))
         if admitted is not None:
             admitted.set()
         deadline = time.monotonic() + (timeout or 1e9)
-        while not req.wait(max(0.0, min(0.1, deadline - time.monotonic()))):
+        while not req.done:
+            if req.voter_ended.wait(max(0.0, min(0.1, deadline - time.monotonic()))):
+                req.watch(decide)
+                continue
             req.timed_out = time.monotonic() > deadline
             if (cancel is not None and cancel.is_set()) or req.timed_out:
                 req.cancel()
@@ -2591,8 +2631,8 @@ class LlamaCppEngine:
         """Sample one token for every live voter, add a chunk of a waiting prompt, decode once."""
         batch = []       # (token, pos, seq, want_logits, run, owner): owner gets the logits index
         for run in list(self._runs):
-            if run.req.cancelled:
-                self._end_run(run, "cancelled")
+            if run.req.cancelled or (run.req.early_stop and not run.prefilling):
+                self._end_run(run, "cancelled" if run.req.cancelled else "early_stop")
                 continue
             if run.prefilling:
                 if run.prompt_logits_idx < 0:
@@ -2660,7 +2700,7 @@ class LlamaCppEngine:
             grammar = self.llm.new_grammar(req.params.grammar) if req.params.grammar else None
             if req.params.grammar and grammar is None:
                 log.warning("llama.cpp refused the tool-call grammar; voter %d samples without it", i)
-            run.voters.append(_Voter(seq, res, self.llm.new_sampler(req.params, req.seeds[i]),
+            run.voters.append(_Voter(seq, res, self.llm.new_sampler(req.params.for_voter(i), req.seeds[i]),
                                      codecs.getincrementaldecoder("utf-8")("replace"),
                                      StopMatcher(req.params.stop), grammar, pos=n,
                                      logits_idx=run.prompt_logits_idx))
@@ -2683,20 +2723,30 @@ class LlamaCppEngine:
         return True
 
     def _emit(self, req: GenRequest, v: _Voter, upto: int) -> None:
-        if req.on_token and upto > v.emitted:
+        if upto > v.emitted:
             delta = v.result.text[v.emitted:upto]
             v.emitted = upto
+            self._tell(req, v.result.index, delta)
+
+    def _emit_end(self, req: GenRequest, index: int) -> None:
+        self._tell(req, index, None)
+        req.voter_ended.set()
+
+    def _tell(self, req: GenRequest, index: int, delta: Optional[str]) -> None:
+        if req.on_token:
             try:
-                req.on_token(v.result.index, delta)
+                req.on_token(index, delta)
             except Exception:       # a broken client callback must not stop the engine
                 log.debug("on_token callback failed", exc_info=True)
                 req.cancel()
 
     def _finish_voter(self, run: _Run, v: _Voter, reason: str) -> None:
         v.live = False
-        v.result.text += v.decoder.decode(b"", final=True) if reason != "cancelled" else ""
+        v.result.text += v.decoder.decode(b"", final=True) if reason in ("stop", "length") else ""
         v.result.finish_reason = reason
         self._emit(run.req, v, len(v.result.text))
+        v.result.finished = True
+        self._emit_end(run.req, v.result.index)
         self.llm.free_sampler(v.sampler)
         self.llm.free_sampler(v.grammar)
         if run.req.keep_answers and reason in ("stop", "length"):
@@ -2718,7 +2768,7 @@ class LlamaCppEngine:
                 self.llm.seq_rm(seq)
                 self._free.append(seq)
             for res in run.req.results:
-                res.finish_reason = reason or "cancelled"
+                res.finish_reason, res.finished = reason or "cancelled", True
         with self._cv:
             if run in self._runs:
                 self._runs.remove(run)
@@ -2757,7 +2807,7 @@ class LlamaCppEngine:
 
     def _finish_request(self, req: GenRequest, reason: str) -> None:
         for res in req.results:
-            res.finish_reason = reason
+            res.finish_reason, res.finished = reason, True
         req._done.set()
 
     def _fail_all(self, exc: Exception) -> None:
@@ -2963,14 +3013,18 @@ def mlx_sampling(p: SamplingParams) -> dict:
 
 
 def run_voter_stream(pieces: Iterable, result: VoterResult, params: SamplingParams, started: float,
-                     on_token=None, cancel: Optional[threading.Event] = None) -> VoterResult:
+                     on_token=None, cancel: Optional[threading.Event] = None,
+                     deadline: float = math.inf) -> VoterResult:
     """Fill result from a stream of (text piece, finish_reason or None); stop strings and
-    max_tokens as LlamaCppEngine applies them. Pure: the stream is any iterable."""
+    max_tokens as LlamaCppEngine applies them; cut off ("length") at the deadline. Pure: the
+    stream is any iterable."""
     stop, emitted = StopMatcher(params.stop), 0
     result.finish_reason = "length"
     for text, finish in pieces:
         if cancel is not None and cancel.is_set():
             result.finish_reason = "cancelled"
+            break
+        if time.monotonic() > deadline:
             break
         note_token_time(result, time.monotonic() - started)
         ended = append_token_text(result, stop, text, params.max_tokens)
@@ -3023,7 +3077,10 @@ class MLXEngine:
 
     def generate(self, prompt_tokens: list, params: SamplingParams, voters: Optional[int] = None,
                  on_token=None, timeout: Optional[float] = None,
-                 cancel: Optional[threading.Event] = None, admitted: Optional[threading.Event] = None) -> GenRequest:
+                 cancel: Optional[threading.Event] = None, keep_answers: bool = False,
+                 admitted: Optional[threading.Event] = None, decide=None) -> GenRequest:
+        """As LlamaCppEngine.generate, the voters in turn; keep_answers is accepted and has no
+        effect (no prompt cache across requests here)."""
         if len(prompt_tokens) >= self.ctx_limit:
             raise ContextLengthError(f"the prompt has {len(prompt_tokens)} tokens; the context is {self.ctx_limit}")
         if self._waiting >= self.max_queue:
@@ -3032,14 +3089,21 @@ class MLXEngine:
             admitted.set()
         req = GenRequest(prompt_tokens, params, voters or self.voters, on_token)
         from mlx_lm.sample_utils import make_logits_processors, make_sampler
-        args = mlx_sampling(params)
+        deadline = time.monotonic() + (timeout or math.inf)
         self._waiting += 1
         with self._lock:
             self._waiting -= 1
             for res, seed in zip(req.results, req.seeds):
+                ended = "cancelled" if cancel is not None and cancel.is_set() else \
+                    "early_stop" if req.early_stop else "cancelled" if time.monotonic() > deadline else None
+                if ended:
+                    req.timed_out = req.timed_out or (ended == "cancelled" and time.monotonic() > deadline)
+                    res.finish_reason, res.finished = ended, True
+                    continue
                 import mlx.core as mx
                 mx.random.seed(seed)
                 res.prompt_tokens = len(prompt_tokens)
+                args = mlx_sampling(params.for_voter(res.index))
                 stream = self.mlx_lm.stream_generate(
                     self.model, self.tokenizer, prompt_tokens, max_tokens=params.max_tokens,
                     sampler=make_sampler(**args["sampler"]),
@@ -3049,7 +3113,12 @@ class MLXEngine:
                 if w:
                     w.busy = True
                 run_voter_stream(((r.text, r.finish_reason) for r in stream), res, params, req.submitted,
-                                 on_token, cancel)
+                                 on_token, cancel, deadline)
+                req.timed_out = time.monotonic() > deadline
+                res.finished = True
+                if on_token:
+                    on_token(res.index, None)
+                req.watch(decide)
                 if w:
                     w.busy, w.requests, w.tokens = False, w.requests + 1, w.tokens + res.completion_tokens
                     w.last_latency, w.last_tokens_per_s = res.latency, res.tokens_per_s
@@ -3491,6 +3560,29 @@ def parse_tool_calls(text: str, offered: Iterable[str], schemas: Optional[dict] 
     return content, result
 
 
+CALL_MARKERS = ("<tool_call>", "<function=", "[TOOL_CALLS]", "<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>")
+CALL_MARKER_MATCHER = StopMatcher(CALL_MARKERS)
+CALL_OPENERS = ("{", "[", "<|python_tag|>")    # a bare call starts the answer with one of these
+
+
+def content_prefix(text: str, tools: bool) -> str:
+    """The longest start of a voter's unfinished text that its final `content` is sure to
+    begin with, whatever follows (parse_tool_calls strips the text and cuts calls out of it
+    when a call follows): what a live stream may send. Without tools, all of it."""
+    if not tools:
+        return text
+    if not text or text[0].isspace() or any(o.startswith(text[:len(o)]) for o in CALL_OPENERS):
+        return ""         # whitespace is stripped only if a call follows; a bare call may follow
+    if text.startswith("```"):      # a fenced call may follow (parse_tool_calls reads ```json {...}```)
+        after = text[3:]
+        head = (after[4:] if after.startswith("json") else after).lstrip()
+        if (len(after) < 4 and "json".startswith(after)) or not head or head[0] in "{[":
+            return ""
+    cut = CALL_MARKER_MATCHER.find(text, 0)
+    text = text[:cut] if cut >= 0 else text[:CALL_MARKER_MATCHER.safe_length(text)]
+    return text.rstrip()
+
+
 # --- JSON Schema: the checks a tool's arguments must pass --------------------------------
 _JSON_TYPES = {"string": str, "boolean": bool, "object": dict, "array": list, "null": type(None),
                "number": (int, float), "integer": int}
@@ -3646,6 +3738,9 @@ class ChatRequest:
     shown_voter: Optional[int] = None     # whose text the client got, when not the vote's pick
     parallel_tool_calls: bool = True
     tool_grammar: Optional[bool] = None   # constrain calls by grammar (None: the server's setting)
+    early_stop: Optional[bool] = None     # stop voting once decided (None: the server's setting)
+    stream_mode: Optional[str] = None     # live | consensus | fastest (None: the server's setting)
+    stream: Optional["ConsensusStream"] = None   # live consensus streaming: what was sent
 
     def offered_tool_defs(self) -> list:
         """The tools the model may call, after tool_choice (none: no tools; a name: that one)."""
@@ -3690,6 +3785,8 @@ class SwarmAnswer:
     max_tokens: int
     max_tokens_clamped_from: Optional[int] = None
     nodes: list = field(default_factory=list)   # federation: who voted
+    early_stop: Optional[str] = None            # why the voters still decoding were stopped
+    greedy: str = ""                            # what a temperature-0 request ran as
 
     @property
     def completion_tokens(self) -> int:
@@ -3720,6 +3817,11 @@ class SwarmAnswer:
                                  "tokens_per_s": round(r.tokens_per_s, 1)} for r in self.results]})
         if self.max_tokens_clamped_from is not None:
             d["max_tokens_clamped_from"] = self.max_tokens_clamped_from
+        if self.early_stop:
+            d["early_stop"] = {"reason": self.early_stop, "stopped": [
+                r.index for r in self.results if r.finish_reason == "early_stop"]}
+        if self.greedy:
+            d["greedy"] = self.greedy
         if self.nodes:
             d["nodes"] = self.nodes
         return d
@@ -3730,15 +3832,139 @@ def _finish(reason: str, calls: list) -> str:
 
 
 DEFAULT_MAX_TOKENS = 4096   # when a request names none (bounded by the context either way)
+ENDED_WITHOUT_ANSWER = ("cancelled", "error", "early_stop")
+
+
+class ConsensusStream:
+    """Live consensus streaming: the longest text that a majority of the voters still in the
+    running agree the answer starts with, sent as it grows. Once the vote is decided the winner
+    is a voter whose answer starts with what was sent (Ballot.pick), and the rest of it follows.
+    The handler's thread adds tokens and sends what advance() returns; the swarm's thread drops
+    voters that failed the quality gate and closes the stream when it decides; one lock orders
+    the two, so nothing is sent after the pick."""
+
+    def __init__(self, tools: bool = False):
+        self.tools = tools              # content_prefix holds back what may become a tool call
+        self.voters = 0                 # set when the swarm starts the voters
+        self.texts: dict = {}           # voter -> text so far
+        self.dropped: set = set()
+        self.sent = ""
+        self.closed = False
+        self._lock = threading.Lock()
+
+    def begin(self, voters: int) -> None:
+        with self._lock:
+            self.voters = voters
+
+    def add(self, voter: int, text: str) -> None:
+        with self._lock:
+            self.texts[voter] = self.texts.get(voter, "") + text
+
+    def drop(self, voters: Iterable[int]) -> None:
+        with self._lock:
+            self.dropped.update(voters)
+
+    def advance(self) -> str:
+        """The text to send now (what the majority's agreed start grew by), or ""."""
+        with self._lock:
+            running = [i for i in range(self.voters) if i not in self.dropped]
+            if self.closed or not running:
+                return ""
+            agreed = majority_prefix([content_prefix(self.texts.get(i, ""), self.tools) for i in running],
+                                     len(running) // 2 + 1)
+            if len(agreed) <= len(self.sent) or not agreed.startswith(self.sent):
+                return ""
+            delta, self.sent = agreed[len(self.sent):], agreed
+            return delta
+
+    def close_if(self, consistent: Callable[[str], bool]) -> bool:
+        """Close the stream if consistent(text sent so far); True when closed."""
+        with self._lock:
+            if not self.closed and consistent(self.sent):
+                self.closed = True
+            return self.closed
+
+    def close(self) -> str:
+        """No more text goes out before the pick; returns what went out."""
+        with self._lock:
+            self.closed = True
+            return self.sent
+
+
+class Ballot:
+    """One request's answers as the vote reads them: each voter's text parsed once (tool calls),
+    the early decision while voters decode (decide), and the final pick."""
+
+    def __init__(self, req: ChatRequest, strategy: str, early: bool):
+        self.req, self.strategy, self.early = req, strategy, early
+        self.offered = req.offered_tools()
+        self.schemas = {t["function"]["name"]: t["function"].get("parameters") for t in req.offered_tool_defs()}
+        self.question = req.question()
+        self._parsed: dict = {}
+
+    def parsed(self, r: VoterResult) -> tuple:
+        """(content, tool_calls) of a voter's answer; parsed once when it has finished."""
+        if r.index in self._parsed:
+            return self._parsed[r.index]
+        p = parse_tool_calls(r.text, self.offered, self.schemas) if self.offered else (r.text, [])
+        if r.finished:
+            self._parsed[r.index] = p
+        return p
+
+    def candidate(self, r: VoterResult) -> Candidate:
+        content, calls = self.parsed(r)
+        return Candidate(content, r.finish_reason, r.latency, calls or None, r.completion_tokens)
+
+    def decide(self, finished: list, outstanding: int) -> Optional[str]:
+        """GenRequest.watch's question, in the request's thread: is the vote settled?"""
+        cands = [self.candidate(r) for r in finished]
+        stream = self.req.stream
+        if stream:
+            stream.drop(r.index for r, c in zip(finished, cands) if not passes_gate(c, self.question))
+        if not self.early:
+            return None
+        reason = settled(cands, outstanding, self.strategy, self.question, self.offered or None)
+        if reason and stream:       # the pick must start with what was sent; decided under its lock
+            if not stream.close_if(lambda sent: self.pick(finished, sent).index >= 0):
+                return None
+        return reason
+
+    def pick(self, results: list, sent: str = "") -> Verdict:
+        """The vote over the answers that ended (not cancelled or stopped early); with live
+        streaming, among those that start with the text sent (index -1 when none does)."""
+        cands = [self.candidate(r) for r in results]
+        live = [i for i, c in enumerate(cands) if c.finish_reason not in ENDED_WITHOUT_ANSWER] \
+            or list(range(len(cands)))
+        verdict = self._vote(cands, live)
+        if sent and not cands[verdict.index].text.startswith(sent):
+            agree = [i for i in live if cands[i].text.startswith(sent)]
+            if not agree:
+                verdict.index = -1
+                return verdict
+            verdict = self._vote(cands, agree)
+            verdict.note = (verdict.note + "; " if verdict.note else "") + \
+                "picked among the answers that start with the streamed text"
+        if self.req.must_call() and not cands[verdict.index].tool_calls:
+            with_calls = [i for i in live if cands[i].tool_calls]
+            if with_calls:
+                verdict.index = with_calls[0]
+        return verdict
+
+    def _vote(self, cands: list, among: list) -> Verdict:
+        verdict = vote([cands[i] for i in among], self.req.strategy or self.strategy, self.question,
+                       tools=self.offered or None)
+        verdict.index = among[verdict.index]
+        return verdict
 
 
 class Swarm:
     """N voters over one engine, and the vote that picks the answer."""
 
     def __init__(self, engine, strategy: str = "similarity", timeout: float = 600.0,
-                 model_id: Optional[str] = None, tool_grammar: bool = True):
+                 model_id: Optional[str] = None, tool_grammar: bool = True, early_stop: bool = True,
+                 greedy_spread: float = GREEDY_SPREAD):
         self.engine, self.strategy, self.timeout = engine, strategy, timeout
-        self.tool_grammar = tool_grammar
+        self.tool_grammar, self.early_stop, self.greedy_spread = tool_grammar, early_stop, greedy_spread
         self.model_id = model_id or engine.model_id
         self.last_confidence: Optional[float] = None
         self.requests = 0
@@ -3765,8 +3991,9 @@ class Swarm:
         text = self.engine.formatter.render(guard.hide(req.messages), guard.hide(tools))
         return self.engine.tokenize_parts(guard.parts(text)) if guard.found else self.engine.tokenize(text)
 
-    def answer(self, req: ChatRequest, on_token: Optional[Callable[[int, str], None]] = None) -> SwarmAnswer:
-        """Run the voters on one request and vote. on_token(voter, text) streams tokens live."""
+    def answer(self, req: ChatRequest, on_token: Optional[Callable[[int, Optional[str]], None]] = None) -> SwarmAnswer:
+        """Run the voters on one request and vote. on_token(voter, text) streams tokens live
+        (text None: that voter ended)."""
         t0 = time.monotonic()
         tokens = self.prompt_tokens(req)
         room = self.engine.ctx_limit - len(tokens)
@@ -3776,34 +4003,41 @@ class Swarm:
         asked = req.max_tokens_requested
         params = dataclasses.replace(req.params, max_tokens=min(asked or DEFAULT_MAX_TOKENS, room),
                                      grammar=self.call_grammar(req))
-        voters = req.voters or self.voters
+        voters, greedy = self.greedy_voters(req.voters or self.voters, params)
+        early = self.early_stop if req.early_stop is None else req.early_stop
+        ballot = Ballot(req, self.strategy, early and req.shown_voter is None)
+        if req.stream:
+            req.stream.begin(voters)
         remember = getattr(self.engine, "remember", None)     # the llama.cpp engine has it
         keep = {"keep_answers": True} if remember else {}
-        g = self.engine.generate(tokens, params, voters, on_token, self.timeout, req.cancel,
-                                 admitted=req.admitted, **keep)
+        g = self.engine.generate(tokens, params, voters, on_token, self.timeout, req.cancel, admitted=req.admitted,
+                                 decide=ballot.decide if ballot.early or req.stream else None, **keep)
         if g.timed_out:
             self._end_timed_out(g)
-        offered = req.offered_tools()
-        schemas = {t["function"]["name"]: t["function"].get("parameters") for t in req.offered_tool_defs()}
-        parsed = [parse_tool_calls(r.text, offered, schemas) if offered else (r.text, []) for r in g.results]
-        cands = [Candidate(content, r.finish_reason, r.latency, calls or None, r.completion_tokens)
-                 for (content, calls), r in zip(parsed, g.results)]
-        live = [c for c in cands if c.finish_reason not in ("cancelled", "error")] or cands
-        verdict = vote(live, req.strategy or self.strategy, req.question(), tools=offered or None)
-        verdict.index = cands.index(live[verdict.index])
-        if req.must_call() and not parsed[verdict.index][1]:
-            with_calls = [i for i, (_, c) in enumerate(parsed) if c]
-            if with_calls:
-                verdict.index = with_calls[0]
+        verdict = ballot.pick(g.results, req.stream.close() if req.stream else "")
+        if verdict.index < 0:      # cannot happen: a majority's voter starts with what was sent
+            raise ApiError(500, "no answer is consistent with the streamed text", type="server_error")
         if remember:    # what the client got is what its next turn will repeat
             remember(g, verdict.index if req.shown_voter is None else req.shown_voter)
-        content, calls = parsed[verdict.index]
+        content, calls = ballot.parsed(g.results[verdict.index])
         win = g.results[verdict.index]
         self.requests += 1
         self.last_confidence = verdict.confidence
-        return SwarmAnswer(content, calls, _finish(win.finish_reason, calls), verdict, g.results, parsed,
-                           len(tokens), g.cached_tokens, time.monotonic() - t0, self.model_id,
-                           params.max_tokens, asked if asked and asked > params.max_tokens else None)
+        return SwarmAnswer(content, calls, _finish(win.finish_reason, calls), verdict, g.results,
+                           [ballot.parsed(r) for r in g.results], len(tokens), g.cached_tokens,
+                           time.monotonic() - t0, self.model_id, params.max_tokens,
+                           asked if asked and asked > params.max_tokens else None, early_stop=g.early_stop,
+                           greedy=greedy)
+
+    def greedy_voters(self, voters: int, params: SamplingParams) -> tuple:
+        """(voters, note) for a request: at temperature 0 identical voters could not differ, so
+        voter 0 stays greedy and the others sample at greedy_spread (0: one greedy voter)."""
+        if params.temperature > 0 or voters < 2:
+            return voters, ""
+        if self.greedy_spread <= 0:
+            return 1, "temperature 0: one greedy voter (greedy voters could not differ)"
+        params.others_temperature = self.greedy_spread
+        return voters, f"temperature 0: voter 0 greedy, the others at temperature {self.greedy_spread:g}"
 
     def _end_timed_out(self, g: GenRequest) -> None:
         """Voters stopped by the timeout end as cut off (`length`) with what they produced; when
@@ -4224,8 +4458,7 @@ def _vote(candidates: list, strategy: str, prompt: Optional[str], threshold: flo
             return verdict
         cands = [Candidate(c.text, c.finish_reason, c.latency) if c.tool_calls and not c.text else c
                  for c in cands]
-    wants_code = bool(CODE_REQUEST_RE.search(prompt or "")) or not prompt
-    qs = [quality(c, prompt, wants_code) for c in cands]
+    qs = [quality(c, prompt, asks_for_code(prompt)) for c in cands]
     qual, reasons = [q for q, _ in qs], [r for _, r in qs]
     # The gate: answers of the best tier that exists (sound > suspicious > failed).
     ok = [i for i in range(n) if qual[i] >= 0.5] or [i for i in range(n) if qual[i] > 0] \
@@ -4239,7 +4472,7 @@ def _vote(candidates: list, strategy: str, prompt: Optional[str], threshold: flo
         return Verdict(w, qual[w] / max(1, len(ok)) if len(ok) > 1 else qual[w], strategy, [ok],
                        [c.latency for c in cands], qual, reasons, note="first answer that passes the gate")
     feats = [_features(c.text) for c in cands]
-    sim = similarity_matrix(feats, 0.8 if wants_code else 0.5)
+    sim = similarity_matrix(feats, 0.8 if asks_for_code(prompt) else 0.5)
     # Support from every other answer; one that failed the gate still shows which way the voters
     # lean, so it counts half (tuned on the even HumanEval half: +0.3 / +0.1 points).
     support = [1.0 if j in ok else GATED_SUPPORT for j in range(n)]
@@ -4260,6 +4493,66 @@ def _vote(candidates: list, strategy: str, prompt: Optional[str], threshold: flo
     best = max(scores[i] * qual[i] for i in top)
     w = fastest([i for i in top if scores[i] * qual[i] >= best - 1e-9])
     return Verdict(w, agreement(w, sim, ok, n), strategy, groups, scores, qual, reasons)
+
+
+def asks_for_code(prompt: Optional[str]) -> bool:
+    return bool(CODE_REQUEST_RE.search(prompt or "")) or not prompt
+
+
+def passes_gate(c: Candidate, prompt: Optional[str] = None) -> bool:
+    return quality(c, prompt, asks_for_code(prompt))[0] > 0
+
+
+def settled(finished: list, outstanding: int, strategy: str = "similarity", prompt: Optional[str] = None,
+            tools: Optional[Iterable[str]] = None) -> Optional[str]:
+    """Early decision: why the voters still decoding can no longer change the vote, or None.
+    The vote is then the vote of the finished answers. The rule, per strategy:
+      similarity  the largest group of agreeing sound answers (quality >= 0.5, similarity >=
+                  AGREEMENT_THRESHOLD; tool calls: the same canonical call) has at least 2
+                  members and more than the runner-up group plus every outstanding voter, so
+                  no outcome of the outstanding voters makes another group the largest;
+      fastest     a sound answer finished: every outstanding one is slower;
+      quality     (and two voters) an answer of full quality finished: the outstanding can
+                  only tie it and are slower."""
+    cands = [as_candidate(c) for c in finished]
+    n = len(cands) + outstanding
+    if outstanding <= 0 or not cands:
+        return None
+    calls = [i for i, c in enumerate(cands) if c.tool_calls]
+    if calls:
+        known = set(tools) if tools is not None else None
+        keys = [tuple(tool_call_key(tc, known) for tc in cands[i].tool_calls) for i in calls]
+        counts = sorted(collections.Counter(k for k in keys if all(k)).values(), reverse=True)
+        a, b = (counts + [0, 0])[:2]
+        if strategy == "similarity" and n > 2 and a >= 2 and a > b + outstanding and len(calls) * 2 > n:
+            return f"{a} of {n} voters made the same call; the {outstanding} still decoding cannot outvote them"
+        if (len(calls) + outstanding) * 2 > n:
+            return None       # calls may still win the vote, and they were not decided
+    qual = [quality(c, prompt, asks_for_code(prompt))[0] for c in cands]
+    sound = [i for i in range(len(cands)) if qual[i] >= 0.5 and not cands[i].tool_calls]
+    if not sound:
+        return None
+    if strategy == "fastest":
+        return "the fastest sound answer is in: the voters still decoding are slower"
+    if strategy == "quality" or n == 2:
+        return "an answer of full quality is in: the voters still decoding can only tie it, later" \
+            if any(qual[i] >= 1.0 for i in sound) else None
+    sub = [cands[i] for i in sound]
+    sim = similarity_matrix([_features(c.text) for c in sub], 0.8 if asks_for_code(prompt) else 0.5)
+    sizes = [len(g) for g in _groups(list(range(len(sub))), sim, AGREEMENT_THRESHOLD)] + [0]
+    a, b = sizes[0], sizes[1]
+    if a >= 2 and a > b + outstanding:
+        return f"{a} of {n} voters agree; the {outstanding} still decoding cannot outvote them"
+    return None
+
+
+def majority_prefix(texts: list, needed: int) -> str:
+    """The longest text that at least `needed` of texts start with. In sorted order the
+    strings sharing a prefix are neighbours, and a run's common prefix is that of its ends."""
+    if needed < 1 or len(texts) < needed:
+        return ""
+    s = sorted(texts)
+    return max((os.path.commonprefix([s[i], s[i + needed - 1]]) for i in range(len(s) - needed + 1)), key=len)
 
 
 def agreement(w: int, sim: list, ok: list, n: int) -> float:
@@ -4483,6 +4776,7 @@ REQUEST_FIELDS = {
     "stream_options": (dict, None, None), "tools": (list, None, None), "prompt": ((str, list), None, None),
     "messages": (list, None, None), "stop": ((str, list), None, None),
     "parallel_tool_calls": (bool, None, None), "tool_grammar": (bool, None, None),
+    "early_stop": (bool, None, None), "stream_mode": (str, None, None),
 }
 ROLES = ("system", "user", "assistant", "tool", "developer")
 
@@ -4612,36 +4906,56 @@ def parse_request(body: Any, chat: bool, swarm: Swarm, cfg: Config) -> ChatReque
     if body.get("parallel_tool_calls") is not None:
         req.parallel_tool_calls = body["parallel_tool_calls"]
     req.tool_grammar = body.get("tool_grammar")
+    req.early_stop = body.get("early_stop")
+    mode = body.get("stream_mode")
+    if mode is not None and mode not in STREAM_MODES:
+        raise ApiError(400, f"'stream_mode' must be one of {', '.join(STREAM_MODES)}", param="stream_mode")
+    req.stream_mode = mode
     return req
 
 
 class SwarmRun:
     """One request's swarm work in its own thread, so that the handler's thread stays free to
-    notice a client that left and to write what a live stream shows. live: voter 0's tokens
-    are shown as they come (stream_mode fastest); they pass through a queue, as the engine
-    thread must never wait on a client's socket."""
+    notice a client that left and to write what a stream shows. mode: consensus (nothing is
+    shown before the pick), live (what a majority of the voters agree on, ConsensusStream) or
+    fastest (the first voter to write, as it comes). Tokens pass through a queue: the engine
+    thread never waits on a client's socket."""
 
-    def __init__(self, app: App, req: ChatRequest, live: bool = False, federate: bool = True):
-        self.app, self.req, self.live, self.federate = app, req, live, federate
-        self.tokens: queue.Queue = queue.Queue()
+    def __init__(self, app: App, req: ChatRequest, mode: str = "consensus", federate: bool = True):
+        self.app, self.req, self.mode, self.federate = app, req, mode, federate
+        self.events: queue.Queue = queue.Queue()
         self.finished = threading.Event()
         self.answer: Optional[SwarmAnswer] = None
         self.error: Optional[BaseException] = None
-        if live:
-            req.shown_voter = 0
+        if mode == "live":
+            req.stream = ConsensusStream(tools=bool(req.offered_tools()))
+        if mode == "fastest":
+            req.early_stop = False       # the voter shown must run to its end
 
     def start(self) -> None:
         threading.Thread(target=self._work, name="localswarm-request", daemon=True).start()
 
+    def _on_token(self, voter: int, text: Optional[str]) -> None:
+        """The engine thread's callback: queue what the stream may show."""
+        if not text:
+            return
+        if self.mode == "fastest":
+            if self.req.shown_voter is None:
+                self.req.shown_voter = voter
+            if voter == self.req.shown_voter:
+                self.events.put(text)
+        else:
+            self.events.put((voter, text))
+
     def _work(self) -> None:
-        on_token = (lambda voter, text: voter == 0 and self.tokens.put(text)) if self.live else None
         try:
-            self.answer = self.app.answer(self.req, on_token, self.federate)
+            self.answer = self.app.answer(self.req, self._on_token if self.mode != "consensus" else None,
+                                          self.federate)
         except BaseException as exc:      # handed to the handler's thread, which reports it
             self.error = exc
         finally:
             self.finished.set()
-            self.tokens.put(None)
+            self.events.put(None)
 
     def wait_admitted(self) -> None:
         """Return once the engine queued the request; raise what refused it."""
@@ -4652,16 +4966,30 @@ class SwarmRun:
             raise self.error
 
     def live_text(self, keepalive: float):
-        """Voter 0's text as it comes (live runs), with None every `keepalive` seconds of quiet;
-        ends when the answer is ready."""
-        while not (self.finished.is_set() and self.tokens.empty()):
+        """The text to show as it comes, with None every `keepalive` seconds of quiet; ends
+        when the answer is ready."""
+        while not (self.finished.is_set() and self.events.empty()):
             try:
-                text = self.tokens.get(timeout=keepalive)
+                item = self.events.get(timeout=keepalive)
             except queue.Empty:
-                yield None
-                continue
-            if text is not None:
+                item = False
+            text = self._take(item)
+            if text:
                 yield text
+            elif item is False:
+                yield None
+
+    def _take(self, item) -> str:
+        """What to show after taking item (None: the end; False: nothing came)."""
+        if self.mode != "live":
+            return item or ""
+        while item:         # every queued token, then what the majority now agrees on
+            self.req.stream.add(*item)
+            try:
+                item = self.events.get_nowait()
+            except queue.Empty:
+                break
+        return self.req.stream.advance()
 
     def cancel(self) -> None:
         self.req.cancel.set()
@@ -4999,11 +5327,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._send_json(200, completion_json(ans, req, chat, rid),
                         dict(headers, **{"X-Localswarm-Confidence": f"{ans.verdict.confidence:.3f}"}))
 
-    def _run_swarm(self, req: ChatRequest, stream: bool = False, federate: bool = True) -> "SwarmRun":
+    def _run_swarm(self, req: ChatRequest, stream: Optional[str] = None, federate: bool = True) -> "SwarmRun":
         """Start the swarm on req in a worker thread. Not streaming: wait for the answer,
-        cancelling it when the client leaves. Streaming: return the run once the engine has
-        admitted the request (so a full queue or a too-long prompt is still a plain error)."""
-        run = SwarmRun(self.app, req, live=stream and self._fastest(req), federate=federate)
+        cancelling it when the client leaves. Streaming (stream: the mode): return the run once
+        the engine has admitted the request (so a full queue or a too-long prompt is still a
+        plain error)."""
+        run = SwarmRun(self.app, req, stream or "consensus", federate=federate)
         run.start()
         if stream:
             run.wait_admitted()
@@ -5022,12 +5351,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except (OSError, ValueError):
             return True
 
-    def _fastest(self, req: ChatRequest) -> bool:
-        return self.app.cfg["swarm.stream_mode"] == "fastest" and not req.offered_tools()
+    def _stream_mode(self, req: ChatRequest) -> str:
+        """The request's stream mode, or consensus where another cannot apply: with tools, the
+        fastest voter's text may turn out to be a call; with peers, the winner may be theirs."""
+        mode = req.stream_mode or self.app.cfg["swarm.stream_mode"]
+        if (mode == "fastest" and req.offered_tools()) or (mode != "consensus" and self.app.peer_count()):
+            return "consensus"
+        return mode
 
     def _stream(self, req: ChatRequest, chat: bool, rid: str, include_usage: bool,
                 headers: Optional[dict] = None) -> None:
-        run = self._run_swarm(req, stream=True)      # raises before any header is sent
+        run = self._run_swarm(req, stream=self._stream_mode(req))      # raises before any header is sent
         created = int(time.time())
         model = self.app.swarm.model_id
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -5054,25 +5388,32 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self._chunk(b": localswarm is voting\n\n")
             # Tokens are written here, in the handler's thread: a client that stops reading
             # stalls only itself, never the engine thread that produced them.
+            sent = ""
             for text in run.live_text(KEEPALIVE_INTERVAL):
                 if text is None:
                     self._chunk(b": voters working\n\n")
                 else:
                     self._event(chunk({"content": text}) if chat else chunk(text=text))
+                    sent += text
+            ans = run.result()
+            shown = req.shown_voter if run.mode == "fastest" else None
+            if shown is None:       # the winner's text after what was sent, then its calls
+                if not ans.text.startswith(sent):
+                    log.error("live stream sent text the answer does not start with")
+                rest = ans.text[len(sent):]
+                if rest:
+                    self._event(chunk({"content": rest}) if chat else chunk(text=rest))
+                for i, call in enumerate(ans.tool_calls if chat else []):
+                    self._event(chunk({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
+                                                       "function": {"name": call["function"]["name"], "arguments": ""}}]}))
+                    self._event(chunk({"tool_calls": [{"index": i, "function": {"arguments": call["function"]["arguments"]}}]}))
         except OSError:
             run.cancel()
             raise
-        ans = run.result()
-        if not run.live:
-            if ans.text:
-                self._event(chunk({"content": ans.text}) if chat else chunk(text=ans.text))
-            for i, call in enumerate(ans.tool_calls if chat else []):
-                self._event(chunk({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
-                                                   "function": {"name": call["function"]["name"], "arguments": ""}}]}))
-                self._event(chunk({"tool_calls": [{"index": i, "function": {"arguments": call["function"]["arguments"]}}]}))
-        finish = _finish(ans.results[0].finish_reason, []) if run.live else ans.finish_reason
-        self._event(chunk({}, finish, extra={"x_localswarm": dict(ans.x_localswarm(), streamed_voter=0 if run.live
-                                                                 else ans.verdict.index)}))
+        finish = _finish(ans.results[shown].finish_reason, []) if shown is not None else ans.finish_reason
+        self._event(chunk({}, finish, extra={"x_localswarm": dict(
+            ans.x_localswarm(), stream_mode=run.mode, streamed_voter=ans.verdict.index if shown is None else shown,
+            streamed_live_chars=len(sent))}))
         if include_usage:
             self._event(chunk(usage=usage_json(ans)))
         self._event(b"[DONE]")
@@ -6040,7 +6381,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, help=f"port (default: {dflt('server.port')}; env {env('server.port')})")
     s.add_argument("--api-key", help=f"require this bearer key (default: none; env {env('server.api_key')})")
     s.add_argument("--strategy", choices=STRATEGIES, help=f"consensus strategy (default: {dflt('swarm.consensus_strategy')}; env {env('swarm.consensus_strategy')})")
-    s.add_argument("--stream-mode", choices=("consensus", "fastest"), help=f"what a streamed request gets (default: consensus; env {env('swarm.stream_mode')})")
+    s.add_argument("--stream-mode", choices=STREAM_MODES, help=f"what a streamed request shows (default: live; env {env('swarm.stream_mode')})")
     s.add_argument("--mcp", action="store_true", help="also serve MCP on stdin/stdout (with the HTTP API)")
     s.add_argument("--mcp-only", action="store_true", help="serve MCP on stdio only, no HTTP port")
     f = p.add_argument_group("federation")
@@ -6336,7 +6677,8 @@ def serve(cfg: Config, hw: HardwareProfile, budget: Budget, p: Plan, registry: l
             print(startup_summary(app, url, budget, served), flush=True)
         engine = make_engine(path, served, cfg, verbose=args.verbose >= 2)
         app.swarm = Swarm(engine, cfg["swarm.consensus_strategy"], cfg["swarm.timeout"],
-                          served_model_id(served.variant), cfg["swarm.tool_grammar"])
+                          served_model_id(served.variant), cfg["swarm.tool_grammar"], cfg["swarm.early_stop"],
+                          cfg["swarm.greedy_spread"])
         log.info("ready: %s with %d voters", app.swarm.model_id, served.voters)
         if cfg["network.enabled"] and server:
             app.federation = Federation(cfg, app, server.server_address[1])

@@ -343,7 +343,7 @@ class ScriptedEngine:
     def tokenize(self, text):
         return list(range(len(text.split())))
 
-    def generate(self, toks, params, voters, on_token, timeout, cancel, admitted=None):
+    def generate(self, toks, params, voters, on_token, timeout, cancel, admitted=None, **_):
         if admitted is not None:
             admitted.set()
         g = ls.GenRequest(toks, params, voters)
