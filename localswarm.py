@@ -3573,7 +3573,7 @@ def content_prefix(text: str, tools: bool) -> str:
         return text
     if not text or text[0].isspace() or any(o.startswith(text[:len(o)]) for o in CALL_OPENERS):
         return ""         # whitespace is stripped only if a call follows; a bare call may follow
-    if text.startswith("```"):      # a fenced call may follow (parse_tool_calls reads ```json {...}```)
+    if "```".startswith(text[:3]):   # a fenced call may follow (parse_tool_calls reads ```json {...}```)
         after = text[3:]
         head = (after[4:] if after.startswith("json") else after).lstrip()
         if (len(after) < 4 and "json".startswith(after)) or not head or head[0] in "{[":

@@ -1,5 +1,6 @@
 """Consensus: vote() strategies, the quality gate, tool-call voting, confidence, cross_vote."""
 import json
+import os
 
 import pytest
 
@@ -155,3 +156,94 @@ def test_cost_is_bounded_for_long_answers():
     t = time.perf_counter()
     ls.vote(answers, prompt="write helpers")
     assert time.perf_counter() - t < 5     # generous: the benchmark measures the real figure
+
+
+# --- early decision (settled) and live streaming (majority_prefix) -----------------------------
+
+SUM_A = "```python\ndef total(xs):\n    return sum(xs)\n```"
+SUM_B = "```python\ndef total(xs):\n    s = 0\n    for x in xs:\n        s += x\n    return s\n```"
+SUM_C = "```python\ndef total(values):\n    return sum(values)\n```"
+WRONG = "```python\ndef total(xs):\n    return max(xs) * len(xs) - min(xs) // 2 + xs[0]\n```"
+ASK = "Write a Python function total(xs) that sums a list"
+
+
+def decide_in_order(answers: list, strategy: str = "similarity"):
+    """Feed answers to settled() in arrival order, as the swarm does; (index it decided at or
+    None, the finished candidates then)."""
+    for k in range(1, len(answers)):
+        if ls.settled(answers[:k], len(answers) - k, strategy, ASK):
+            return k, answers[:k]
+    return None, answers
+
+
+@pytest.mark.parametrize("arrivals", [
+    [SUM_A, SUM_A, SUM_C, WRONG, SUM_A, SUM_B, ls.Candidate(SUM_B, "length"), WRONG],
+    [SUM_A, ls.Candidate(SUM_A, "length"), SUM_A, SUM_A, WRONG, SUM_C, WRONG, WRONG],
+    [SUM_C, SUM_A, SUM_A, SUM_C, SUM_A, WRONG, WRONG, SUM_B],
+    [WRONG, SUM_A, WRONG, SUM_A, SUM_A, SUM_A, SUM_A, SUM_C],
+])
+def test_an_answer_decided_early_is_the_one_the_full_vote_picks(arrivals):
+    k, finished = decide_in_order(arrivals)
+    assert k is not None and k < len(arrivals), "these votes are settled before the last voter"
+    early = ls.vote(finished, prompt=ASK)
+    full = ls.vote(arrivals, prompt=ASK)
+    assert ls.as_candidate(finished[early.index]).text == ls.as_candidate(arrivals[full.index]).text
+
+
+def test_the_rule_waits_while_the_outstanding_voters_could_outvote_the_leader():
+    # 3 agree, 1 disagrees, 2 outstanding: 3 > 1 + 2 is false, so not settled
+    assert ls.settled([SUM_A, SUM_A, SUM_A, WRONG], 2, prompt=ASK) is None
+    assert "3 of 5" in ls.settled([SUM_A, SUM_A, SUM_A, WRONG], 1, prompt=ASK)
+    # answers that failed the gate count for nobody, so they settle it sooner
+    cut = ls.Candidate(SUM_A, "length")
+    assert ls.settled([SUM_A, SUM_A, cut, cut, cut], 1, prompt=ASK)
+    assert ls.settled([SUM_A], 2, prompt=ASK) is None          # a lone answer is no quorum
+    assert ls.settled([SUM_A], 1, prompt=ASK)    # but two voters vote by quality, then speed
+    assert ls.settled([SUM_A, SUM_A, SUM_A], 0, prompt=ASK) is None   # nothing left to stop
+
+
+def test_tool_calls_are_decided_by_their_canonical_call():
+    def call(path):
+        return ls.Candidate("", tool_calls=[{"function": {"name": "read", "arguments": json.dumps({"path": path})}}])
+    same = [call("a.py"), call("a.py"), call("a.py")]
+    assert "same call" in ls.settled(same, 2, tools=["read"])
+    assert ls.settled(same[:2] + [call("b.py")], 2, tools=["read"]) is None
+    assert ls.settled(same[:2], 3, tools=["read"]) is None      # text answers could still win
+
+
+def test_fastest_and_quality_settle_on_the_first_sound_answer():
+    assert ls.settled([SUM_A], 3, "fastest", ASK)
+    assert ls.settled([ls.Candidate(SUM_A, "length")], 3, "fastest", ASK) is None
+    assert ls.settled([SUM_A], 3, "quality", ASK)
+
+
+def test_majority_prefix_is_the_longest_start_enough_texts_share():
+    import itertools
+    import random
+    rng = random.Random(3)
+    for _ in range(300):
+        texts = ["".join(rng.choice("ab") for _ in range(rng.randint(0, 6))) for _ in range(rng.randint(1, 6))]
+        for needed in range(1, len(texts) + 1):
+            best = max((os.path.commonprefix(list(group)) for group in itertools.combinations(texts, needed)), key=len)
+            got = ls.majority_prefix(texts, needed)
+            assert len(got) == len(best) and sum(t.startswith(got) for t in texts) >= needed
+    assert ls.majority_prefix(["abc"], 2) == ""
+
+
+def test_a_live_prefix_is_always_where_the_final_content_starts():
+    """Whatever a voter writes next, its final content (after tool calls are cut out) starts
+    with content_prefix of what it wrote so far."""
+    import random
+    rng = random.Random(7)
+    parts = ["Let me look. ", " ", "\n", "<tool_call>", "</tool_call>", '{"name": "read", "arguments": {"path": "a"}}',
+             "```", "json", "python\n", "[TOOL_CALLS]", "<function=read>", "</function>", "<|python_tag|>",
+             "[", "{", "x = [1]", "<", "done.", "<｜tool▁calls▁begin｜>"]
+    for _ in range(3000):
+        text = "".join(rng.choice(parts) for _ in range(rng.randint(1, 7)))
+        content, _ = ls.parse_tool_calls(text, ["read"])
+        for cut in range(len(text) + 1):
+            shown = ls.content_prefix(text[:cut], True)
+            assert content.startswith(shown), (text, cut, shown, content)
+    assert ls.content_prefix("Reading it now. <tool_", True) == "Reading it now."
+    assert ls.content_prefix("```python\ndef f", True) == "```python\ndef f"
+    assert ls.content_prefix("  x", False) == "  x"

@@ -235,6 +235,16 @@ def test_mlx_voter_stream_applies_stop_strings_max_tokens_and_streams():
     cancel.set()
     r = ls.run_voter_stream(iter([("a", None)]), ls.VoterResult(3), ls.SamplingParams(), time.monotonic(), None, cancel)
     assert r.finish_reason == "cancelled" and r.text == ""
+    late = ls.run_voter_stream(iter([("a", None)] * 5), ls.VoterResult(4), ls.SamplingParams(), time.monotonic(),
+                               deadline=time.monotonic() - 1)     # the swarm's timeout applies on MLX too
+    assert late.finish_reason == "length" and late.text == ""
+
+
+def test_sampling_params_per_voter_spread_a_greedy_request():
+    p = ls.SamplingParams(temperature=0, others_temperature=0.7)
+    assert p.for_voter(0).temperature == 0 and p.for_voter(3).temperature == 0.7
+    warm = ls.SamplingParams(temperature=0.9, others_temperature=0.7)
+    assert warm.for_voter(2) is warm
 
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="on a Mac the MLX engine may really load")
