@@ -1,19 +1,19 @@
 #!/usr/bin/env python3
-"""Build localswarm.pyz: localswarm.py + models.json + __main__.py as a stdlib zipapp.
+"""Build localswarm.pyz: localswarm.py + models.json + __main__.py as a zipapp (a zip
+after a #! line, which Python runs as it would a zipapp.create_archive one).
 
 The archive is reproducible (sorted entries, fixed timestamps), so two builds of the same
 sources are byte-identical. Usage: python build_pyz.py [-o localswarm.pyz]
 """
 import argparse
 import os
-import shutil
+import pathlib
 import sys
-import tempfile
-import zipapp
+import zipfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FILES = ["localswarm.py", "models.json"]
-FIXED_MTIME = 315964800   # 1980-01-06: zip timestamps cannot go earlier than 1980
+FIXED_DATE = (1980, 1, 6, 0, 0, 0)   # zip timestamps cannot go earlier than 1980
 
 MAIN = '''import sys
 if sys.version_info < (3, 9):
@@ -25,16 +25,18 @@ localswarm.run()
 
 def build(target: str) -> str:
     """Write the archive to target and return its path."""
-    with tempfile.TemporaryDirectory() as stage:
-        for name in FILES:
-            shutil.copyfile(os.path.join(HERE, name), os.path.join(stage, name))
-        with open(os.path.join(stage, "__main__.py"), "w", encoding="utf-8") as f:
-            f.write(MAIN)
-        for name in os.listdir(stage):
-            os.utime(os.path.join(stage, name), (FIXED_MTIME, FIXED_MTIME))
-        tmp = target + ".tmp"
-        zipapp.create_archive(stage, tmp, interpreter="/usr/bin/env python3", compressed=True)
-        os.replace(tmp, target)       # never leave a half-written archive
+    entries = {name: pathlib.Path(HERE, name).read_bytes() for name in FILES}
+    entries["__main__.py"] = MAIN.encode()
+    tmp = target + ".tmp"
+    with open(tmp, "wb") as out:
+        out.write(b"#!/usr/bin/env python3\n")        # what zipapp writes for an interpreter
+        with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+            for name in sorted(entries):
+                info = zipfile.ZipInfo(name, date_time=FIXED_DATE)
+                info.compress_type, info.external_attr = zipfile.ZIP_DEFLATED, 0o644 << 16
+                z.writestr(info, entries[name])
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, target)       # never leave a half-written archive
     return target
 
 

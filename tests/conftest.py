@@ -60,6 +60,41 @@ def engine(starter_path):
     eng.close()
 
 
+def exchange(url, data: bytes, timeout=10.0) -> bytes:
+    """Send raw bytes; everything the server sends until it closes (or the timeout)."""
+    host, port = url.split("//")[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        try:
+            while chunk := s.recv(65536):
+                out += chunk
+        except socket.timeout:
+            pass
+        return out
+
+
+def leave_while_voting(url, app, body: dict, until: bytes = b"") -> float:
+    """POST body, wait until the voters work (and the response holds `until`), hang up;
+    returns how many seconds the voters took to stop after that (30 at most)."""
+    data = json.dumps(body).encode()
+    host, port = url.split("//")[1].split(":")
+    s = socket.create_connection((host, int(port)), timeout=60)
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % len(data) + data)
+    deadline = time.monotonic() + 60
+    while app.swarm.status()["busy_voters"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    got = b""
+    while until and until not in got:
+        got += s.recv(4096)
+    s.close()
+    left = time.monotonic()
+    while app.swarm.status()["busy_voters"] and time.monotonic() - left < 30:
+        time.sleep(0.05)
+    return time.monotonic() - left
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

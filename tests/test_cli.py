@@ -131,3 +131,25 @@ def test_a_malformed_gguf_is_one_line_and_nonzero(tmp_path, data):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "localswarm.py"), "--model-path", str(bad), "-y",
                         "--port", "0"], capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "not a valid GGUF file" in r.stderr, r.stderr
+
+
+def test_a_model_that_fails_to_load_stops_the_server_with_one_line(tmp_path, starter_path):
+    """The port opens at once (/health says loading); a model llama.cpp cannot load then ends
+    the server with one line and exit 1, as llama-server does, rather than serving errors."""
+    import subprocess
+    cut = tmp_path / "cut.gguf"
+    with open(starter_path, "rb") as f:
+        cut.write_bytes(f.read(40 * 2 ** 20))        # the header reads fine; the tensors are missing
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "localswarm.py"), "--model-path", str(cut), "-y", "-q",
+                        "--port", "0"], capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and last.startswith("localswarm: error:"), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_the_status_line_says_what_the_swarm_is_doing(live_server):
+    url, app = live_server
+    assert ls.status_line(ls.App(ls.load_config(env={}, read_file=False))).startswith("[localswarm] requests 0,")
+    line = ls.status_line(app)
+    assert f"busy voters 0/{app.swarm.voters}" in line and "queue 0" in line and "peers 0" in line
+    assert f"requests {app.swarm.requests}," in line

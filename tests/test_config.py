@@ -79,3 +79,12 @@ def test_missing_explicit_config_is_one_line_and_exit_1():
     r = run_cli("--config", "/nonexistent/c.json", "--detect")
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_strategy_and_instances_flags_reach_the_config():
+    args = ls.build_parser().parse_args(["--strategy", "quality", "--instances", "3", "--stream-mode", "fastest"])
+    cfg = ls.load_config(ls.cli_overrides(args), env={}, read_file=False)
+    assert cfg["swarm.consensus_strategy"] == "quality" and cfg["swarm.voters"] == 3
+    assert cfg["swarm.stream_mode"] == "fastest" and cfg.sources["swarm.voters"] == "command line"
+    with pytest.raises(SystemExit):
+        ls.build_parser().parse_args(["--strategy", "loudest"])

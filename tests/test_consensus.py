@@ -112,7 +112,9 @@ def test_tool_calls_vote_on_name_and_canonical_arguments():
              ls.Candidate(tool_calls=[call("read", {"path": "b.py"})]),
              ls.Candidate("I would read the file.")]
     v = ls.vote(cands, tools=["read"])
-    assert v.index == 1 and "tool calls" in v.note and v.confidence == 0.5
+    assert v.index == 1 and "tool calls" in v.note
+    agreed = ls.vote(cands[:2] + [cands[0], cands[1]], tools=["read"])
+    assert agreed.confidence == 1.0 and 0 < v.confidence < agreed.confidence, "two of four agree: less sure"
 
 
 def test_invalid_or_unknown_tool_calls_cannot_win():

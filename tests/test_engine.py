@@ -97,10 +97,13 @@ def test_unclaimed_answers_never_block_the_queue(engine):
 
 def test_cancellation_stops_within_a_step_and_frees_sequences(engine):
     req = engine.submit(ls.GenRequest(prompt_tokens(engine), ls.SamplingParams(max_tokens=2000, seed=2), 4))
-    time.sleep(0.3)
+    while not all(r.completion_tokens for r in req.results) and not req.done:
+        time.sleep(0.01)                            # every voter is writing
     req.cancel()
     assert req.wait(5)
-    assert all(r.finish_reason == "cancelled" for r in req.results)
+    # a voter that reached its end of text before the cancel keeps its reason; the rest stop
+    assert all(r.finished and r.finish_reason in ("cancelled", "stop") for r in req.results)
+    assert sum(r.finish_reason == "cancelled" for r in req.results) >= 1
     assert all(r.completion_tokens < 2000 for r in req.results)
     g = engine.generate(prompt_tokens(engine), ls.SamplingParams(max_tokens=3, seed=2))
     assert all(r.completion_tokens == 3 for r in g.results)      # sequences were freed
@@ -132,8 +135,8 @@ def test_queue_limit_answers_busy_and_fifo_serves_everyone(engine):
     for r in reqs:
         assert r.wait(120), "a queued request starved"
         assert all(v.completion_tokens > 0 for v in r.results)
-    starts = [r.submitted + r.results[0].ttft for r in reqs]
-    assert all(b >= a - 0.05 for a, b in zip(starts, starts[1:])), "admission is first in, first out"
+    starts = [r.admitted_at for r in reqs]
+    assert starts == sorted(starts), "admission is first in, first out"
 
 
 def test_chat_template_from_the_file_and_fallbacks():
@@ -169,7 +172,10 @@ def test_qwen_style_template_renders_tools_natively():
 
 
 def test_workers_are_counted(engine):
-    assert sum(w.requests for w in engine.workers) > 0 and all(w.healthy for w in engine.workers)
+    before = [(w.requests, w.tokens) for w in engine.workers]
+    g = engine.generate(prompt_tokens(engine), ls.SamplingParams(max_tokens=5, seed=1), 4)
+    for w, (requests, tokens), r in zip(engine.workers, before, g.results):
+        assert w.requests == requests + 1 and w.tokens == tokens + r.completion_tokens and w.healthy
 
 
 def test_stop_matcher_holds_back_partial_stops():
@@ -336,3 +342,21 @@ def test_user_text_cannot_spell_a_control_token(engine):
     assert swarm.prompt_tokens(plain) == engine.tokenize(swarm.prompt_text(plain))   # nothing to guard: as before
     raw = ls.ChatRequest(prompt="<|im_start|>user\nhi<|im_end|>\n")      # a completion's prompt is the client's template
     assert swarm.prompt_tokens(raw).count(im_start[0]) == 1
+
+
+@pytest.mark.parametrize("cls", [ls.LlamaCppEngine, ls.MLXEngine])
+def test_both_engines_fulfil_the_engine_contract(cls):
+    """Every member of ls.Engine, with the same parameters; checked on the class, so the MLX
+    engine is checked without mlx installed."""
+    import inspect
+    source = inspect.getsource(cls)
+    for name, _ in ls.Engine.__annotations__.items():
+        assert hasattr(cls, name) or f"self.{name} =" in source or f"self.{name}," in source, f"{cls.__name__}.{name}"
+    for name, member in vars(ls.Engine).items():
+        if name.startswith("_"):
+            continue
+        assert hasattr(cls, name), f"{cls.__name__} lacks {name}"
+        if callable(member):
+            want = list(inspect.signature(member).parameters)
+            got = list(inspect.signature(getattr(cls, name)).parameters)
+            assert got[:len(want)] == want, f"{cls.__name__}.{name}{got} is not {want}"

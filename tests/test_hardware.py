@@ -117,7 +117,7 @@ def test_missing_tool_means_not_present(monkeypatch, tmp_path):
 def test_detect_hardware_here_is_fast_and_complete():
     t = time.monotonic()
     hw = ls.detect_hardware()
-    assert time.monotonic() - t < 1.0
+    assert time.monotonic() - t < 4 * ls.PROBE_TIMEOUT, "every probe has a timeout"
     assert hw.ram_total_bytes > 0 and hw.cpu_cores >= 1 and hw.os
 
 

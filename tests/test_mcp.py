@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, free_port
+from conftest import ROOT
 
 mcp = pytest.importorskip("mcp")
 anyio = pytest.importorskip("anyio")

@@ -277,3 +277,23 @@ def test_a_cached_mlx_build_is_found_only_when_complete(tmp_path):
     assert ls.find_cached_model(v, str(tmp_path)) is None            # the weights it names are missing
     (snap / "model-1.safetensors").write_bytes(b"x")
     assert ls.find_cached_model(v, str(tmp_path)) == str(snap)
+
+
+def test_preferred_models_are_tried_before_the_default_order():
+    budget = ls.memory_budget(profile())
+    assert ls.plan(REGISTRY, budget).variant.family == "qwen2.5-coder"
+    assert ls.plan(REGISTRY, budget, preferred=["deepseek-coder"]).variant.family == "deepseek-coder"
+    cfg = ls.load_config(env={"LOCALSWARM_PREFERRED_MODELS": "deepseek-coder"}, read_file=False)
+    assert ls.choose_plan(cfg, REGISTRY, budget).variant.family == "deepseek-coder"
+
+
+def test_a_local_gguf_is_described_from_its_own_metadata(starter_path):
+    meta = ls.read_gguf_metadata(starter_path)
+    assert meta["general.architecture"] == "llama" and meta["llama.context_length"] > 0
+    v = ls.variant_from_gguf(starter_path)
+    assert v.family == "local" and v.file == starter_path and v.n_ctx_train == meta["llama.context_length"]
+    assert v.n_layers == meta["llama.block_count"] and v.size_bytes == os.path.getsize(starter_path)
+    cfg = ls.load_config({"models.model_path": starter_path, "swarm.voters": 3}, env={}, read_file=False)
+    p = ls.choose_plan(cfg, REGISTRY, ls.memory_budget(profile()))
+    assert p.variant.file == starter_path and p.voters == 3 and ls.served_model_id(p.variant) == os.path.basename(
+        starter_path)[:-len(".gguf")]

@@ -1,13 +1,10 @@
 """Swarm: early decision while voters decode, live consensus streaming, greedy requests.
 The engine is the real llama.cpp one on the starter model (conftest's session engine)."""
-import json
-import socket
-import time
-
 import openai
 import pytest
 
 import localswarm as ls
+from conftest import leave_while_voting
 
 CODE_TASK = [{"role": "user", "content": "Write a Python function `is_even(n)` that returns True when n "
                                          "is even. Answer with the code in one ```python block."}]
@@ -133,19 +130,8 @@ def test_a_live_stream_reassembles_to_the_answer_for_the_same_seed(live_server):
 
 def test_a_client_that_leaves_a_live_stream_cancels_its_voters(live_server):
     url, app = live_server
-    body = json.dumps({"messages": [{"role": "user", "content": "Write a very long story about a dragon."}],
-                       "max_tokens": 1500, "temperature": 1.0, "voters": 4, "stream": True}).encode()
-    host, port = url.split("//")[1].split(":")
-    s = socket.create_connection((host, int(port)))
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-              b"Content-Length: %d\r\n\r\n" % len(body) + body)
-    s.settimeout(60)
-    got = b""
-    while b'"content": "' not in got.split(b"\r\n\r\n", 1)[-1].replace(b'"content": ""', b""):
-        got += s.recv(4096)        # until the first streamed text
-    s.close()
-    left = time.monotonic()
-    while app.swarm.status()["busy_voters"] and time.monotonic() - left < 30:
-        time.sleep(0.05)
+    took = leave_while_voting(url, app, {"messages": [{"role": "user", "content": "Write a very long story about a dragon."}],
+                                         "max_tokens": 1500, "temperature": 1.0, "voters": 4, "stream": True},
+                              until=b'"content": "')       # the first streamed text (the role chunk has "")
     assert app.swarm.status()["busy_voters"] == 0
-    assert time.monotonic() - left < 5, "voters stop within a few seconds of the client leaving"
+    assert took < 5, "voters stop within a few seconds of the client leaving"
