@@ -125,6 +125,9 @@ if [ "$MODE" = test ]; then
   missing=""
   command -v shellcheck >/dev/null 2>&1 || missing="$missing shellcheck"
   command -v ip >/dev/null 2>&1 || missing="$missing iproute2"
+  # a real browser for the web page's tests (selenium drives it)
+  command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+  command -v chromedriver >/dev/null 2>&1 || missing="$missing chromium-driver"
   if [ -n "$missing" ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
       # shellcheck disable=SC2086  # $missing is a list of package names

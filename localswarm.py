@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import array
 import ast
+import base64
 import bisect
 import builtins
 import codecs
@@ -205,6 +206,7 @@ def _s(section, key, typ, default, help, env=None, **kw) -> Setting:
 
 STRATEGIES = ("similarity", "quality", "fastest")
 STREAM_MODES = ("live", "consensus", "fastest")
+EARLY_STOP_RULES = ("adaptive", "strict", "off")
 GREEDY_SPREAD = 0.7         # a temperature-0 request: voter 0 greedy, the others at this (BENCHMARKS)
 SETTINGS = [
     _s("server", "host", str, "127.0.0.1", "address to bind"),
@@ -228,8 +230,9 @@ SETTINGS = [
     _s("swarm", "stream_mode", str, "live", "what a stream shows: live (the text a majority of voters "
        "agree on, as it comes, then the winner's rest), consensus (the winner once the vote is done) "
        "or fastest (the first voter to answer, live; the vote is only reported)", choices=STREAM_MODES),
-    _s("swarm", "early_stop", bool, True, "stop the voters still decoding once they can no longer change "
-       "the vote"),
+    _s("swarm", "early_stop", str, "adaptive", "stop the voters still decoding once the vote is decided: "
+       "adaptive (the lead holds with 95% probability, or cannot be caught), strict (it cannot be "
+       "caught) or off", choices=EARLY_STOP_RULES),
     _s("swarm", "greedy_spread", float, GREEDY_SPREAD, "a temperature-0 request keeps voter 0 greedy and "
        "samples the others at this temperature (0: one greedy voter)", minimum=0.0, maximum=2.0),
     _s("swarm", "timeout", float, 600.0, "seconds a request may run", minimum=1),
@@ -2342,6 +2345,7 @@ class Engine(Protocol):
     def remember(self, req: GenRequest, index: int) -> None: ...   # the answer a next turn repeats
     def queue_depth(self) -> int: ...
     def busy_voters(self) -> int: ...
+    def prefill_progress(self) -> list: ...
     def cache_stats(self) -> dict: ...
     def close(self) -> None: ...
 
@@ -2355,6 +2359,7 @@ class EngineView:
     busy_voters: int
     running: bool
     cache: dict
+    prefill: tuple = ()          # (tokens decoded, prompt tokens) of each prompt being read
 
 
 class LlamaCppEngine:
@@ -2451,6 +2456,10 @@ class LlamaCppEngine:
     def busy_voters(self) -> int:
         return self._view.busy_voters
 
+    def prefill_progress(self) -> list:
+        """[tokens decoded, prompt tokens] of each prompt being read now (a long one takes minutes on a CPU)."""
+        return [list(p) for p in self._view.prefill]
+
     def submit(self, req: GenRequest) -> GenRequest:
         """Queue a request; raises ContextLengthError or BusyError at once."""
         n = len(req.prompt_tokens)
@@ -2527,7 +2536,8 @@ class LlamaCppEngine:
         """The snapshot other threads read (see the class docstring)."""
         busy = sum(1 for r in self._runs for v in r.voters if v.live) + sum(
             r.req.voters for r in self._runs if r.prefilling)
-        self._view = EngineView(busy, bool(self._runs), self._cache.stats())
+        prefill = tuple((r.prefill_pos, len(r.req.prompt_tokens)) for r in self._runs if r.prefilling)
+        self._view = EngineView(busy, bool(self._runs), self._cache.stats(), prefill)
 
     def _loop(self) -> None:
         while True:
@@ -3019,6 +3029,9 @@ class MLXEngine:
 
     def busy_voters(self) -> int:
         return sum(1 for w in self.workers if w.busy)
+
+    def prefill_progress(self) -> list:
+        return []            # mlx_lm reads the prompt inside stream_generate, unseen
 
     def cache_stats(self) -> dict:
         """MLX keeps no prompt cache across requests (README: "Prompt cache")."""
@@ -3571,8 +3584,9 @@ class ChatRequest:
     shown_voter: Optional[int] = None     # whose text the client got, when not the vote's pick
     parallel_tool_calls: bool = True
     tool_grammar: Optional[bool] = None   # constrain calls by grammar (None: the server's setting)
-    early_stop: Optional[bool] = None     # stop voting once decided (None: the server's setting)
+    early_stop: Any = None                # True/False or a rule of EARLY_STOP_RULES (None: the server's)
     stream_mode: Optional[str] = None     # live | consensus | fastest (None: the server's setting)
+    stream_voters: bool = False           # a stream also carries every voter's own text (the web page)
     stream: Optional["ConsensusStream"] = None   # live consensus streaming: what was sent
 
     def offered_tool_defs(self) -> list:
@@ -3742,8 +3756,9 @@ class Ballot:
     """One request's answers as the vote reads them: each voter's text parsed once (tool calls),
     the early decision while voters decode (decide), and the final pick."""
 
-    def __init__(self, req: ChatRequest, strategy: str, early: bool):
-        self.req, self.strategy, self.early = req, strategy, early
+    def __init__(self, req: ChatRequest, strategy: str, rule: str = "off"):
+        self.req, self.strategy, self.rule = req, strategy, rule
+        self.early = rule != "off"
         self.offered = req.offered_tools()
         self.schemas = {t["function"]["name"]: t["function"].get("parameters") for t in req.offered_tool_defs()}
         self.question = req.question()
@@ -3770,7 +3785,8 @@ class Ballot:
             stream.drop(r.index for r, c in zip(finished, cands) if not passes_gate(c, self.question))
         if not self.early:
             return None
-        reason = settled(cands, outstanding, self.strategy, self.question, self.offered or None)
+        reason = settled(cands, outstanding, self.req.strategy or self.strategy, self.question,
+                         self.offered or None, self.rule)
         if reason and stream:       # the pick must start with what was sent; decided under its lock
             if not stream.close_if(lambda sent: self.pick(finished, sent).index >= 0):
                 return None
@@ -3808,7 +3824,7 @@ class Swarm:
     """N voters over one engine, and the vote that picks the answer."""
 
     def __init__(self, engine, strategy: str = "similarity", timeout: float = 600.0,
-                 model_id: Optional[str] = None, tool_grammar: bool = True, early_stop: bool = True,
+                 model_id: Optional[str] = None, tool_grammar: bool = True, early_stop: str = "adaptive",
                  greedy_spread: float = GREEDY_SPREAD):
         self.engine, self.strategy, self.timeout = engine, strategy, timeout
         self.tool_grammar, self.early_stop, self.greedy_spread = tool_grammar, early_stop, greedy_spread
@@ -3853,8 +3869,7 @@ class Swarm:
         params = dataclasses.replace(req.params, max_tokens=min(asked or DEFAULT_MAX_TOKENS, room),
                                      grammar=self.call_grammar(req))
         voters, greedy = self.greedy_voters(req.voters or self.voters, params)
-        early = self.early_stop if req.early_stop is None else req.early_stop
-        ballot = Ballot(req, self.strategy, early and req.shown_voter is None)
+        ballot = Ballot(req, self.strategy, self.early_stop_rule(req))
         if req.stream:
             req.stream.begin(voters)
         g = self.engine.generate(tokens, params, voters, on_token, self.timeout, req.cancel, keep_answers=True,
@@ -3882,6 +3897,14 @@ class Swarm:
         cache, as the next turn repeats it; an answer from elsewhere (a peer's) frees them all."""
         index = -1 if ans.cross and ans.cross.index != 0 else ans.verdict.index if shown is None else shown
         self.engine.remember(ans.gen, index)
+
+    def early_stop_rule(self, req: ChatRequest) -> str:
+        """The request's early_stop (true: the server's rule, or adaptive when that is off), else
+        the server's."""
+        wanted = req.early_stop
+        if wanted is False or isinstance(wanted, str):
+            return wanted or "off"
+        return "adaptive" if wanted is True and self.early_stop == "off" else self.early_stop
 
     def greedy_voters(self, voters: int, params: SamplingParams) -> tuple:
         """(voters, note) for a request: at temperature 0 identical voters could not differ, so
@@ -3985,7 +4008,7 @@ class Verdict:
     def to_json(self) -> dict:
         return {"strategy": self.strategy, "winner": self.index, "confidence": round(self.confidence, 4),
                 "groups": self.groups, "scores": [round(s, 4) for s in self.scores],
-                "quality": [round(q, 3) for q in self.quality], "note": self.note}
+                "quality": [round(q, 3) for q in self.quality], "reasons": self.reasons, "note": self.note}
 
 
 def as_candidate(c) -> Candidate:
@@ -4357,14 +4380,30 @@ def passes_gate(c: Candidate, prompt: Optional[str] = None) -> bool:
     return quality(c, prompt, asks_for_code(prompt))[0] > 0
 
 
+STOP_CONFIDENCE = 0.95     # early decision: how sure the leading group must be to stay the leader
+
+
+def lead_probability(a: int, b: int) -> float:
+    """Adaptive-Consistency's Beta stopping criterion (Aggarwal et al., 2023): with a answers in
+    the leading group and b in the runner-up, the probability that the leader's share of all
+    answers the voters could give is the larger, under a uniform prior: P(X > 1/2) for X ~
+    Beta(a + 1, b + 1), which for whole numbers is P(Binomial(a + b + 1, 1/2) <= a)."""
+    n = a + b + 1
+    return sum(math.comb(n, j) for j in range(a + 1)) / 2 ** n
+
+
 def settled(finished: list, outstanding: int, strategy: str = "similarity", prompt: Optional[str] = None,
-            tools: Optional[Iterable[str]] = None) -> Optional[str]:
-    """Early decision: why the voters still decoding can no longer change the vote, or None.
-    The vote is then the vote of the finished answers. The rule, per strategy:
+            tools: Optional[Iterable[str]] = None, rule: str = "adaptive") -> Optional[str]:
+    """Early decision: why the voters still decoding need not be waited for, or None. The vote
+    is then the vote of the finished answers. Per strategy:
       similarity  the largest group of agreeing sound answers (quality >= 0.5, similarity >=
-                  AGREEMENT_THRESHOLD; tool calls: the same canonical call) has at least 2
-                  members and more than the runner-up group plus every outstanding voter, so
-                  no outcome of the outstanding voters makes another group the largest;
+                  AGREEMENT_THRESHOLD; tool calls: the same canonical call), of a >= 2, against
+                  the runner-up group of b, with r voters outstanding:
+                    strict    a > b + r: no outcome of the outstanding makes another group the
+                              largest;
+                    adaptive  that, or lead_probability(a, b) >= STOP_CONFIDENCE (Adaptive-
+                              Consistency's criterion: e.g. 4 sound answers that agree and none
+                              that does not);
       fastest     a sound answer finished: every outstanding one is slower;
       quality     (and two voters) an answer of full quality finished: the outstanding can
                   only tie it and are slower."""
@@ -4378,8 +4417,8 @@ def settled(finished: list, outstanding: int, strategy: str = "similarity", prom
         keys = [tuple(tool_call_key(tc, known) for tc in cands[i].tool_calls) for i in calls]
         counts = sorted(collections.Counter(k for k in keys if all(k)).values(), reverse=True)
         a, b = (counts + [0, 0])[:2]
-        if strategy == "similarity" and n > 2 and a >= 2 and a > b + outstanding and len(calls) * 2 > n:
-            return f"{a} of {n} voters made the same call; the {outstanding} still decoding cannot outvote them"
+        if strategy == "similarity" and n > 2 and len(calls) * 2 > n and _decided(a, b, outstanding, rule):
+            return f"{a} of {n} voters made the same call" + _why(a, b, outstanding)
         if (len(calls) + outstanding) * 2 > n:
             return None       # calls may still win the vote, and they were not decided
     qual = [quality(c, prompt, asks_for_code(prompt))[0] for c in cands]
@@ -4394,10 +4433,19 @@ def settled(finished: list, outstanding: int, strategy: str = "similarity", prom
     sub = [cands[i] for i in sound]
     sim = similarity_matrix([_features(c.text) for c in sub], 0.8 if asks_for_code(prompt) else 0.5)
     sizes = [len(g) for g in _groups(list(range(len(sub))), sim, AGREEMENT_THRESHOLD)] + [0]
-    a, b = sizes[0], sizes[1]
-    if a >= 2 and a > b + outstanding:
-        return f"{a} of {n} voters agree; the {outstanding} still decoding cannot outvote them"
+    if _decided(sizes[0], sizes[1], outstanding, rule):
+        return f"{sizes[0]} of {n} voters agree" + _why(sizes[0], sizes[1], outstanding)
     return None
+
+
+def _decided(a: int, b: int, outstanding: int, rule: str) -> bool:
+    return a >= 2 and (a > b + outstanding or (rule == "adaptive" and lead_probability(a, b) >= STOP_CONFIDENCE))
+
+
+def _why(a: int, b: int, outstanding: int) -> str:
+    if a > b + outstanding:
+        return f"; the {outstanding} still decoding cannot outvote them"
+    return f" ({b} disagree): the lead holds with probability {lead_probability(a, b):.3f}"
 
 
 def majority_prefix(texts: list, needed: int) -> str:
@@ -4599,6 +4647,25 @@ class App:
     def peer_count(self) -> int:
         return len(self.federation.live_peers()) if self.federation else 0
 
+    def status(self) -> dict:
+        """Everything the web page's status panel shows: /health's numbers, the hardware, the
+        plan, live speed, prompts being read, the prompt cache's counters and the peers."""
+        if self.swarm is None:
+            status, msg = self.not_ready()
+            health = {"status": status, "message": msg}
+        else:
+            health = dict(self.swarm.status(), status="ok" if self.swarm.status()["healthy_voters"] else "error",
+                          peers=self.peer_count(), prefill=self.swarm.engine.prefill_progress())
+        counters = self.swarm.engine_counters() if self.swarm else {}
+        peers = [{"name": p.name or p.node_id, "host": p.host, "model": p.model, "voters": p.voters}
+                 for p in (self.federation.live_peers() if self.federation else [])]
+        return {"health": health, "version": __version__, "uptime_s": round(time.time() - self.started, 1),
+                "hardware": self.hardware.to_json() if self.hardware else None,
+                "plan": self.plan.to_json() if self.plan else None,
+                "tokens_per_s": round(self.metrics.last_tokens_per_s, 1),
+                "prompt_cache_hits": counters.get("prompt_cache_hits", 0),
+                "prompt_cache_misses": counters.get("prompt_cache_misses", 0), "peers": peers}
+
     def federation_drops(self) -> dict:
         """Discovery packets and federation requests refused, by reason."""
         return dict(self.federation.dropped) if self.federation else {}
@@ -4618,8 +4685,8 @@ class App:
     def answer(self, req: ChatRequest, on_token=None, federate: bool = True) -> SwarmAnswer:
         """The consensus answer: local, or federated when peers are live (and federate)."""
         swarm = self.ready_swarm()
-        if federate and self.federation and self.federation.live_peers() and on_token is None:
-            ans = self.federation.answer(swarm, req)
+        if federate and self.federation and self.federation.live_peers():
+            ans = self.federation.answer(swarm, req, on_token)
         else:
             ans = swarm.answer(req, on_token)
         self.metrics.observe_answer(ans)
@@ -4640,7 +4707,7 @@ REQUEST_FIELDS = {
     "stream_options": (dict, None, None), "tools": (list, None, None), "prompt": ((str, list), None, None),
     "messages": (list, None, None), "stop": ((str, list), None, None),
     "parallel_tool_calls": (bool, None, None), "tool_grammar": (bool, None, None),
-    "early_stop": (bool, None, None), "stream_mode": (str, None, None),
+    "early_stop": ((bool, str), None, None), "stream_mode": (str, None, None), "stream_voters": (bool, None, None),
 }
 ROLES = ("system", "user", "assistant", "tool", "developer")
 
@@ -4651,7 +4718,8 @@ def check_fields(body: dict) -> None:
         if name not in body or body[name] is None:
             continue
         v = body[name]
-        if isinstance(v, bool) and types is not bool or not isinstance(v, types):
+        bool_ok = types is bool or (isinstance(types, tuple) and bool in types)
+        if isinstance(v, bool) and not bool_ok or not isinstance(v, types):
             raise ApiError(400, f"'{name}' has the wrong type", param=name, code="invalid_type")
         if lo is not None and not (lo <= v <= hi):
             raise ApiError(400, f"'{name}' must be between {lo} and {hi}", param=name, code="invalid_value")
@@ -4727,7 +4795,10 @@ def parse_request(body: Any, chat: bool, swarm: Swarm) -> ChatRequest:
     check_tool_choice(req.tool_choice, req.tools)
     if body.get("parallel_tool_calls") is not None:
         req.parallel_tool_calls = body["parallel_tool_calls"]
-    req.tool_grammar, req.early_stop = body.get("tool_grammar"), body.get("early_stop")
+    req.tool_grammar = body.get("tool_grammar")
+    req.early_stop = body.get("early_stop") if isinstance(body.get("early_stop"), bool) else \
+        one_of(body, "early_stop", EARLY_STOP_RULES)
+    req.stream_voters = bool(body.get("stream_voters"))
     return req
 
 
@@ -4798,7 +4869,8 @@ class SwarmRun:
     thread never waits on a client's socket."""
 
     def __init__(self, app: App, req: ChatRequest, mode: str = "consensus", federate: bool = True):
-        self.app, self.req, self.mode, self.federate = app, req, mode, federate
+        # live and fastest show this node's voters as they write: the answer must be one of theirs
+        self.app, self.req, self.mode, self.federate = app, req, mode, federate and mode == "consensus"
         self.events: queue.Queue = queue.Queue()
         self.finished = threading.Event()
         self.answer: Optional[SwarmAnswer] = None
@@ -4812,21 +4884,15 @@ class SwarmRun:
         threading.Thread(target=self._work, name="localswarm-request", daemon=True).start()
 
     def _on_token(self, voter: int, text: Optional[str]) -> None:
-        """The engine thread's callback: queue what the stream may show."""
-        if not text:
-            return
-        if self.mode == "fastest":
-            if self.req.shown_voter is None:
-                self.req.shown_voter = voter
-            if voter == self.req.shown_voter:
-                self.events.put(text)
-        else:
-            self.events.put((voter, text))
+        """The engine thread's callback (text None: the voter ended): queue it for the stream."""
+        if self.mode == "fastest" and text and self.req.shown_voter is None:
+            self.req.shown_voter = voter      # the first to write is the one shown
+        self.events.put((voter, text))
 
     def _work(self) -> None:
+        live = self.mode != "consensus" or self.req.stream_voters
         try:
-            self.answer = self.app.answer(self.req, self._on_token if self.mode != "consensus" else None,
-                                          self.federate)
+            self.answer = self.app.answer(self.req, self._on_token if live else None, self.federate)
         except BaseException as exc:      # handed to the handler's thread, which reports it
             self.error = exc
         finally:
@@ -4842,30 +4908,37 @@ class SwarmRun:
             raise self.error
 
     def live_text(self, keepalive: float):
-        """The text to show as it comes, with None every `keepalive` seconds of quiet; ends
+        """What the stream shows as it comes: lists of ("content", text) and, with stream_voters,
+        ("voter", index, text or None at its end); None after `keepalive` seconds of quiet. Ends
         when the answer is ready."""
+        shown = time.monotonic()
         while not (self.finished.is_set() and self.events.empty()):
             try:
-                item = self.events.get(timeout=keepalive)
+                items = [self.events.get(timeout=keepalive)]
             except queue.Empty:
-                item = False
-            text = self._take(item)
-            if text:
-                yield text
-            elif item is False:
-                yield None
+                items = []
+            while items and items[-1] is not None:       # and whatever else is queued
+                try:
+                    items.append(self.events.get_nowait())
+                except queue.Empty:
+                    break
+            out = self._show([i for i in items if i is not None])
+            if out or time.monotonic() - shown >= keepalive:   # quiet writes find a client that left
+                shown = time.monotonic()
+                yield out or None
 
-    def _take(self, item) -> str:
-        """What to show after taking item (None: the end; False: nothing came)."""
-        if self.mode != "live":
-            return item or ""
-        while item:         # every queued token, then what the majority now agrees on
-            self.req.stream.add(*item)
-            try:
-                item = self.events.get_nowait()
-            except queue.Empty:
-                break
-        return self.req.stream.advance()
+    def _show(self, items: list) -> list:
+        out = [("voter", voter, text) for voter, text in items] if self.req.stream_voters else []
+        if self.mode == "fastest":
+            text = "".join(t for v, t in items if t and v == self.req.shown_voter)
+        elif self.mode == "live":
+            for voter, text in items:
+                if text:
+                    self.req.stream.add(voter, text)
+            text = self.req.stream.advance()
+        else:
+            text = ""
+        return out + ([("content", text)] if text else [])
 
     def cancel(self) -> None:
         self.req.cancel.set()
@@ -4931,9 +5004,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         ("GET", "/v1/models"): "models", ("GET", "/health"): "health", ("GET", "/metrics"): "metrics",
         ("POST", "/v1/chat/completions"): "chat", ("POST", "/v1/completions"): "completions",
         ("GET", "/v1/federation/health"): "fed_health", ("GET", "/v1/federation/info"): "fed_info",
-        ("POST", "/v1/federation/vote"): "fed_vote",
+        ("POST", "/v1/federation/vote"): "fed_vote", ("GET", "/"): "page", ("GET", "/v1/localswarm/status"): "status",
     }
-    OPEN = {"health"}                       # no API key needed (liveness probes), as in llama-server
+    OPEN = {"health", "page"}               # no API key needed: liveness probes (as in llama-server), and
+                                            # the web page, which asks for the key itself
     default_request_version = "HTTP/1.0"   # so even an unparsable request line gets a status line
 
     @property
@@ -5176,6 +5250,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         st.update(status="ok" if st["healthy_voters"] else "error", peers=self.app.peer_count())
         self._send_json(200 if st["healthy_voters"] else 503, st)
 
+    def route_page(self) -> None:
+        """The web page (the "Web page" section), under a strict Content-Security-Policy."""
+        self._send(200, WEB_PAGE.encode(), "text/html; charset=utf-8", WEB_PAGE_HEADERS)
+
+    def route_status(self) -> None:
+        self._send_json(200, self.app.status())
+
     def route_metrics(self) -> None:
         self._send(200, self.app.metrics.render(self.app).encode(), "text/plain; version=0.0.4")
 
@@ -5264,12 +5345,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
             # Tokens are written here, in the handler's thread: a client that stops reading
             # stalls only itself, never the engine thread that produced them.
             sent = ""
-            for text in run.live_text(KEEPALIVE_INTERVAL):
-                if text is None:
+            for out in run.live_text(KEEPALIVE_INTERVAL):
+                for kind, *what in out or ():
+                    if kind == "content":
+                        self._event(chunk({"content": what[0]}) if chat else chunk(text=what[0]))
+                        sent += what[0]
+                    else:          # a voter's own text (stream_voters), as a chunk without choices
+                        self._event(dict(chunk(), choices=[], x_localswarm_voter={
+                            "voter": what[0], "delta": what[1] or "", "done": what[1] is None}))
+                if out is None:
                     self._chunk(b": voters working\n\n")
-                else:
-                    self._event(chunk({"content": text}) if chat else chunk(text=text))
-                    sent += text
             ans = run.result()
             shown = req.shown_voter if run.mode == "fastest" else None
             if shown is None:       # the winner's text after what was sent, then its calls
@@ -5410,6 +5495,413 @@ def make_server(app: App, host: str = "127.0.0.1", port: int = 0) -> Server:
         return Server((host, port), app)
     except OSError as exc:
         raise LocalswarmError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+##############################################################################
+# Web page: GET / serves one page (HTML, CSS and JS below; nothing from another
+# origin, a strict Content-Security-Policy pinned to their hashes) to chat with
+# the swarm, watch every voter write (stream_voters) and see how the vote chose,
+# with a status panel fed by GET /v1/localswarm/status. It is a client of the
+# HTTP API like any other: with an API key it asks for it.
+##############################################################################
+
+WEB_CSS = r'''
+:root { --bg: #f6f7f9; --card: #fff; --ink: #1d2330; --muted: #667085; --line: #d9dde5; --accent: #2f6fed;
+        --win: #e3f4e8; --win-line: #2e9b57; --out: #f7ecec; }
+* { box-sizing: border-box; }
+body { margin: 0; font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; background: var(--bg); color: var(--ink); }
+header { display: flex; flex-wrap: wrap; gap: .5rem 1rem; align-items: baseline; padding: .7rem 1rem;
+         background: var(--card); border-bottom: 1px solid var(--line); }
+header h1 { font-size: 1.15rem; margin: 0; }
+#summary { color: var(--muted); font-size: .9rem; overflow-wrap: anywhere; }
+main { display: grid; gap: 1rem; padding: 1rem; grid-template-columns: minmax(0, 3fr) minmax(0, 2fr); }
+section { background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: .8rem; min-width: 0; }
+#chat { grid-row: span 2; display: flex; flex-direction: column; gap: .6rem; }
+h2 { font-size: 1rem; margin: 0 0 .5rem; }
+#messages { display: flex; flex-direction: column; gap: .6rem; min-height: 8rem; }
+.msg { border-radius: 8px; padding: .5rem .7rem; border: 1px solid var(--line); min-width: 0; }
+.msg.user { background: #eef3ff; align-self: flex-end; max-width: 90%; }
+.msg.assistant { background: var(--card); }
+.role { font-size: .75rem; color: var(--muted); margin-bottom: .2rem; }
+.prose { white-space: pre-wrap; overflow-wrap: anywhere; }
+pre { margin: .4rem 0; padding: .5rem .6rem; background: #10151f; color: #e8ecf3; border-radius: 6px;
+      white-space: pre-wrap; overflow-wrap: anywhere; font: 13px/1.4 ui-monospace, SFMono-Regular, Menlo, monospace; }
+pre[data-lang]::before { content: attr(data-lang); display: block; color: #8d99ae; font-size: .75rem; }
+.pending .body:empty::after { content: "the voters are writing…"; color: var(--muted); }
+.note, .error { font-size: .85rem; color: var(--muted); margin-top: .3rem; }
+.error { color: #b42318; }
+textarea, input, select, button { font: inherit; }
+textarea { width: 100%; resize: vertical; padding: .5rem; border: 1px solid var(--line); border-radius: 6px; }
+.row { display: flex; flex-wrap: wrap; gap: .5rem; margin-top: .4rem; }
+button { padding: .4rem .9rem; border-radius: 6px; border: 1px solid var(--line); background: var(--card); cursor: pointer; }
+button.primary { background: var(--accent); color: #fff; border-color: var(--accent); }
+button:disabled { opacity: .5; cursor: default; }
+.settings { display: grid; grid-template-columns: repeat(auto-fit, minmax(9rem, 1fr)); gap: .5rem; }
+.settings label { display: flex; flex-direction: column; font-size: .8rem; color: var(--muted); }
+.settings input, .settings select { padding: .3rem; border: 1px solid var(--line); border-radius: 5px; color: var(--ink); }
+#verdict { font-size: .85rem; color: var(--muted); margin-bottom: .5rem; overflow-wrap: anywhere; }
+#lanes { display: grid; gap: .5rem; grid-template-columns: repeat(auto-fill, minmax(12rem, 1fr)); }
+.lane { border: 1px solid var(--line); border-radius: 6px; padding: .4rem; min-width: 0; }
+.lane.winner { background: var(--win); border-color: var(--win-line); box-shadow: 0 0 0 1px var(--win-line); }
+.lane.gated { background: var(--out); }
+.lane-head { display: flex; justify-content: space-between; gap: .4rem; font-size: .8rem; font-weight: 600; }
+.tag { font-weight: 400; color: var(--muted); text-align: right; overflow-wrap: anywhere; }
+.lane-text { max-height: 11rem; overflow-y: auto; font-size: 12px; margin: .3rem 0 0; }
+dl { display: grid; grid-template-columns: max-content minmax(0, 1fr); gap: .25rem .8rem; margin: 0; font-size: .88rem; }
+dt { color: var(--muted); }
+dd { margin: 0; overflow-wrap: anywhere; }
+progress { width: 100%; }
+#key-box { position: fixed; inset: 0; background: rgba(16, 21, 31, .45); display: flex; align-items: center; justify-content: center; padding: 1rem; }
+#key-box[hidden] { display: none; }
+#key-box > div { background: var(--card); padding: 1rem; border-radius: 8px; width: min(24rem, 100%); display: flex; flex-direction: column; gap: .6rem; }
+#key-box input { padding: .4rem; border: 1px solid var(--line); border-radius: 5px; }
+@media (max-width: 760px) { main { grid-template-columns: minmax(0, 1fr); padding: .5rem; } #chat { grid-row: auto; } }
+'''
+
+WEB_JS = r'''
+"use strict";
+// localswarm's page: chat with the swarm, watch every voter write, see how the vote chose.
+// Everything is built with textContent: no model text is ever read as HTML.
+const $ = (id) => document.getElementById(id);
+const state = { messages: [], controller: null, lanes: [], key: sessionStorage.getItem("localswarm-key") || "" };
+
+function el(tag, cls, text) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  if (state.key) h.Authorization = "Bearer " + state.key;
+  return h;
+}
+
+function askKey(why) {
+  $("key-why").textContent = why;
+  $("key-box").hidden = false;
+  $("key").focus();
+}
+
+function useKey() {
+  state.key = $("key").value.trim();
+  sessionStorage.setItem("localswarm-key", state.key);   // this tab only, gone when it closes
+  $("key-box").hidden = true;
+  refreshStatus();
+}
+
+// Prose and ``` code blocks (an unfinished block too, while the text streams in).
+function renderText(node, text) {
+  node.replaceChildren();
+  text.split("```").forEach((part, i) => {
+    if (i % 2 === 0) {
+      if (part) node.append(el("div", "prose", part));
+      return;
+    }
+    const nl = part.indexOf("\n");
+    const pre = el("pre", "code");
+    const lang = nl >= 0 ? part.slice(0, nl).trim() : "";
+    if (lang) pre.dataset.lang = lang;
+    pre.append(el("code", "", nl >= 0 ? part.slice(nl + 1) : part));
+    node.append(pre);
+  });
+}
+
+function addMessage(role, text) {
+  const m = el("div", "msg " + role);
+  const body = el("div", "body");
+  renderText(body, text);
+  m.append(el("div", "role", role === "user" ? "you" : "swarm"), body);
+  $("messages").append(m);
+  m.scrollIntoView({ block: "end" });
+  return m;
+}
+
+function lane(i) {
+  while (state.lanes.length <= i) {
+    const n = state.lanes.length;
+    const box = el("div", "lane");
+    box.dataset.voter = n;
+    const head = el("div", "lane-head", "voter " + n);
+    const tag = el("span", "tag", "writing…");
+    const text = el("pre", "lane-text");
+    head.append(tag);
+    box.append(head, text);
+    $("lanes").append(box);
+    state.lanes.push({ box, tag, text, body: "" });
+  }
+  return state.lanes[i];
+}
+
+function voterDelta(v) {
+  const l = lane(v.voter);
+  if (v.delta) {
+    l.body += v.delta;
+    l.text.textContent = l.body;
+    l.text.scrollTop = l.text.scrollHeight;
+  }
+  if (v.done) {
+    l.tag.textContent = "done";
+    l.box.classList.add("done");
+  }
+}
+
+function showVerdict(x) {
+  (x.per_voter || []).forEach((p, i) => {
+    const l = lane(i);
+    let why = (x.reasons || [])[i] || "";
+    if (p.finish_reason === "early_stop") why = "stopped early: the vote was decided";
+    else if (p.finish_reason === "cancelled") why = "cancelled";
+    l.tag.textContent = why || "passed the gate";
+    l.box.classList.toggle("gated", Boolean(why));
+    l.box.classList.add("done");
+  });
+  const win = state.lanes[x.streamed_voter !== undefined && x.stream_mode === "fastest" ? x.streamed_voter : x.winner];
+  if (win && !x.local_vote) {
+    win.box.classList.add("winner");
+    win.tag.textContent = "winner";
+  }
+  const groups = (x.groups || []).map((g) => "[" + g.join(", ") + "]").join(" ");
+  $("verdict").textContent = [
+    "confidence " + Number(x.confidence).toFixed(2), x.strategy, groups ? "groups " + groups : "",
+    x.early_stop ? x.early_stop.reason : "", x.greedy || "", x.note || ""].filter(Boolean).join(" · ");
+  if (x.nodes) showNodes(x.nodes);
+}
+
+function showNodes(nodes) {   // a federated answer: one lane per node, the winning node marked
+  const box = $("nodes");
+  box.replaceChildren();
+  nodes.forEach((n) => {
+    const l = el("div", "lane" + (n.winner ? " winner" : "") + (n.skipped ? " gated" : ""));
+    const head = el("div", "lane-head", n.name || n.node_id || "node");
+    head.append(el("span", "tag", n.skipped ? n.reason : (n.winner ? "winner" : "voted")));
+    l.append(head, el("div", "tag", [n.model, n.voters ? n.voters + " voters" : "",
+      n.confidence !== undefined ? "confidence " + n.confidence : ""].filter(Boolean).join(" · ")));
+    box.append(l);
+  });
+}
+
+function setBusy(busy) {
+  $("send").disabled = busy;
+  $("stop").disabled = !busy;
+}
+
+function requestBody() {
+  const body = { model: "localswarm", messages: state.messages, stream: true, stream_voters: true };
+  const num = (id) => ($(id).value === "" ? null : Number($(id).value));
+  if (num("voters")) body.voters = num("voters");
+  if ($("strategy").value) body.consensus = $("strategy").value;
+  if (num("temperature") !== null) body.temperature = num("temperature");
+  if (num("max-tokens")) body.max_tokens = num("max-tokens");
+  return body;
+}
+
+async function readStream(response, onChunk) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buf = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buf += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buf.indexOf("\n\n")) >= 0) {
+      const event = buf.slice(0, end);
+      buf = buf.slice(end + 2);
+      for (const line of event.split("\n")) {
+        if (line.startsWith("data: ") && line !== "data: [DONE]") onChunk(JSON.parse(line.slice(6)));
+      }
+    }
+  }
+}
+
+async function send() {
+  const text = $("prompt").value.trim();
+  if (!text || state.controller) return;
+  $("prompt").value = "";
+  state.messages.push({ role: "user", content: text });
+  addMessage("user", text);
+  const answer = addMessage("assistant", "");
+  const body = answer.querySelector(".body");
+  answer.classList.add("pending");
+  state.lanes = [];
+  $("lanes").replaceChildren();
+  $("nodes").replaceChildren();
+  $("verdict").textContent = "";
+  state.controller = new AbortController();
+  setBusy(true);
+  let content = "";
+  try {
+    const r = await fetch("/v1/chat/completions", { method: "POST", headers: headers(),
+      body: JSON.stringify(requestBody()), signal: state.controller.signal });
+    if (r.status === 401) {
+      askKey("This server needs its API key.");
+      throw new Error("the server needs its API key");
+    }
+    if (!r.ok) {
+      const e = await r.json().catch(() => ({}));
+      throw new Error((e.error && e.error.message) || r.status + " " + r.statusText);
+    }
+    await readStream(r, (c) => {
+      if (c.error) throw new Error(c.error.message);
+      if (c.x_localswarm_voter) voterDelta(c.x_localswarm_voter);
+      const delta = c.choices && c.choices[0] && c.choices[0].delta;
+      if (delta && delta.content) {
+        content += delta.content;
+        renderText(body, content);
+      }
+      if (c.x_localswarm) showVerdict(c.x_localswarm);
+    });
+    state.messages.push({ role: "assistant", content });
+  } catch (e) {
+    state.messages.pop();          // a stopped or failed turn is not part of the conversation
+    answer.append(el("div", e.name === "AbortError" ? "note" : "error",
+      e.name === "AbortError" ? "stopped" : String(e.message || e)));
+    state.lanes.forEach((l) => { if (!l.box.classList.contains("done")) l.tag.textContent = "stopped"; });
+  } finally {
+    answer.classList.remove("pending");
+    state.controller = null;
+    setBusy(false);
+  }
+}
+
+function fmtBytes(n) {
+  if (!n) return "0";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) { n /= 1024; i++; }
+  return n.toFixed(i ? 1 : 0) + " " + units[i];
+}
+
+function row(list, key, label, value) {
+  const dt = el("dt", "", label);
+  const dd = el("dd", "", value === undefined || value === null ? "–" : String(value));
+  dd.dataset.key = key;
+  list.append(dt, dd);
+  return dd;
+}
+
+function renderStatus(s) {
+  const h = s.health || {}, p = s.plan, hw = s.hardware, list = $("status-list");
+  list.replaceChildren();
+  row(list, "status", "status", h.status + (h.message ? ": " + h.message : ""));
+  row(list, "model", "model", h.model);
+  if (p) {
+    row(list, "plan", "plan", [p.quant, p.ctx + " context", fmtBytes(p.memory_bytes)].join(" · "));
+    if (p.speed) row(list, "speed", "predicted", p.speed.decode_tokens_per_s_per_voter + " tok/s per voter");
+  }
+  row(list, "voters", "voters", h.voters);
+  row(list, "healthy_voters", "healthy", h.healthy_voters);
+  row(list, "busy_voters", "busy", h.busy_voters);
+  row(list, "queue_depth", "queue", h.queue_depth);
+  row(list, "requests", "requests", h.requests);
+  row(list, "tokens_per_s", "speed now", s.tokens_per_s + " tok/s");
+  (h.prefill || []).forEach(([done, total], i) => {
+    const dd = row(list, "prefill", "reading prompt", done + " / " + total + " tokens");
+    const bar = el("progress");
+    bar.max = total;
+    bar.value = done;
+    dd.append(bar);
+  });
+  const cache = h.prompt_cache || {};
+  row(list, "prompt_cache", "prompt cache", (cache.entries_kv || 0) + " in KV, " + (cache.entries_ram || 0) +
+    " in RAM, " + (cache.entries_disk || 0) + " on disk · " + s.prompt_cache_hits + " hits, " +
+    s.prompt_cache_misses + " misses");
+  if (hw) {
+    row(list, "hardware", "hardware", hw.cpu_model + " · " + fmtBytes(hw.ram_total_bytes) + " RAM" +
+      (hw.gpus || []).map((g) => " · " + g.name + " " + fmtBytes(g.vram_total_bytes)).join(""));
+  }
+  row(list, "peers", "peers", (s.peers || []).map((x) => x.name + " (" + x.model + ", " + x.voters + " voters)").join(", ") || "none");
+  row(list, "uptime", "uptime", Math.round(h.uptime_s || s.uptime_s) + " s");
+  $("summary").textContent = [h.model, h.voters ? h.voters + " voters" : "", h.status].filter(Boolean).join(" · ");
+  if (!$("voters").placeholder && h.voters) $("voters").placeholder = h.voters;
+}
+
+async function refreshStatus() {
+  try {
+    const r = await fetch("/v1/localswarm/status", { headers: headers() });
+    if (r.status === 401) {
+      askKey(state.key ? "That key was refused; try again." : "This server needs its API key.");
+      return;
+    }
+    renderStatus(await r.json());
+  } catch (e) {
+    $("summary").textContent = "the server does not answer";
+  }
+}
+
+$("send").addEventListener("click", send);
+$("stop").addEventListener("click", () => state.controller && state.controller.abort());
+$("clear").addEventListener("click", () => { state.messages = []; $("messages").replaceChildren(); });
+$("prompt").addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); send(); }
+});
+$("key-ok").addEventListener("click", useKey);
+$("key").addEventListener("keydown", (e) => { if (e.key === "Enter") useKey(); });
+refreshStatus();
+setInterval(refreshStatus, 2000);
+'''
+
+WEB_HTML = r'''<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>localswarm</title>
+<style>{css}</style>
+</head>
+<body>
+<header><h1>localswarm</h1><span id="summary">connecting…</span></header>
+<main>
+<section id="chat">
+  <h2>Chat</h2>
+  <div id="messages"></div>
+  <textarea id="prompt" rows="3" placeholder="Ask the swarm (Enter sends, Shift+Enter for a new line)"></textarea>
+  <div class="row">
+    <button id="send" class="primary">Send</button><button id="stop" disabled>Stop</button><button id="clear">New chat</button>
+  </div>
+  <div class="settings">
+    <label>voters <input id="voters" type="number" min="1" max="64"></label>
+    <label>strategy <select id="strategy"><option value="">server's</option><option>similarity</option><option>quality</option><option>fastest</option></select></label>
+    <label>temperature <input id="temperature" type="number" min="0" max="2" step="0.1" placeholder="0.8"></label>
+    <label>max tokens <input id="max-tokens" type="number" min="1" placeholder="server's"></label>
+  </div>
+</section>
+<section id="swarm">
+  <h2>Voters</h2>
+  <div id="verdict"></div>
+  <div id="lanes"></div>
+  <div id="nodes"></div>
+</section>
+<section id="status">
+  <h2>Status</h2>
+  <dl id="status-list"></dl>
+</section>
+</main>
+<div id="key-box" hidden><div>
+  <strong>API key</strong><span id="key-why"></span>
+  <input id="key" type="password" autocomplete="off" placeholder="the server's --api-key">
+  <button id="key-ok" class="primary">Use this key</button>
+  <small>Kept in this tab only (session storage).</small>
+</div></div>
+<script>{js}</script>
+</body>
+</html>
+'''
+
+
+def csp_hash(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+WEB_PAGE = WEB_HTML.replace("{css}", WEB_CSS).replace("{js}", WEB_JS)
+WEB_PAGE_HEADERS = {
+    "Content-Security-Policy": f"default-src 'none'; script-src {csp_hash(WEB_JS)}; style-src {csp_hash(WEB_CSS)}; "
+                               "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
+                               "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store",
+}
 
 
 ##############################################################################
@@ -5877,7 +6369,7 @@ class Federation:
                 "voters": len(ans.results), "model": ans.model, "latency": ans.latency,
                 "completion_tokens": ans.completion_tokens}
 
-    def answer(self, swarm: Swarm, req: ChatRequest) -> SwarmAnswer:
+    def answer(self, swarm: Swarm, req: ChatRequest, on_token=None) -> SwarmAnswer:
         """Local swarm + every live peer in parallel; a cross-swarm vote picks the answer.
         A late or failed peer is skipped and logged; the request never fails because of one."""
         peers = self.live_peers()
@@ -5903,7 +6395,7 @@ class Federation:
             t.start()
         got: dict = {}
         try:
-            local = swarm.answer(req, remember=False)
+            local = swarm.answer(req, on_token, remember=False)
             for t in threads:
                 t.join(max(0.0, deadline - time.monotonic()) if not req.cancel.is_set() else 0)
             got = dict(replies)            # what came in time

@@ -19,24 +19,28 @@ def select(prompt, completions):
     return localswarm.vote(completions, prompt=prompt).index
 
 
-def select_early(prompt, completions):
+def select_early(prompt, completions, rule="adaptive"):
     """The vote with early decision, as the swarm runs it: voters decode in lockstep, so they
     finish in order of length; after each one, settled() may end the vote, which is then the
-    vote of the finished answers. With EARLY_LOG set, appends "decided_at_len max_len" per call
-    (the share of decoding the wait for every voter would have cost)."""
+    vote of the finished answers. With EARLY_LOG set, appends "rule n decided_at_len max_len"
+    per call (the share of decoding that waiting for every voter would have cost)."""
     order = sorted(range(len(completions)), key=lambda i: (len(completions[i]), i))
     pick, at = None, len(completions)
     for k in range(1, len(completions)):
         done = [completions[i] for i in order[:k]]
-        if localswarm.settled(done, len(completions) - k, prompt=prompt):
+        if localswarm.settled(done, len(completions) - k, prompt=prompt, rule=rule):
             pick, at = order[localswarm.vote(done, prompt=prompt).index], k
             break
     if pick is None:
         pick = localswarm.vote(completions, prompt=prompt).index
     if os.environ.get("EARLY_LOG"):
         with open(os.environ["EARLY_LOG"], "a") as f:
-            f.write(f"{len(completions)} {len(completions[order[at - 1]])} {len(completions[order[-1]])}\n")
+            f.write(f"{rule} {len(completions)} {len(completions[order[at - 1]])} {len(completions[order[-1]])}\n")
     return pick
+
+
+def select_early_strict(prompt, completions):
+    return select_early(prompt, completions, "strict")
 
 
 def cost_benchmark(repeats=5):
@@ -68,6 +72,7 @@ def main():
     ap.add_argument("--skip-eval", action="store_true")
     ap.add_argument("--early", action="store_true", help="also the vote with early decision (select_early)")
     ap.add_argument("--json", help="the harness's per-problem results and summary")
+    ap.add_argument("--subsets", type=int, help="random subsets per problem and N (the harness's default: 200)")
     args = ap.parse_args()
     ntok, secs = cost_benchmark()
     print(f"vote() over 8 answers of ~{ntok:.0f} tokens: {secs * 1000:.1f} ms (median of 5)")
@@ -75,9 +80,11 @@ def main():
         script = os.path.join(args.reference, "consensus_reference.py")
         env = dict(os.environ, PYTHONPATH=os.path.dirname(HERE))
         here = os.path.abspath(__file__)
-        selectors = ["--selector", f"{here}:select"] + (["--selector", f"{here}:select_early"] if args.early else [])
+        selectors = ["--selector", f"{here}:select"] + ([
+            "--selector", f"{here}:select_early_strict", "--selector", f"{here}:select_early"] if args.early else [])
         subprocess.run([sys.executable, script, *selectors, "--half", args.half, "--jobs", "2"]
-                       + (["--json", args.json] if args.json else []), check=True, env=env)
+                       + (["--json", args.json] if args.json else [])
+                       + (["--subsets", str(args.subsets)] if args.subsets else []), check=True, env=env)
 
 
 if __name__ == "__main__":

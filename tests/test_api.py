@@ -350,6 +350,9 @@ class ScriptedEngine:
     def special_texts(self):
         return []
 
+    def prefill_progress(self):
+        return []
+
     def remember(self, req, index):
         pass
 

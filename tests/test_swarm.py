@@ -38,7 +38,7 @@ def test_the_pick_starts_with_what_was_streamed():
     good = "```python\ndef add(a, b):\n    return a + b\n```"
     other = "Sure:\n```python\ndef add(x, y):\n    return x + y\n```"
     results = [ls.VoterResult(i, text=t, finished=True, latency=1.0) for i, t in enumerate([good, good, other])]
-    ballot = ls.Ballot(req, "similarity", early=True)
+    ballot = ls.Ballot(req, "similarity", "adaptive")
     assert ballot.pick(results).index in (0, 1)
     v = ballot.pick(results, sent="Sure:")
     assert v.index == 2 and "streamed" in v.note
