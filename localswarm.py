@@ -2855,6 +2855,7 @@ class LlamaCppEngine:
                 self._free.append(seq)
             for res in run.req.results:
                 res.finish_reason, res.finished = reason or "cancelled", True
+                self._emit_end(run.req, res.index)
         if run in self._runs:
             self._runs.remove(run)
         if run.req.kept:
@@ -3061,6 +3062,8 @@ class MLXEngine:
                 if ended:
                     req.timed_out = req.timed_out or (ended == "cancelled" and time.monotonic() > deadline)
                     res.finish_reason, res.finished = ended, True
+                    if on_token:
+                        on_token(res.index, None)
                     continue
                 import mlx.core as mx
                 mx.random.seed(seed)
@@ -3071,20 +3074,20 @@ class MLXEngine:
                     sampler=make_sampler(**args["sampler"]),
                     logits_processors=make_logits_processors(**{k: v for k, v in args["processors"].items()
                                                                 if v is not None}))
-                w = self.workers[res.index] if res.index < len(self.workers) else None
-                if w:
-                    w.busy = True
-                run_voter_stream(((r.text, r.finish_reason) for r in stream), res, params, req.submitted,
-                                 on_token, cancel, deadline)
-                req.timed_out = time.monotonic() > deadline
-                res.finished = True
-                if on_token:
-                    on_token(res.index, None)
-                req.watch(decide)
-                self.counters["completion_tokens"] += res.completion_tokens
-                if w:
+                w = self.workers[res.index] if res.index < len(self.workers) else WorkerStats(res.index)
+                w.busy = True
+                try:
+                    run_voter_stream(((r.text, r.finish_reason) for r in stream), res, params, req.submitted,
+                                     on_token, cancel, deadline)
+                    req.timed_out = time.monotonic() > deadline
+                    res.finished = True
+                    if on_token:
+                        on_token(res.index, None)
+                    req.watch(decide)
+                finally:
                     w.busy = False
-                    w.count(res)
+                self.counters["completion_tokens"] += res.completion_tokens
+                w.count(res)
         self.counters["requests"] += 1
         req._done.set()
         return req
@@ -3636,6 +3639,7 @@ class SwarmAnswer:
     greedy: str = ""                            # what a temperature-0 request ran as
     cross: Optional[Verdict] = None             # federation: the vote over the nodes' answers, which
                                                 # chose text/tool_calls; verdict/results stay local
+    cross_tokens: Optional[int] = None          # federation: the winning node's answer's tokens
     gen: Any = field(default=None, repr=False)  # the engine's request (Swarm.remember)
 
     @property
@@ -3644,6 +3648,9 @@ class SwarmAnswer:
 
     @property
     def completion_tokens(self) -> int:
+        """The tokens of the answer returned (usage.completion_tokens)."""
+        if self.cross_tokens is not None:
+            return self.cross_tokens
         return self.results[self.verdict.index].completion_tokens if self.results else 0
 
     def distinct_choices(self, n: int) -> list:
@@ -3678,9 +3685,9 @@ class SwarmAnswer:
                                  "tokens_per_s": round(r.tokens_per_s, 1)} for r in self.results]})
         if self.max_tokens_clamped_from is not None:
             d["max_tokens_clamped_from"] = self.max_tokens_clamped_from
-        if self.early_stop:
-            d["early_stop"] = {"reason": self.early_stop, "stopped": [
-                r.index for r in self.results if r.finish_reason == "early_stop"]}
+        stopped = [r.index for r in self.results if r.finish_reason == "early_stop"]
+        if self.early_stop and stopped:      # (the last voter may have ended by itself meanwhile)
+            d["early_stop"] = {"reason": self.early_stop, "stopped": stopped}
         if self.greedy:
             d["greedy"] = self.greedy
         if self.nodes:
@@ -3694,6 +3701,7 @@ def _finish(reason: str, calls: list) -> str:
 
 DEFAULT_MAX_TOKENS = 4096   # when a request names none (bounded by the context either way)
 ENDED_WITHOUT_ANSWER = ("cancelled", "error", "early_stop")
+NOT_VOTED = {"early_stop": "stopped early: the vote was decided", "cancelled": "cancelled", "error": "failed"}
 
 
 class ConsensusStream:
@@ -3731,11 +3739,11 @@ class ConsensusStream:
             running = [i for i in range(self.voters) if i not in self.dropped]
             if self.closed or not running:
                 return ""
-            agreed = majority_prefix([content_prefix(self.texts.get(i, ""), self.tools) for i in running],
-                                     len(running) // 2 + 1)
-            if len(agreed) <= len(self.sent) or not agreed.startswith(self.sent):
-                return ""
-            delta, self.sent = agreed[len(self.sent):], agreed
+            # only voters still agreeing with what was sent can extend it: compare what follows
+            starts = [content_prefix(self.texts.get(i, ""), self.tools) for i in running]
+            rests = [t[len(self.sent):] for t in starts if t.startswith(self.sent)]
+            delta = majority_prefix(rests, len(running) // 2 + 1)
+            self.sent += delta
             return delta
 
     def close_if(self, consistent: Callable[[str], bool]) -> bool:
@@ -3808,16 +3816,20 @@ class Ballot:
             verdict.note = (verdict.note + "; " if verdict.note else "") + \
                 "picked among the answers that start with the streamed text"
         if self.req.must_call() and not cands[verdict.index].tool_calls:
-            with_calls = [i for i in live if cands[i].tool_calls]
+            with_calls = [i for i in live if cands[i].tool_calls and cands[i].text.startswith(sent)]
             if with_calls:
                 verdict.index = with_calls[0]
         return verdict
 
     def _vote(self, cands: list, among: list) -> Verdict:
-        verdict = vote([cands[i] for i in among], self.req.strategy or self.strategy, self.question,
-                       tools=self.offered or None)
-        verdict.index = among[verdict.index]
-        return verdict
+        """The vote among some voters, its lists indexed by voter like per_voter (those not
+        voted on: no score, and their finish reason as the reason)."""
+        v = vote([cands[i] for i in among], self.req.strategy or self.strategy, self.question,
+                 tools=self.offered or None)
+        full = lambda values, default: [values[among.index(i)] if i in among else default(i) for i in range(len(cands))]
+        return Verdict(among[v.index], v.confidence, v.strategy, [[among[j] for j in g] for g in v.groups],
+                       full(v.scores, lambda i: 0.0), full(v.quality, lambda i: 0.0),
+                       full(v.reasons, lambda i: NOT_VOTED.get(cands[i].finish_reason, "not voted on")), v.note)
 
 
 class Swarm:
@@ -4399,8 +4411,9 @@ def settled(finished: list, outstanding: int, strategy: str = "similarity", prom
       similarity  the largest group of agreeing sound answers (quality >= 0.5, similarity >=
                   AGREEMENT_THRESHOLD; tool calls: the same canonical call), of a >= 2, against
                   the runner-up group of b, with r voters outstanding:
-                    strict    a > b + r: no outcome of the outstanding makes another group the
-                              largest;
+                    strict    a > b + r: no outstanding voter can join the runner-up group
+                              and make it the largest (the pick is still the vote of the
+                              finished answers, so its text may differ from a full run's);
                     adaptive  that, or lead_probability(a, b) >= STOP_CONFIDENCE (Adaptive-
                               Consistency's criterion: e.g. 4 sound answers that agree and none
                               that does not);
@@ -4419,8 +4432,8 @@ def settled(finished: list, outstanding: int, strategy: str = "similarity", prom
         a, b = (counts + [0, 0])[:2]
         if strategy == "similarity" and n > 2 and len(calls) * 2 > n and _decided(a, b, outstanding, rule):
             return f"{a} of {n} voters made the same call" + _why(a, b, outstanding)
-        if (len(calls) + outstanding) * 2 > n:
-            return None       # calls may still win the vote, and they were not decided
+    if (calls or tools is not None) and (len(calls) + outstanding) * 2 > n:
+        return None       # calls may still win the vote (most voters calling), and that is not decided
     qual = [quality(c, prompt, asks_for_code(prompt))[0] for c in cands]
     sound = [i for i in range(len(cands)) if qual[i] >= 0.5 and not cands[i].tool_calls]
     if not sound:
@@ -4654,8 +4667,9 @@ class App:
             status, msg = self.not_ready()
             health = {"status": status, "message": msg}
         else:
-            health = dict(self.swarm.status(), status="ok" if self.swarm.status()["healthy_voters"] else "error",
-                          peers=self.peer_count(), prefill=self.swarm.engine.prefill_progress())
+            health = self.swarm.status()
+            health.update(status="ok" if health["healthy_voters"] else "error", peers=self.peer_count(),
+                          prefill=self.swarm.engine.prefill_progress())
         counters = self.swarm.engine_counters() if self.swarm else {}
         peers = [{"name": p.name or p.node_id, "host": p.host, "model": p.model, "voters": p.voters}
                  for p in (self.federation.live_peers() if self.federation else [])]
@@ -5358,9 +5372,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             ans = run.result()
             shown = req.shown_voter if run.mode == "fastest" else None
             if shown is None:       # the winner's text after what was sent, then its calls
-                if not ans.text.startswith(sent):
+                consistent = ans.text.startswith(sent)
+                if not consistent:     # never expected (Ballot.pick): say so, and add nothing wrong
                     log.error("live stream sent text the answer does not start with")
-                rest = ans.text[len(sent):]
+                rest = ans.text[len(sent):] if consistent else ""
                 if rest:
                     self._event(chunk({"content": rest}) if chat else chunk(text=rest))
                 for i, call in enumerate(ans.tool_calls if chat else []):
@@ -5513,6 +5528,7 @@ body { margin: 0; font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-ser
 header { display: flex; flex-wrap: wrap; gap: .5rem 1rem; align-items: baseline; padding: .7rem 1rem;
          background: var(--card); border-bottom: 1px solid var(--line); }
 header h1 { font-size: 1.15rem; margin: 0; }
+#key-change { margin-left: auto; font-size: .8rem; padding: .2rem .6rem; }
 #summary { color: var(--muted); font-size: .9rem; overflow-wrap: anywhere; }
 main { display: grid; gap: 1rem; padding: 1rem; grid-template-columns: minmax(0, 3fr) minmax(0, 2fr); }
 section { background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: .8rem; min-width: 0; }
@@ -5574,7 +5590,7 @@ function el(tag, cls, text) {
 
 function headers() {
   const h = { "Content-Type": "application/json" };
-  if (state.key) h.Authorization = "Bearer " + state.key;
+  if (state.key && /^[\x21-\x7e]+$/.test(state.key)) h.Authorization = "Bearer " + state.key;   // header-safe only
   return h;
 }
 
@@ -5648,17 +5664,18 @@ function voterDelta(v) {
 }
 
 function showVerdict(x) {
+  const local = x.local_vote || x;      // federated: the nodes' vote on top, this node's voters below
   (x.per_voter || []).forEach((p, i) => {
     const l = lane(i);
-    let why = (x.reasons || [])[i] || "";
+    let why = (local.reasons || [])[i] || "";
     if (p.finish_reason === "early_stop") why = "stopped early: the vote was decided";
     else if (p.finish_reason === "cancelled") why = "cancelled";
     l.tag.textContent = why || "passed the gate";
     l.box.classList.toggle("gated", Boolean(why));
     l.box.classList.add("done");
   });
-  const win = state.lanes[x.streamed_voter !== undefined && x.stream_mode === "fastest" ? x.streamed_voter : x.winner];
-  if (win && !x.local_vote) {
+  const win = state.lanes[x.stream_mode === "fastest" ? x.streamed_voter : local.winner];
+  if (win) {
     win.box.classList.add("winner");
     win.tag.textContent = "winner";
   }
@@ -5838,6 +5855,7 @@ $("prompt").addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); send(); }
 });
 $("key-ok").addEventListener("click", useKey);
+$("key-change").addEventListener("click", () => askKey("The key this tab sends (empty: none)."));
 $("key").addEventListener("keydown", (e) => { if (e.key === "Enter") useKey(); });
 refreshStatus();
 setInterval(refreshStatus, 2000);
@@ -5852,7 +5870,7 @@ WEB_HTML = r'''<!doctype html>
 <style>{css}</style>
 </head>
 <body>
-<header><h1>localswarm</h1><span id="summary">connecting…</span></header>
+<header><h1>localswarm</h1><span id="summary">connecting…</span><button id="key-change">API key</button></header>
 <main>
 <section id="chat">
   <h2>Chat</h2>
@@ -6433,7 +6451,8 @@ def merge_federated(local: SwarmAnswer, remote: list, node_id: str, name: str,
               "latency_s": round(float(e.get("latency") or 0), 3), "winner": e is win}
              for e in entries] + [dict(s, skipped=True) for s in skipped or []]
     return dataclasses.replace(local, text=win["text"], tool_calls=win.get("tool_calls") or [],
-                               finish_reason=win.get("finish_reason") or "stop", cross=cross, nodes=nodes)
+                               finish_reason=win.get("finish_reason") or "stop", cross=cross, nodes=nodes,
+                               cross_tokens=int(win.get("completion_tokens") or 0) if cross else None)
 
 
 ##############################################################################

@@ -259,3 +259,9 @@ def test_a_live_prefix_is_always_where_the_final_content_starts():
     assert ls.content_prefix("Reading it now. <tool_", True) == "Reading it now."
     assert ls.content_prefix("```python\ndef f", True) == "```python\ndef f"
     assert ls.content_prefix("  x", False) == "  x"
+
+
+def test_with_tools_offered_prose_does_not_settle_while_calls_could_still_win():
+    prose = "I would open the file and look."
+    assert ls.settled([prose], 2, "fastest", "read a.py", tools=["read"]) is None      # 2 calls could outvote it
+    assert ls.settled([prose, prose], 1, "fastest", "read a.py", tools=["read"])         # 1 call cannot

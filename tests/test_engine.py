@@ -360,3 +360,17 @@ def test_both_engines_fulfil_the_engine_contract(cls):
             want = list(inspect.signature(member).parameters)
             got = list(inspect.signature(getattr(cls, name)).parameters)
             assert got[:len(want)] == want, f"{cls.__name__}.{name}{got} is not {want}"
+
+
+def test_a_long_prompt_shows_its_reading_progress(engine):
+    """The status panel's "reading prompt" comes from prefill_progress(): a prompt longer than one
+    batch is read in chunks, and between them the published view says how far it got."""
+    long = prompt_tokens(engine, "Summarise: " + "the voters read every word of this prompt. " * 160)
+    assert len(long) > 2 * ls.N_BATCH
+    req = engine.submit(ls.GenRequest(long, ls.SamplingParams(max_tokens=1, seed=1), 1))
+    seen = set()
+    while not req.done:
+        seen.update(tuple(p) for p in engine.prefill_progress())
+        time.sleep(0.0005)
+    assert any(0 < done < total == len(long) for done, total in seen), seen
+    assert engine.prefill_progress() == []

@@ -43,6 +43,10 @@ def test_the_pick_starts_with_what_was_streamed():
     v = ballot.pick(results, sent="Sure:")
     assert v.index == 2 and "streamed" in v.note
     assert ballot.pick(results, sent="nobody wrote this").index == -1
+    results[0].finish_reason = "early_stop"          # not voted on: the lists still run per voter
+    v = ballot.pick(results)
+    assert v.index == 1 and len(v.reasons) == len(v.quality) == len(v.scores) == 3
+    assert v.reasons[0].startswith("stopped early") and v.quality[0] == 0.0 and 0 not in sum(v.groups, [])
 
 
 # --- on the real model ----------------------------------------------------------------------------
