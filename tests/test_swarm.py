@@ -77,7 +77,7 @@ def test_early_stop_ends_the_outstanding_voters_and_frees_their_sequences(engine
 
 
 def test_the_swarm_reports_which_voters_it_stopped_and_why(engine):
-    swarm = ls.Swarm(engine, model_id="m")
+    swarm = ls.Swarm(engine, model_id="m", early_stop="adaptive")
     for seed in range(1, 6):
         ans = swarm.answer(ls.ChatRequest(messages=CODE_TASK, params=ls.SamplingParams(seed=seed),
                                           max_tokens_requested=200, voters=4))
@@ -96,8 +96,8 @@ def test_the_swarm_reports_which_voters_it_stopped_and_why(engine):
     assert all(r.finish_reason in ("stop", "length") for r in off.results)
 
 
-def test_a_greedy_request_keeps_voter_0_greedy_and_spreads_the_others(engine):
-    swarm = ls.Swarm(engine, model_id="m")
+def test_a_greedy_request_runs_one_voter_or_spreads_the_others(engine):
+    swarm = ls.Swarm(engine, model_id="m", greedy_spread=0.7)
     req = lambda voters=4: ls.ChatRequest(messages=[{"role": "user", "content": "Name a colour."}], voters=voters,
                                           params=ls.SamplingParams(temperature=0, seed=3), max_tokens_requested=12,
                                           early_stop=False)
@@ -106,7 +106,7 @@ def test_a_greedy_request_keeps_voter_0_greedy_and_spreads_the_others(engine):
     assert ans.results[0].text == greedy.results[0].text         # voter 0 is the greedy answer
     assert "voter 0 greedy" in ans.x_localswarm()["greedy"]
     assert len({r.text for r in ans.results}) > 1, "the others sample, so they can differ"
-    single = ls.Swarm(engine, model_id="m", greedy_spread=0).answer(req())
+    single = ls.Swarm(engine, model_id="m").answer(req())        # the default: one greedy voter
     assert len(single.results) == 1 and "one greedy voter" in single.x_localswarm()["greedy"]
     assert "one voter" in single.verdict.note
 
