@@ -7,7 +7,7 @@ answers of ~2,000 tokens. Not a test; results go into BENCHMARKS.md.
 
   python tests/bench_consensus.py [--half odd|even] [--reference DIR]
 """
-import argparse, os, random, statistics, subprocess, sys, time
+import argparse, json, os, random, statistics, subprocess, sys, time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -85,6 +85,22 @@ def main():
         subprocess.run([sys.executable, script, *selectors, "--half", args.half, "--jobs", "2"]
                        + (["--json", args.json] if args.json else [])
                        + (["--subsets", str(args.subsets)] if args.subsets else []), check=True, env=env)
+        if args.early and args.json:
+            paired_differences(args.json)
+
+
+def paired_differences(path, reps=5000):
+    """Early decision minus the plain vote, per N: mean over problems and a paired bootstrap CI."""
+    with open(path) as f:
+        problems = json.load(f)["per_problem"].values()
+    for n in ("4", "8"):
+        for sel in ("select_early_strict", "select_early"):
+            plain, early = (next(k for k in next(iter(problems))[n] if k.endswith(":" + s)) for s in ("select", sel))
+            diffs = [p[n][early] - p[n][plain] for p in problems]
+            rng = random.Random(1)
+            boots = sorted(statistics.mean(rng.choices(diffs, k=len(diffs))) for _ in range(reps))
+            print(f"N={n} {sel} - select: {100 * statistics.mean(diffs):+.2f} pp "
+                  f"[{100 * boots[int(0.025 * reps)]:+.2f}, {100 * boots[int(0.975 * reps)]:+.2f}]")
 
 
 if __name__ == "__main__":
