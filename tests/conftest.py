@@ -95,6 +95,18 @@ def leave_while_voting(url, app, body: dict, until: bytes = b"") -> float:
     return time.monotonic() - left
 
 
+def wait_idle(app, timeout: float = 60.0) -> None:
+    """Until no voter is busy and nothing waits: a seeded request on an idle engine is
+    reproducible (llama.cpp's sums depend on what else shares the batch)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = app.swarm.status()
+        if not st["busy_voters"] and not st["queue_depth"]:
+            return
+        time.sleep(0.02)
+    raise AssertionError("the engine did not go idle")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

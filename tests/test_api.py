@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import localswarm as ls
-from conftest import exchange
+from conftest import exchange, wait_idle
 
 openai = pytest.importorskip("openai")
 
@@ -470,12 +470,14 @@ def test_named_and_required_tool_choice():
     assert swarm.answer(req).tool_calls[0]["function"]["name"] == "read_file"
 
 
-def test_streamed_completions_and_max_completion_tokens(client):
+def test_streamed_completions_and_max_completion_tokens(live_server, client):
+    wait_idle(live_server[1])
     chunks = list(client.completions.create(model="localswarm", prompt="def add(a, b):\n", max_tokens=12, seed=5,
                                             stream=True))
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert text and finishes in (["stop"], ["length"])
+    wait_idle(live_server[1])
     plain = client.completions.create(model="localswarm", prompt="def add(a, b):\n", max_tokens=12, seed=5)
     assert plain.choices[0].text == text, "streamed and not, the same seed gives the same answer"
     r = client.chat.completions.create(model="localswarm", max_completion_tokens=3, temperature=1.0,

@@ -4,7 +4,7 @@ import openai
 import pytest
 
 import localswarm as ls
-from conftest import leave_while_voting
+from conftest import leave_while_voting, wait_idle
 
 CODE_TASK = [{"role": "user", "content": "Write a Python function `is_even(n)` that returns True when n "
                                          "is even. Answer with the code in one ```python block."}]
@@ -121,11 +121,13 @@ def read_sse(url, body, timeout=120):
 
 
 def test_a_live_stream_reassembles_to_the_answer_for_the_same_seed(live_server):
-    url, _ = live_server
+    url, app = live_server
     c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
     for seed in (1, 2, 3):
         body = dict(messages=CODE_TASK, max_tokens=160, seed=seed, extra_body={"voters": 4, "early_stop": False})
+        wait_idle(app)
         pieces, x = read_sse(url, body)
+        wait_idle(app)
         plain = c.chat.completions.create(model="localswarm", **body)
         assert "".join(pieces) == plain.choices[0].message.content
         assert x["stream_mode"] == "live" and x["streamed_live_chars"] > 0, "some text went out before the vote"
