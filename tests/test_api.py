@@ -473,13 +473,13 @@ def test_named_and_required_tool_choice():
 def test_streamed_completions_and_max_completion_tokens(live_server, client):
     wait_idle(live_server[1])
     chunks = list(client.completions.create(model="localswarm", prompt="def add(a, b):\n", max_tokens=12, seed=5,
-                                            stream=True))
+                                            stream=True, extra_body={"stream_mode": "consensus"}))
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert text and finishes in (["stop"], ["length"])
     wait_idle(live_server[1])
     plain = client.completions.create(model="localswarm", prompt="def add(a, b):\n", max_tokens=12, seed=5)
-    assert plain.choices[0].text == text, "streamed and not, the same seed gives the same answer"
+    assert plain.choices[0].text == text, "the consensus stream is the answer the same seed gives unstreamed"
     r = client.chat.completions.create(model="localswarm", max_completion_tokens=3, temperature=1.0,
                                        messages=[{"role": "user", "content": "Tell me a long story."}])
     assert r.usage.completion_tokens <= 3 and r.choices[0].finish_reason == "length"
