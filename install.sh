@@ -121,6 +121,10 @@ step "localswarm.pyz"
 if [ "$MODE" = test ]; then
   step "Test dependencies"
   pip_q -r requirements-dev.txt || fail "could not install requirements-dev.txt"
+  # mlx-lm's source (not mlx, which is for Apple Silicon) lets the tests check the MLX engine
+  # against mlx-lm's real signatures on any machine; on a Mac it is installed whole, above.
+  "$VPY" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("mlx_lm") is None)' 2>/dev/null \
+    || pip_q --no-deps "$(pin mlx-lm | cut -d';' -f1)" || fail "could not install mlx-lm's source"
   # The linter (shellcheck) checks the installers; iproute2 builds the federation tests' namespaces.
   missing=""
   command -v shellcheck >/dev/null 2>&1 || missing="$missing shellcheck"

@@ -2947,7 +2947,9 @@ def mlx_sampling(p: SamplingParams) -> dict:
     sampler = {"temp": max(0.0, p.temperature), "top_p": p.top_p if 0 < p.top_p < 1 else 0.0,
                "min_p": p.min_p, "top_k": p.top_k}
     processors = {"repetition_penalty": p.repeat_penalty if p.repeat_penalty != 1.0 else None,
-                  "repetition_context_size": 64}
+                  "repetition_context_size": 64,      # as LlamaAdapter's penalty window
+                  "presence_penalty": p.presence_penalty or None, "presence_context_size": 64,
+                  "frequency_penalty": p.frequency_penalty or None, "frequency_context_size": 64}
     return {"sampler": sampler, "processors": processors}
 
 

@@ -1,5 +1,6 @@
 """Engine: the real llama.cpp on the starter model — batched voters, seeds, stop strings,
 cancellation, queue limit, context overflow, prefix reuse, chat templates."""
+import os
 import sys
 import threading
 import time
@@ -191,10 +192,29 @@ def test_missing_optional_package_is_one_line():
 
 # --- MLX engine: its adapter logic runs here; the engine itself needs Apple Silicon ---------
 
-def test_mlx_sampling_maps_the_parameters():
-    a = ls.mlx_sampling(ls.SamplingParams(temperature=0.7, top_p=0.9, top_k=20, min_p=0.1, repeat_penalty=1.1))
+def mlx_lm_parameters(module: str, function: str) -> set:
+    """The parameter names of a function in mlx-lm's source, read without importing it (mlx, which
+    it imports, runs on Apple Silicon only; ./install.sh --test installs mlx-lm's source anywhere)."""
+    import ast
+    import importlib.util
+    spec = importlib.util.find_spec("mlx_lm")
+    assert spec, "mlx-lm's source is missing: ./install.sh --test installs it"
+    path = os.path.join(os.path.dirname(spec.origin), module + ".py")
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function)
+    return {a.arg for a in fn.args.args + fn.args.kwonlyargs}
+
+
+def test_mlx_sampling_maps_onto_mlx_lms_own_signatures():
+    a = ls.mlx_sampling(ls.SamplingParams(temperature=0.7, top_p=0.9, top_k=20, min_p=0.1, repeat_penalty=1.1,
+                                          presence_penalty=0.5, frequency_penalty=0.2))
+    assert set(a["sampler"]) <= mlx_lm_parameters("sample_utils", "make_sampler")
+    assert set(a["processors"]) <= mlx_lm_parameters("sample_utils", "make_logits_processors")
+    assert {"sampler", "logits_processors"} <= mlx_lm_parameters("generate", "generate_step")   # via stream_generate
+    assert {"model", "tokenizer", "prompt", "max_tokens"} <= mlx_lm_parameters("generate", "stream_generate")
     assert a["sampler"] == {"temp": 0.7, "top_p": 0.9, "min_p": 0.1, "top_k": 20}
-    assert a["processors"]["repetition_penalty"] == 1.1
+    assert (a["processors"]["repetition_penalty"], a["processors"]["presence_penalty"],
+            a["processors"]["frequency_penalty"]) == (1.1, 0.5, 0.2)
     assert ls.mlx_sampling(ls.SamplingParams(top_p=1.0))["sampler"]["top_p"] == 0.0    # 1.0 means off
     assert ls.mlx_sampling(ls.SamplingParams())["processors"]["repetition_penalty"] is None
 
