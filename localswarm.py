@@ -657,8 +657,8 @@ def probe_gpus() -> list:
     if out:
         gpus += parse_nvidia_smi(out)
     out = run_probe(["rocm-smi", "--showproductname", "--showmeminfo", "vram", "--json"])
-    if out:
-        gpus += parse_rocm_smi(out)
+    amd = parse_rocm_smi(out) if out else []
+    gpus += amd or amd_sysfs_gpus()      # without rocm-smi, the amdgpu driver's own numbers
     out = run_probe(["sycl-ls"])
     if out:
         intel = parse_sycl_ls(out)
@@ -668,18 +668,44 @@ def probe_gpus() -> list:
     return gpus
 
 
+DRM_ROOT = "/sys/class/drm"
+APU_VRAM_MAX = 2 * 1024 ** 3    # an AMD APU's VRAM is a carve-out of RAM, rarely more: not a discrete card
+
+
+def _drm_devices(vendor_id: str) -> list:
+    """(card name, its device directory) of the DRM cards of one PCI vendor."""
+    cards = sorted(os.listdir(DRM_ROOT), key=lambda c: int(c[4:]) if c[4:].isdigit() else 0) \
+        if os.path.isdir(DRM_ROOT) else []
+    return [(card, os.path.join(DRM_ROOT, card, "device")) for card in cards
+            if re.fullmatch(r"card\d+", card)
+            and (read_text(os.path.join(DRM_ROOT, card, "device", "vendor")) or "").strip() == vendor_id]
+
+
+def _sysfs_number(path: str) -> Optional[int]:
+    raw = (read_text(path) or "").strip()
+    return int(raw) if raw.isdigit() else None
+
+
 def _drm_vram_sizes(vendor_id: str) -> list:
-    """VRAM sizes of /sys/class/drm cards of one PCI vendor, where the driver shows them."""
-    sizes = []
-    base = "/sys/class/drm"
-    for card in sorted(os.listdir(base)) if os.path.isdir(base) else []:
-        dev = os.path.join(base, card, "device")
-        if not re.fullmatch(r"card\d+", card) or (read_text(os.path.join(dev, "vendor")) or "").strip() != vendor_id:
+    """VRAM sizes of the DRM cards of one PCI vendor, where the driver shows them."""
+    sizes = [_sysfs_number(os.path.join(dev, "mem_info_vram_total")) or _sysfs_number(os.path.join(dev, "lmem_total_bytes"))
+             for _, dev in _drm_devices(vendor_id)]
+    return [s for s in sizes if s]
+
+
+def amd_sysfs_gpus() -> list:
+    """AMD GPUs as the amdgpu driver shows them in sysfs (every Linux install has it, rocm-smi or
+    not): VRAM total and used, and the product name where the card reports one."""
+    gpus = []
+    for card, dev in _drm_devices("0x1002"):
+        total = _sysfs_number(os.path.join(dev, "mem_info_vram_total"))
+        if not total:
             continue
-        raw = read_text(os.path.join(dev, "mem_info_vram_total")) or read_text(os.path.join(dev, "lmem_total_bytes"))
-        if raw and raw.strip().isdigit():
-            sizes.append(int(raw.strip()))
-    return sizes
+        used = _sysfs_number(os.path.join(dev, "mem_info_vram_used")) or 0
+        name = (read_text(os.path.join(dev, "product_name")) or "").strip() or f"AMD GPU ({card})"
+        gpus.append(GPU("amd", name, total, max(0, total - used), len(gpus), "amdgpu (sysfs)",
+                        discrete=total > APU_VRAM_MAX))
+    return gpus
 
 
 def probe_mac() -> dict:

@@ -194,3 +194,31 @@ def test_a_hung_probe_is_killed_without_process_groups(tmp_path, monkeypatch):
     t0 = time.monotonic()
     assert ls.run_probe(["hangs"], timeout=0.5) is None
     assert time.monotonic() - t0 < 10
+
+
+def fake_card(root, name, vendor, **files):
+    dev = root / name / "device"
+    dev.mkdir(parents=True)
+    (dev / "vendor").write_text(vendor + "\n")
+    for fname, value in files.items():
+        (dev / fname).write_text(f"{value}\n")
+
+
+def test_amd_vram_comes_from_sysfs_when_rocm_smi_is_missing(tmp_path, monkeypatch):
+    """Hand-made sysfs tree (the amdgpu driver's file names and formats: one decimal number of
+    bytes per file); no rocm-smi on PATH."""
+    root = tmp_path / "drm"
+    fake_card(root, "card1", "0x1002", mem_info_vram_total=17163091968, mem_info_vram_used=1073741824,
+              product_name="AMD Radeon RX 7800 XT")
+    fake_card(root, "card0", "0x1002", mem_info_vram_total=536870912, mem_info_vram_used=0)     # an APU's carve-out
+    fake_card(root, "card2", "0x8086")                                                           # another vendor
+    (root / "card1-DP-1").mkdir()                                                                # a connector, not a card
+    monkeypatch.setattr(ls, "DRM_ROOT", str(root))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    gpus = ls.probe_gpus()
+    assert [(g.name, g.discrete) for g in gpus] == [("AMD GPU (card0)", False), ("AMD Radeon RX 7800 XT", True)]
+    rx = gpus[1]
+    assert rx.vendor == "amd" and rx.vram_total_bytes == 17163091968 and rx.vram_free_bytes == 17163091968 - 2 ** 30
+    budget = ls.memory_budget(profile(gpus=gpus))
+    assert budget.backend == "rocm" and budget.devices == [min(int(rx.vram_total_bytes * 0.9), rx.vram_free_bytes)]
+    # (the APU's carve-out is not planned on as a card)
