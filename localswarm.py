@@ -4689,16 +4689,21 @@ class App:
     def peer_count(self) -> int:
         return len(self.federation.live_peers()) if self.federation else 0
 
+    def health(self) -> dict:
+        """/health's body: the swarm's numbers and peers, or (status loading/error) why there is no swarm."""
+        if self.swarm is None:
+            status, msg = self.not_ready()
+            return {"status": status, "error": {"code": 503, "message": msg, "type": "unavailable_error"}}
+        st = self.swarm.status()
+        st.update(status="ok" if st["healthy_voters"] else "error", peers=self.peer_count())
+        return st
+
     def status(self) -> dict:
         """Everything the web page's status panel shows: /health's numbers, the hardware, the
         plan, live speed, prompts being read, the prompt cache's counters and the peers."""
-        if self.swarm is None:
-            status, msg = self.not_ready()
-            health = {"status": status, "message": msg}
-        else:
-            health = self.swarm.status()
-            health.update(status="ok" if health["healthy_voters"] else "error", peers=self.peer_count(),
-                          prefill=self.swarm.engine.prefill_progress())
+        health = self.health()
+        if self.swarm is not None:
+            health["prefill"] = self.swarm.engine.prefill_progress()
         counters = self.swarm.engine_counters() if self.swarm else {}
         peers = [{"name": p.name or p.node_id, "host": p.host, "model": p.model, "voters": p.voters}
                  for p in (self.federation.live_peers() if self.federation else [])]
@@ -5285,13 +5290,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             for mid in self.app.model_ids]})
 
     def route_health(self) -> None:
-        if self.app.swarm is None:
-            status, msg = self.app.not_ready()
-            self._send_json(503, {"status": status, "error": {"code": 503, "message": msg, "type": "unavailable_error"}})
-            return
-        st = self.app.swarm.status()
-        st.update(status="ok" if st["healthy_voters"] else "error", peers=self.app.peer_count())
-        self._send_json(200 if st["healthy_voters"] else 503, st)
+        health = self.app.health()
+        self._send_json(200 if health["status"] == "ok" else 503, health)
 
     def route_page(self) -> None:
         """The web page (the "Web page" section), under a strict Content-Security-Policy."""
@@ -5832,7 +5832,7 @@ function row(list, key, label, value) {
 function renderStatus(s) {
   const h = s.health || {}, p = s.plan, hw = s.hardware, list = $("status-list");
   list.replaceChildren();
-  row(list, "status", "status", h.status + (h.message ? ": " + h.message : ""));
+  row(list, "status", "status", h.status + (h.error ? ": " + h.error.message : ""));
   row(list, "model", "model", h.model);
   if (p) {
     row(list, "plan", "plan", [p.quant, p.ctx + " context", fmtBytes(p.memory_bytes)].join(" · "));
