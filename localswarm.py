@@ -261,6 +261,11 @@ SETTINGS = [
        minimum=0.05, maximum=1.0),
     _s("hardware", "mobile_ram_fraction", float, 0.25, "share of RAM on Android/Termux",
        minimum=0.05, maximum=1.0),
+    _s("hardware", "memory_reserve_mib", int, 0, "RAM the server keeps free: below twice this, requests "
+       "get half the voters; below it, new requests get 503 until it recovers (0: the larger of 512 MiB "
+       "and 5% of RAM; -1: no memory watch)", minimum=-1),
+    _s("hardware", "swap_growth_mib", int, 256, "swap growth that counts as memory pressure (0: ignore swap)",
+       minimum=0),
     _s("planner", "min_decode_tokens_per_s", float, 8.0, "slowest per-voter decoding the planner recommends",
        minimum=0.0),
     _s("planner", "max_first_prompt_s", float, 120.0, "longest predicted time for an 8k-token first prompt",
@@ -273,6 +278,8 @@ SETTINGS = [
        env="LOCALSWARM_FEDERATION_TOKEN"),
     _s("network", "peers", list, [], "static peers HOST:PORT"),
     _s("network", "broadcast_addresses", list, [], "where to announce (empty: every subnet + 255.255.255.255)"),
+    _s("network", "min_peers", int, 1, "federate only while this many peers are live and healthy "
+       "(fewer: answer locally)", minimum=1),
     _s("network", "peer_timeout", float, 30.0, "seconds to wait for a peer's vote", minimum=0.1),
     _s("network", "mix_models", bool, True, "let peers serving another model vote"),
     _s("network", "name", str, "", "this node's name (default: the hostname)"),
@@ -552,6 +559,9 @@ def parse_rocm_smi(text: str) -> list:
     return gpus
 
 
+DISCRETE_INTEL = re.compile(r"\bArc\b|Data Center|Flex|\bMax\b")    # Intel's discrete cards' names
+
+
 def parse_sycl_ls(text: str) -> list:
     """sycl-ls lines -> Intel GPUs. Each GPU is listed once per backend; the Level-Zero
     entries are used when there are any (llama.cpp's SYCL backend runs on those)."""
@@ -563,7 +573,7 @@ def parse_sycl_ls(text: str) -> list:
         backend, idx, rest = m.group(1), int(m.group(2) or m.group(3) or 0), m.group(4)
         name = rest.split(",", 1)[-1].strip()
         name = re.sub(r"\s+(OpenCL\b|\d+\.\d+).*$", "", name).strip()
-        discrete = bool(re.search(r"\bArc\b|Data Center|Flex|Max", name))
+        discrete = bool(DISCRETE_INTEL.search(name))
         by_backend[backend].append(GPU("intel", name, 0, 0, idx, backend, discrete))
     level_zero = [b for b in by_backend if "level_zero" in b]
     chosen = by_backend[level_zero[0]] if level_zero else next(iter(by_backend.values()), [])
@@ -650,8 +660,9 @@ def _is_termux(env=os.environ) -> bool:
     return bool(env.get("TERMUX_VERSION")) or env.get("PREFIX", "").startswith("/data/data/com.termux")
 
 
-def probe_gpus() -> list:
-    """Every GPU that a vendor tool reports."""
+def probe_gpus(found_by_os: Iterable = ()) -> list:
+    """Every GPU that a vendor tool reports, and those the OS lists (Windows) of vendors whose
+    tools are missing."""
     gpus = []
     out = run_probe(NVIDIA_QUERY)
     if out:
@@ -659,13 +670,9 @@ def probe_gpus() -> list:
     out = run_probe(["rocm-smi", "--showproductname", "--showmeminfo", "vram", "--json"])
     amd = parse_rocm_smi(out) if out else []
     gpus += amd or amd_sysfs_gpus()      # without rocm-smi, the amdgpu driver's own numbers
-    out = run_probe(["sycl-ls"])
-    if out:
-        intel = parse_sycl_ls(out)
-        for gpu, vram in zip([g for g in intel if g.discrete], _drm_vram_sizes("0x8086")):
-            gpu.vram_total_bytes = gpu.vram_free_bytes = vram
-        gpus += intel
-    return gpus
+    gpus += intel_gpus()
+    vendors = {g.vendor for g in gpus}
+    return gpus + [g for g in found_by_os if g.vendor not in vendors]
 
 
 DRM_ROOT = "/sys/class/drm"
@@ -706,6 +713,116 @@ def amd_sysfs_gpus() -> list:
         gpus.append(GPU("amd", name, total, max(0, total - used), len(gpus), "amdgpu (sysfs)",
                         discrete=total > APU_VRAM_MAX))
     return gpus
+
+
+def parse_clinfo(text: str) -> list:
+    """`clinfo` (its default, human form: one 'Name   value' line per property, a block per
+    device) -> Intel GPUs, each once however many OpenCL platforms list it. An integrated GPU's
+    "global memory" is a share of RAM, so only a discrete card's is taken as VRAM."""
+    devices = []
+    for line in text.splitlines():
+        m = re.match(r"\s*(Device Name|Device Vendor ID|Device Vendor|Device Type|Driver Version|"
+                     r"Global memory size)\s+(.*)$", line)
+        if m and m.group(1) == "Device Name":
+            devices.append({})
+        if m and devices:
+            devices[-1].setdefault(m.group(1), m.group(2).strip())
+    gpus = []
+    for d in devices:
+        intel = d.get("Device Vendor ID", "").lower() == "0x8086" or "intel" in d.get("Device Vendor", "").lower()
+        name = d.get("Device Name", "")
+        if not intel or not d.get("Device Type", "").startswith("GPU") or name in [g.name for g in gpus]:
+            continue
+        discrete = bool(DISCRETE_INTEL.search(name))
+        size = int(re.match(r"\d*", d.get("Global memory size", "")).group() or 0) if discrete else 0
+        gpus.append(GPU("intel", name, size, size, len(gpus), "OpenCL " + d.get("Driver Version", ""), discrete))
+    return gpus
+
+
+def intel_gpus() -> list:
+    """Intel GPUs: sycl-ls names them (llama.cpp's SYCL backend runs on what it lists), VRAM
+    from the i915/xe driver's sysfs files, else from OpenCL's clinfo; without sycl-ls, clinfo alone."""
+    gpus = parse_sycl_ls(run_probe(["sycl-ls"]) or "")
+    for gpu, vram in zip([g for g in gpus if g.discrete], _drm_vram_sizes("0x8086")):
+        gpu.vram_total_bytes = gpu.vram_free_bytes = vram
+    if gpus and all(g.vram_total_bytes or not g.discrete for g in gpus):
+        return gpus
+    opencl = parse_clinfo(run_probe(["clinfo"]) or "")
+    if not gpus:
+        return opencl
+    sizes = {g.name: g.vram_total_bytes for g in opencl}
+    for g in gpus:
+        if g.discrete and not g.vram_total_bytes:
+            g.vram_total_bytes = g.vram_free_bytes = sizes.get(g.name, 0)
+    return gpus
+
+
+# Windows without vendor tools: one PowerShell call lists the CPU, the display adapters, and the
+# display drivers' registry keys, each as Format-List blocks. Win32_VideoController.AdapterRAM is
+# a 32-bit number (4 GiB at most); the driver's HardwareInformation.qwMemorySize is the true size.
+WINDOWS_PROBE = ("Get-CimInstance Win32_Processor | Format-List Name,NumberOfCores,NumberOfLogicalProcessors; "
+                 "Get-CimInstance Win32_VideoController | Format-List Name,AdapterRAM,DriverVersion,PNPDeviceID; "
+                 "Get-ItemProperty -ErrorAction SilentlyContinue -Path 'HKLM:\\SYSTEM\\CurrentControlSet\\Control"
+                 "\\Class\\{4d36e968-e325-11ce-bfc1-08002be10318}\\0*' | Format-List DriverDesc,"
+                 "HardwareInformation.qwMemorySize")
+WINDOWS_PROBE_TIMEOUT = 15.0     # PowerShell itself takes seconds to start on a cold machine
+ADAPTER_RAM_CAP = 2 ** 32 - 1
+PCI_VENDORS = {"10de": "nvidia", "1002": "amd", "1022": "amd", "8086": "intel"}
+
+
+def parse_format_list(text: str) -> list:
+    """PowerShell's Format-List output ('Name : value' lines, a blank line between objects) ->
+    one dict per object. A value wrapped onto indented lines is joined back."""
+    blocks, cur, last = [], {}, None
+    for line in text.splitlines():
+        m = re.match(r"^(\S[^:]*?)\s*:\s?(.*)$", line)
+        if m:
+            last = m.group(1).strip()
+            cur[last] = m.group(2).strip()
+        elif line.strip() and last and line.startswith(" "):
+            cur[last] += line.strip()
+        elif not line.strip() and cur:
+            blocks.append(cur)
+            cur, last = {}, None
+    return blocks + ([cur] if cur else [])
+
+
+def _number(text: str) -> int:
+    return int(text) if re.fullmatch(r"\d+", text or "") else 0
+
+
+def parse_windows_probe(text: str) -> dict:
+    """WINDOWS_PROBE's output -> {"cpu": name, "cores", "threads", "gpus": [GPU]}. A card's size
+    is the driver key's qwMemorySize (matched by name) where there is one, else AdapterRAM."""
+    blocks = parse_format_list(text)
+    cpu = next((b for b in blocks if "NumberOfCores" in b), {})
+    true_size = {b.get("DriverDesc", ""): _number(b.get("HardwareInformation.qwMemorySize", ""))
+                 for b in blocks if "DriverDesc" in b}
+    gpus, notes = [], []
+    for b in blocks:
+        if "AdapterRAM" not in b and "PNPDeviceID" not in b:
+            continue
+        ven = re.search(r"VEN_([0-9A-Fa-f]{4})", b.get("PNPDeviceID", ""))
+        vendor = PCI_VENDORS.get(ven.group(1).lower() if ven else "") or next(
+            (v for k, v in (("nvidia", "nvidia"), ("radeon", "amd"), ("amd", "amd"), ("intel", "intel"))
+             if k in b.get("Name", "").lower()), "")
+        if not vendor:               # "Microsoft Basic Display Adapter", remote displays
+            continue
+        size = true_size.get(b.get("Name", "")) or _number(b.get("AdapterRAM", ""))
+        if size >= ADAPTER_RAM_CAP - 2 * MiB and not true_size.get(b.get("Name", "")):
+            notes.append(f"{b.get('Name')}: Windows reports 4 GiB (its cap); the card may have more")
+        discrete = vendor == "nvidia" or (vendor == "amd" and size > APU_VRAM_MAX) or \
+            (vendor == "intel" and bool(DISCRETE_INTEL.search(b.get("Name", ""))))
+        gpus.append(GPU(vendor, b.get("Name", ""), size, 0, len(gpus), b.get("DriverVersion", ""), discrete))
+    return {"cpu": cpu.get("Name", ""), "cores": _number(cpu.get("NumberOfCores", "")),
+            "threads": _number(cpu.get("NumberOfLogicalProcessors", "")), "gpus": gpus, "notes": notes}
+
+
+def probe_windows() -> dict:
+    """CPU, cores and GPUs on Windows from PowerShell (no vendor tool, no psutil needed)."""
+    out = run_probe(["powershell", "-NoProfile", "-NonInteractive", "-Command", WINDOWS_PROBE],
+                    timeout=WINDOWS_PROBE_TIMEOUT)
+    return parse_windows_probe(out or "")
 
 
 def probe_mac() -> dict:
@@ -764,6 +881,234 @@ def windows_ram(kernel32=None) -> tuple:
     return 0, 0
 
 
+# --- Memory now: readings for /health, and the watch that keeps a laptop out of swap -----
+
+PROC_ROOT = "/proc"
+CGROUP_ROOT = "/sys/fs/cgroup"
+CGROUP_V1_UNLIMITED = 2 ** 62     # v1 writes "no limit" as a page-rounded 2**63 - 1
+
+
+@dataclass
+class MemoryReading:
+    """The machine's memory as the OS reports it now (0 or None where it does not say)."""
+    total_bytes: int = 0
+    available_bytes: int = 0
+    swap_used_bytes: int = 0
+    psi_some_avg10: Optional[float] = None   # Linux PSI: % of the last 10 s some task waited for memory
+    psi_full_avg10: Optional[float] = None   # ... every task did (thrashing)
+    mac_pressure_level: int = 0              # kern.memorystatus_vm_pressure_level: 1 normal, 2 warn, 4 critical
+    limited_by: str = ""                     # "cgroup" when a container's limit is the tighter one
+
+
+def parse_psi(text: str) -> dict:
+    """/proc/pressure/memory ('some avg10=1.50 avg60=... total=N' and 'full ...') -> {'some': 1.5, 'full': ...}."""
+    out = {}
+    for line in text.splitlines():
+        m = re.match(r"(some|full)\s.*?\bavg10=([\d.]+)", line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
+def parse_swap_meminfo(text: str) -> int:
+    """/proc/meminfo -> swap in use, bytes."""
+    kb = {m.group(1): int(m.group(2)) * 1024 for m in re.finditer(r"^(Swap\w+):\s+(\d+)", text, re.M)}
+    return max(0, kb.get("SwapTotal", 0) - kb.get("SwapFree", 0))
+
+
+def parse_vm_swapusage(text: str) -> int:
+    """macOS `sysctl vm.swapusage` ('total = 2048.00M  used = 1085.75M  free = ...') -> bytes used."""
+    m = re.search(r"used\s*=\s*([\d.]+)([KMGT])", text)
+    return int(float(m.group(1)) * 1024 ** ("KMGT".index(m.group(2)) + 1)) if m else 0
+
+
+def cgroup_dir(proc_cgroup: str, root: str) -> tuple:
+    """(directory, version) of this process's memory cgroup: v2's unified '0::/path', else v1's
+    'N:memory:/path'. A container often shows its own cgroup at the mount's root while
+    /proc/self/cgroup still names the host's path: then the root is ours."""
+    for line in proc_cgroup.splitlines():
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "" and os.path.exists(os.path.join(root, "cgroup.controllers")):
+            base, version = root, 2
+        elif "memory" in controllers.split(","):
+            base, version = os.path.join(root, "memory"), 1
+        else:
+            continue
+        inner = os.path.join(base, path.strip().lstrip("/"))
+        return (inner if os.path.isdir(inner) else base), version
+    return "", 0
+
+
+def cgroup_room(proc_root: str = "", root: str = "") -> Optional[tuple]:
+    """(limit, usage) bytes of this process's memory cgroup, or None when it has no limit."""
+    d, version = cgroup_dir(read_text(os.path.join(proc_root or PROC_ROOT, "self", "cgroup")) or "",
+                            root or CGROUP_ROOT)
+    if not d:
+        return None
+    names = ("memory.max", "memory.current") if version == 2 else ("memory.limit_in_bytes", "memory.usage_in_bytes")
+    limit, usage = (_sysfs_number(os.path.join(d, n)) for n in names)   # v2 writes "max" for none
+    if not limit or usage is None or limit >= CGROUP_V1_UNLIMITED:
+        return None
+    return limit, usage
+
+
+def read_memory() -> MemoryReading:
+    """The machine's memory now: available RAM (psutil, /proc/meminfo, or the OS's own call),
+    swap in use, Linux pressure stall figures, macOS's pressure level, and a cgroup limit when
+    it is tighter than the machine. Cheap enough to call every few seconds."""
+    total, avail = probe_ram()
+    r = MemoryReading(total, avail)
+    meminfo = read_text(os.path.join(PROC_ROOT, "meminfo"))
+    if meminfo:
+        r.swap_used_bytes = parse_swap_meminfo(meminfo)
+        r.total_bytes, r.available_bytes = parse_meminfo(meminfo)
+        room = cgroup_room()
+        if room and room[0] - room[1] < r.available_bytes:
+            r.total_bytes, r.available_bytes, r.limited_by = room[0], max(0, room[0] - room[1]), "cgroup"
+        psi = parse_psi(read_text(os.path.join(PROC_ROOT, "pressure", "memory")) or "")
+        r.psi_some_avg10, r.psi_full_avg10 = psi.get("some"), psi.get("full")
+    elif sys.platform == "darwin":
+        level = (run_probe(["sysctl", "-n", "kern.memorystatus_vm_pressure_level"]) or "").strip()
+        r.mac_pressure_level = int(level) if level.isdigit() else 0
+        r.swap_used_bytes = parse_vm_swapusage(run_probe(["sysctl", "-n", "vm.swapusage"]) or "")
+    else:
+        psutil = optional("psutil")
+        r.swap_used_bytes = psutil.swap_memory().used if psutil is not None else 0
+    return r
+
+
+def process_rss_bytes() -> int:
+    """This process's resident memory now (psutil, /proc/self/statm), else its peak (getrusage)."""
+    psutil = optional("psutil")
+    if psutil is not None:
+        return psutil.Process().memory_info().rss
+    statm = (read_text(os.path.join(PROC_ROOT, "self", "statm")) or "").split()
+    if len(statm) > 1 and statm[1].isdigit():
+        return int(statm[1]) * os.sysconf("SC_PAGE_SIZE")
+    try:
+        import resource
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss if sys.platform == "darwin" else rss * 1024
+    except (ImportError, OSError):
+        return 0
+
+
+PRESSURE_LEVELS = ("ok", "high", "critical")
+PSI_HIGH = 10.0           # % of time some task stalls on memory: reclaim is hurting
+PSI_CRITICAL = 10.0       # % of time every task stalls: the machine thrashes
+MAC_WARN, MAC_CRITICAL = 2, 4
+
+
+def memory_pressure(r: MemoryReading, reserve: int, swap_floor: int, swap_growth: int) -> tuple:
+    """(level, why) for one reading. critical: less than `reserve` available, or the OS says
+    critical, or every task stalls; high: less than twice the reserve, the OS warns, swap grew
+    by `swap_growth` since its lowest (`swap_floor`), or tasks stall on reclaim. Pure."""
+    avail = human_bytes(r.available_bytes)
+    if r.total_bytes and r.available_bytes < reserve:
+        return "critical", f"{avail} available, under the {human_bytes(reserve)} reserve"
+    if r.mac_pressure_level >= MAC_CRITICAL:
+        return "critical", "macOS reports critical memory pressure"
+    if (r.psi_full_avg10 or 0) >= PSI_CRITICAL:
+        return "critical", f"every task waited for memory {r.psi_full_avg10:.0f}% of the last 10 s"
+    if r.total_bytes and r.available_bytes < 2 * reserve:
+        return "high", f"{avail} available, under twice the {human_bytes(reserve)} reserve"
+    if r.mac_pressure_level == MAC_WARN:
+        return "high", "macOS warns of memory pressure"
+    if swap_growth and r.swap_used_bytes - swap_floor >= swap_growth:
+        return "high", f"swap grew by {human_bytes(r.swap_used_bytes - swap_floor)}"
+    if (r.psi_some_avg10 or 0) >= PSI_HIGH:
+        return "high", f"tasks waited for memory {r.psi_some_avg10:.0f}% of the last 10 s"
+    return "ok", ""
+
+
+def default_reserve(total: int) -> int:
+    """RAM kept free when hardware.memory_reserve_mib is 0: the larger of 512 MiB and 5%."""
+    return max(512 * MiB, total // 20)
+
+
+def machine_memory(r: MemoryReading) -> dict:
+    """A reading as /health reports it (pressure None: no watch runs)."""
+    return {"total_bytes": r.total_bytes, "available_bytes": r.available_bytes,
+            "swap_used_bytes": r.swap_used_bytes, "limited_by": r.limited_by or None,
+            "psi_some_avg10": r.psi_some_avg10, "mac_pressure_level": r.mac_pressure_level or None,
+            "pressure": None, "pressure_reason": ""}
+
+
+class MemoryWatch:
+    """Reads the machine's memory every `interval` seconds (in its own thread) and says how
+    many voters a new request may have: all when the level is ok, half under high pressure,
+    none (503 with Retry-After) when critical. A level rises at once and falls only after
+    CALM_READINGS calmer readings in a row, so a machine at the edge does not flap. Each
+    change is logged once. `probe` is read_memory; tests give readings of their own."""
+
+    CALM_READINGS = 3
+    RETRY_AFTER = 10
+
+    def __init__(self, reserve_bytes: int = 0, swap_growth_bytes: int = 256 * MiB, interval: float = 2.0,
+                 probe: Callable[[], MemoryReading] = read_memory):
+        self.probe, self.interval = probe, interval
+        self.reading = probe()
+        self.reserve = reserve_bytes or default_reserve(self.reading.total_bytes)
+        self.swap_growth, self.swap_floor = swap_growth_bytes, self.reading.swap_used_bytes
+        self.level, self.why, self._calm = "ok", "", 0
+        self.refused = 0
+        self._stop = threading.Event()
+        self.check(self.reading)
+
+    def check(self, r: MemoryReading) -> str:
+        """Take one reading; the level after it."""
+        self.reading = r
+        self.swap_floor = min(self.swap_floor, r.swap_used_bytes)
+        level, why = memory_pressure(r, self.reserve, self.swap_floor, self.swap_growth)
+        rank = PRESSURE_LEVELS.index
+        if rank(level) >= rank(self.level):
+            self._calm = 0
+            self._set(level, why)
+        else:
+            self._calm += 1
+            if self._calm >= self.CALM_READINGS:
+                self._calm = 0
+                self._set(level, why)
+        return self.level
+
+    def _set(self, level: str, why: str) -> None:
+        if level != self.level:
+            if level == "ok":
+                log.warning("memory pressure over (%s available): all voters admitted again",
+                            human_bytes(self.reading.available_bytes))
+            else:
+                log.warning("memory pressure %s (%s): %s", level, why,
+                            "new requests refused" if level == "critical" else "fewer voters per request")
+        self.level, self.why = level, why
+
+    def voters(self, wanted: int) -> int:
+        """How many of `wanted` voters a new request gets now; ApiError 503 when none."""
+        if self.level == "critical":
+            self.refused += 1
+            raise ApiError(503, f"memory is low ({self.why}); not taking new requests until it recovers",
+                           type="unavailable_error", code="memory_pressure",
+                           headers={"Retry-After": str(self.RETRY_AFTER)})
+        return max(1, wanted // 2) if self.level == "high" else wanted
+
+    def report(self) -> dict:
+        return dict(machine_memory(self.reading), pressure=self.level, pressure_reason=self.why,
+                    reserve_bytes=self.reserve, refused_requests=self.refused)
+
+    def start(self) -> "MemoryWatch":
+        threading.Thread(target=self._run, name="localswarm-memory", daemon=True).start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.check(self.probe())
+            except Exception as exc:     # a probe must never end the watch
+                log.debug("memory probe failed: %s", exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 def detect_hardware() -> HardwareProfile:
     """Probe this machine (stdlib only; each probe bounded by PROBE_TIMEOUT)."""
     system, arch = platform.system(), platform.machine().lower()
@@ -782,6 +1127,11 @@ def detect_hardware() -> HardwareProfile:
         if hw.is_apple_silicon:
             hw.gpus.append(GPU("apple", hw.cpu_model + " GPU", hw.ram_total_bytes,
                                hw.ram_available_bytes, discrete=False))
+    windows = probe_windows() if system == "Windows" else {"gpus": []}
+    if system == "Windows":
+        hw.notes += windows["notes"]
+        hw.cpu_model = windows["cpu"] or hw.cpu_model
+        hw.cpu_cores, hw.cpu_threads = windows["cores"] or hw.cpu_cores, windows["threads"] or hw.cpu_threads
     if hw.is_termux:
         props = probe_android_props()
         hw.soc = describe_soc(props)
@@ -789,7 +1139,7 @@ def detect_hardware() -> HardwareProfile:
             hw.gpus.append(GPU("qualcomm", "Adreno (" + hw.soc + ")", 0, 0, discrete=False))
             hw.notes.append("Adreno GPU found; localswarm runs on the CPU here (no Vulkan/OpenCL build)")
     else:
-        hw.gpus += probe_gpus()
+        hw.gpus += probe_gpus(windows["gpus"])
     for g in hw.gpus:
         if g.discrete and not g.vram_total_bytes:
             hw.notes.append(f"{g.name}: VRAM size not visible to this user; planning without it "
@@ -1757,6 +2107,7 @@ class LlamaAdapter:
         if tensor_split:
             self._split = (ctypes.c_float * len(tensor_split))(*tensor_split)
             mp.tensor_split = self._split
+        self.path = path
         self.model = L.llama_model_load_from_file(path.encode(), mp)
         if not self.model:
             raise LocalswarmError(f"llama.cpp could not load {path}")
@@ -1839,6 +2190,11 @@ class LlamaAdapter:
             buf = ctypes.create_string_buffer(-n)
             n = self.L.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
         return buf.raw[:max(n, 0)]
+
+    def weights_bytes(self) -> int:
+        """The model's tensors, bytes (llama.cpp's count; the file's size where it has none)."""
+        size = getattr(self.L, "llama_model_size", None)
+        return int(size(self.model)) if size else os.path.getsize(self.path)
 
     def kv_bytes_per_token(self) -> int:
         """Bytes of f16 K and V one token takes in the KV cache (all layers)."""
@@ -2334,12 +2690,16 @@ class WorkerStats:
     healthy: bool = True
     last_latency: float = 0.0
     last_tokens_per_s: float = 0.0
+    avg_latency: float = 0.0
+    avg_tokens_per_s: float = 0.0
     errors: int = 0
 
     def count(self, res: VoterResult) -> None:
-        """One more answer from this voter."""
+        """One more answer from this voter (the averages are running means over all of them)."""
         self.requests, self.tokens = self.requests + 1, self.tokens + res.completion_tokens
         self.last_latency, self.last_tokens_per_s = res.latency, res.tokens_per_s
+        self.avg_latency += (res.latency - self.avg_latency) / self.requests
+        self.avg_tokens_per_s += (res.tokens_per_s - self.avg_tokens_per_s) / self.requests
 
 
 class Engine(Protocol):
@@ -2374,6 +2734,7 @@ class Engine(Protocol):
     def busy_voters(self) -> int: ...
     def prefill_progress(self) -> list: ...
     def cache_stats(self) -> dict: ...
+    def memory(self) -> dict: ...         # weights, KV cache allocated and in use (see LlamaCppEngine.memory)
     def close(self) -> None: ...
 
 
@@ -2387,6 +2748,8 @@ class EngineView:
     running: bool
     cache: dict
     prefill: tuple = ()          # (tokens decoded, prompt tokens) of each prompt being read
+    voter_cells: tuple = ()      # KV cells each voter index holds for its own tokens (all requests)
+    prompt_cells: int = 0        # KV cells the prompts being answered hold (shared by their voters)
 
 
 class LlamaCppEngine:
@@ -2476,6 +2839,19 @@ class LlamaCppEngine:
         st["disk_dir"] = self._disk.dir if self._disk and self._disk.enabled else None
         return st
 
+    def memory(self) -> dict:
+        """What this engine holds: the weights (mapped from the file), the KV cache (allocated, and
+        the cells in use: each voter's own tokens, the prompts being answered, the prompt cache's
+        KV copies) and the prompt cache's copies in host RAM."""
+        v, per_cell = self._view, self.llm.kv_bytes_per_token()
+        used = min(self.llm.n_ctx, sum(v.voter_cells) + v.prompt_cells + v.cache.get("tokens_kv", 0))
+        return {"weights_bytes": self.llm.weights_bytes(), "kv_cells": self.llm.n_ctx,
+                "kv_allocated_bytes": self.llm.n_ctx * per_cell, "kv_used_cells": used,
+                "kv_used_bytes": used * per_cell, "kv_voter_bytes": [c * per_cell for c in v.voter_cells],
+                "kv_prompt_bytes": v.prompt_cells * per_cell,
+                "kv_prompt_cache_bytes": v.cache.get("tokens_kv", 0) * per_cell,
+                "prompt_cache_ram_bytes": v.cache.get("ram_bytes", 0)}
+
     def queue_depth(self) -> int:
         with self._cv:
             return len(self._waiting)
@@ -2564,7 +2940,13 @@ class LlamaCppEngine:
         busy = sum(1 for r in self._runs for v in r.voters if v.live) + sum(
             r.req.voters for r in self._runs if r.prefilling)
         prefill = tuple((r.prefill_pos, len(r.req.prompt_tokens)) for r in self._runs if r.prefilling)
-        self._view = EngineView(busy, bool(self._runs), self._cache.stats(), prefill)
+        cells = [0] * self.max_voters
+        for r in self._runs:
+            for i, v in enumerate(r.voters):
+                cells[i] += len(v.tokens) if v.live else 0
+        self._view = EngineView(busy, bool(self._runs), self._cache.stats(), prefill,
+                                tuple(cells[:max(self.voters, max((i + 1 for i, c in enumerate(cells) if c), default=0))]),
+                                sum(r.prefill_pos for r in self._runs))
 
     def _loop(self) -> None:
         while True:
@@ -3066,6 +3448,14 @@ class MLXEngine:
     def cache_stats(self) -> dict:
         """MLX keeps no prompt cache across requests (README: "Prompt cache")."""
         return {}
+
+    def memory(self) -> dict:
+        """The weights' bytes, and the Metal memory MLX holds now (weights, KV cache and buffers)."""
+        import mlx.core as mx
+        from mlx.utils import tree_flatten
+        weights = sum(a.nbytes for _, a in tree_flatten(self.model.parameters())) if self.model else 0
+        active = getattr(mx, "get_active_memory", None) or getattr(mx.metal, "get_active_memory", lambda: 0)
+        return {"weights_bytes": weights, "active_bytes": int(active()), "kv_voter_bytes": []}
 
     def generate(self, prompt_tokens: list, params: SamplingParams, voters: Optional[int] = None,
                  on_token=None, timeout: Optional[float] = None,
@@ -3620,6 +4010,7 @@ class ChatRequest:
     stream_mode: Optional[str] = None     # live | consensus | fastest (None: the server's setting)
     stream_voters: bool = False           # a stream also carries every voter's own text (the web page)
     stream: Optional["ConsensusStream"] = None   # live consensus streaming: what was sent
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])   # in logs, on every node asked
 
     def offered_tool_defs(self) -> list:
         """The tools the model may call, after tool_choice (none: no tools; a name: that one)."""
@@ -3666,6 +4057,7 @@ class SwarmAnswer:
     nodes: list = field(default_factory=list)   # federation: who voted
     early_stop: Optional[str] = None            # why the voters still decoding were stopped
     greedy: str = ""                            # what a temperature-0 request ran as
+    memory_pressure: str = ""                   # why the voters were cut, when memory was short
     cross: Optional[Verdict] = None             # federation: the vote over the nodes' answers, which
                                                 # chose text/tool_calls; verdict/results stay local
     cross_tokens: Optional[int] = None          # federation: the winning node's answer's tokens
@@ -3719,6 +4111,8 @@ class SwarmAnswer:
             d["early_stop"] = {"reason": self.early_stop, "stopped": stopped}
         if self.greedy:
             d["greedy"] = self.greedy
+        if self.memory_pressure:
+            d["memory_pressure"] = self.memory_pressure
         if self.nodes:
             d["nodes"] = self.nodes
         return d
@@ -3989,7 +4383,10 @@ class Swarm:
                 "prompt_cache": e.cache_stats()}
 
     def workers(self) -> list:
-        return [dict(dataclasses.asdict(w), backend=self.engine.backend) for w in self.engine.workers]
+        """Per voter: its counters, averages, and the KV cache its own tokens hold now."""
+        kv = self.engine.memory().get("kv_voter_bytes", [])
+        return [dict(dataclasses.asdict(w), backend=self.engine.backend, kv_bytes=kv[i] if i < len(kv) else 0)
+                for i, w in enumerate(self.engine.workers)]
 
     def engine_counters(self) -> dict:
         """The engine's running totals (prompt tokens decoded or reused, refusals, KV-full)."""
@@ -4669,6 +5066,8 @@ class App:
         self.load_error: Optional[str] = None
         self.started = time.time()
         self.aliases: set = set()     # other ids clients may use: the planned model's, when another is served
+        reserve = cfg["hardware.memory_reserve_mib"]
+        self.memory = None if reserve < 0 else MemoryWatch(reserve * MiB, cfg["hardware.swap_growth_mib"] * MiB)
 
     @property
     def model_ids(self) -> list:
@@ -4695,8 +5094,16 @@ class App:
             status, msg = self.not_ready()
             return {"status": status, "error": {"code": 503, "message": msg, "type": "unavailable_error"}}
         st = self.swarm.status()
-        st.update(status="ok" if st["healthy_voters"] else "error", peers=self.peer_count())
+        st.update(status="ok" if st["healthy_voters"] else "error", peers=self.peer_count(),
+                  memory=self.memory_report())
         return st
+
+    def memory_report(self) -> dict:
+        """Memory for /health, MCP and the status line: this process's resident memory, what the
+        engine holds (weights, KV cache), the machine's available memory and swap, the pressure."""
+        machine = self.memory.report() if self.memory else machine_memory(read_memory())
+        engine = self.swarm.engine.memory() if self.swarm else {}
+        return dict(process_rss_bytes=process_rss_bytes(), **engine, **machine)
 
     def status(self) -> dict:
         """Everything the web page's status panel shows: /health's numbers, the hardware, the
@@ -4730,15 +5137,29 @@ class App:
             raise ApiError(503, self.not_ready()[1], type="unavailable_error", headers={"Retry-After": "5"})
         return self.swarm
 
+    def admit_voters(self, req: ChatRequest, swarm: Swarm) -> str:
+        """Fewer voters under memory pressure (503 when critical): why they were cut, or ""."""
+        if self.memory is None:
+            return ""
+        wanted = req.voters or swarm.voters
+        allowed = max(self.memory.voters(wanted), req.n)
+        if allowed >= wanted:
+            return ""
+        req.voters = allowed
+        return f"{wanted} voters cut to {allowed}: {self.memory.why}"
+
     def answer(self, req: ChatRequest, on_token=None, federate: bool = True) -> SwarmAnswer:
         """The consensus answer: local, or federated when peers are live (and federate)."""
         swarm = self.ready_swarm()
-        if federate and self.federation and self.federation.live_peers():
-            ans = self.federation.answer(swarm, req, on_token)
+        cut = self.admit_voters(req, swarm)
+        peers = self.federation.voting_peers() if federate and self.federation else []
+        if peers:
+            ans = self.federation.answer(swarm, req, on_token, peers)
         else:
             ans = swarm.answer(req, on_token)
+        ans.memory_pressure = cut
         self.metrics.observe_answer(ans)
-        log.info("answered: %d voters, %s, confidence %.2f, %.2fs", len(ans.results),
+        log.info("request %s answered: %d voters, %s, confidence %.2f, %.2fs", req.request_id, len(ans.results),
                  (ans.cross or ans.verdict).strategy, ans.confidence, ans.latency)
         return ans
 
@@ -5317,7 +5738,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         headers = {"X-Localswarm-Warning": warning} if warning else {}
         if warning:
             log.warning("%s", warning)
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        rid = ("chatcmpl-" if chat else "cmpl-") + req.request_id
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
             self._stream(req, chat, rid, include_usage, headers)
@@ -5426,7 +5847,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def route_fed_health(self) -> None:
         fed = self._federation()
         self._check_federation(fed, b"")
-        self._send_fed(200, {"status": "ok" if self.app.swarm else "loading", "node_id": fed.node_id})
+        self._send_fed(200, fed.health(self.app))
 
     def route_fed_info(self) -> None:
         fed = self._federation()
@@ -5449,8 +5870,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         except (ValueError, RecursionError):
             raise ApiError(400, "invalid JSON body") from None
         req = fed.vote_request(self.app, data)
+        log.info("request %s: voting for %s", req.request_id, self.client_address[0])
         ans = self._run_swarm(req, federate=False)     # hop limit 1: peers never forward
-        self._send_fed(200, fed.vote_reply(ans))
+        self._send_fed(200, fed.vote_reply(req, ans))
 
     def _check_federation(self, fed, body: bytes) -> None:
         fed.check_request(self.command, self.path, self.headers, self.client_address[0], body)
@@ -6126,7 +6548,7 @@ def clean_vote(r: Any) -> dict:
 
     text = lambda key, n: r[key][:n] if isinstance(r.get(key), str) else ""
     return {"node_id": text("node_id", 64), "name": text("name", 64), "model": text("model", 128),
-            "text": r["text"], "tool_calls": [{"id": str(c.get("id", ""))[:64], "type": "function",
+            "strategy": text("strategy", 32), "text": r["text"], "tool_calls": [{"id": str(c.get("id", ""))[:64], "type": "function",
                                                "function": {"name": c["function"]["name"][:128],
                                                             "arguments": c["function"]["arguments"]}} for c in calls],
             "finish_reason": r.get("finish_reason") if r.get("finish_reason") in ("stop", "length", "tool_calls")
@@ -6154,6 +6576,7 @@ class Peer:
     version: str = ""
     last_seen: float = 0.0
     static: bool = False
+    health: str = ""             # its /v1/federation/health status at the last check ("": not checked yet)
 
     @property
     def url(self) -> str:
@@ -6191,7 +6614,7 @@ class Federation:
             log.warning("federation without auth_token: accepting peers from private and loopback "
                         "addresses only (set LOCALSWARM_FEDERATION_TOKEN to sign)")
         self.sock = self._open_socket()
-        loops = [self._listen, self._check_static] + ([self._announce] if self.reachable() else [])
+        loops = [self._listen, self._check_peers] + ([self._announce] if self.reachable() else [])
         for target in loops:
             t = threading.Thread(target=target, name=f"localswarm-{target.__name__[1:]}", daemon=True)
             t.start()
@@ -6331,19 +6754,41 @@ class Federation:
                 ids.add(p.node_id)
         return live
 
-    def _check_static(self) -> None:
+    def voting_peers(self) -> list:
+        """The peers to ask now: live, and healthy at their last check (not yet checked counts
+        as healthy); none while fewer than network.min_peers of them."""
+        peers = [p for p in self.live_peers() if p.health in ("", "ok")]
+        return peers if len(peers) >= self.cfg["network.min_peers"] else []
+
+    def _check_peers(self) -> None:
         while not self.stopping.is_set():
-            for key, peer in list(self.peers.items()):
-                if peer.static:
-                    try:
-                        info = self.request(peer, "GET", "/v1/federation/info", None, timeout=max(1.0, self.interval))
-                        text = lambda k, n: str(info.get(k) or "")[:n] if isinstance(info, dict) else ""
-                        peer.node_id, peer.name, peer.model = text("node_id", 64), text("name", 64), text("model", 128)
-                        peer.voters = info.get("voters") if isinstance(info.get("voters"), int) else 0
-                        peer.last_seen = time.monotonic()
-                    except Exception as exc:
-                        log.debug("static peer %s:%d unreachable: %s", peer.host, peer.port, exc)
+            self.check_peers()
             self.stopping.wait(self.interval)
+
+    def check_peers(self) -> None:
+        """One round: a static peer's /v1/federation/info (who it is: discovery does not tell
+        us), then every live peer's /v1/federation/health, so that a loading, failed or
+        memory-starved peer is not sent work."""
+        timeout = max(1.0, self.interval)
+        for peer in [p for p in list(self.peers.values()) if p.static]:
+            try:
+                info = self.request(peer, "GET", "/v1/federation/info", None, timeout=timeout)
+                text = lambda k, n: str(info.get(k) or "")[:n] if isinstance(info, dict) else ""
+                peer.node_id, peer.name, peer.model = text("node_id", 64), text("name", 64), text("model", 128)
+                peer.voters = info.get("voters") if isinstance(info.get("voters"), int) else 0
+                peer.last_seen = time.monotonic()
+            except Exception as exc:
+                log.debug("static peer %s:%d unreachable: %s", peer.host, peer.port, exc)
+        for peer in self.live_peers():
+            try:
+                got = self.request(peer, "GET", "/v1/federation/health", None, timeout=timeout)
+                status = str(got.get("status"))[:40] if isinstance(got, dict) else "malformed"
+            except Exception as exc:
+                status = "unreachable"
+                log.debug("peer %s health check failed: %s", peer.url, exc)
+            if status != peer.health and peer.health:
+                log.info("peer %s (%s): %s", peer.name or peer.node_id, peer.url, status)
+            peer.health = status
 
     # --- requests between nodes -------------------------------------------
     def request(self, peer: Peer, method: str, path: str, payload: Optional[dict], timeout: float,
@@ -6396,6 +6841,16 @@ class Federation:
             raise ApiError(401 if self.token else 403, f"federation request refused: {exc.reason}",
                            type="authentication_error", code=exc.reason) from None
 
+    def health(self, app: App) -> dict:
+        """/v1/federation/health: whether this node takes votes now (ok), or why not (loading,
+        error, memory_pressure), with its load."""
+        h = app.health()
+        status = h["status"]
+        if status == "ok" and (h["memory"].get("pressure") == "critical"):
+            status = "memory_pressure"
+        return {"status": status, "node_id": self.node_id, "queue_depth": h.get("queue_depth", 0),
+                "busy_voters": h.get("busy_voters", 0), "healthy_voters": h.get("healthy_voters", 0)}
+
     def info(self, app: App) -> dict:
         st = app.swarm.status() if app.swarm else {}
         hw = self.announcement()["hw"]
@@ -6408,22 +6863,34 @@ class Federation:
         """POST /v1/federation/vote's body as a request for the local swarm."""
         if not isinstance(data, dict):
             raise ApiError(400, "the vote request must be a JSON object")
-        return parse_request(data, data.get("messages") is not None, app.ready_swarm())
+        swarm = app.ready_swarm()
+        if isinstance(data.get("voters"), int) and not isinstance(data["voters"], bool):
+            data = dict(data, voters=max(1, min(data["voters"], swarm.max_voters)))   # what this node can run
+        req = parse_request(data, data.get("messages") is not None, swarm)
+        rid = data.get("request_id")
+        if isinstance(rid, str) and re.fullmatch(r"[\w.-]{1,64}", rid):
+            req.request_id = rid
+        return req
 
-    def vote_reply(self, ans: SwarmAnswer) -> dict:
+    def vote_reply(self, req: ChatRequest, ans: SwarmAnswer) -> dict:
         """The local swarm's best answer, as a peer's vote."""
         return {"node_id": self.node_id, "name": self.name, "text": ans.text, "tool_calls": ans.tool_calls,
+                "request_id": req.request_id, "strategy": ans.verdict.strategy,
                 "finish_reason": ans.finish_reason, "confidence": ans.verdict.confidence,
                 "voters": len(ans.results), "model": ans.model, "latency": ans.latency,
                 "completion_tokens": ans.completion_tokens}
 
-    def answer(self, swarm: Swarm, req: ChatRequest, on_token=None) -> SwarmAnswer:
-        """Local swarm + every live peer in parallel; a cross-swarm vote picks the answer.
-        A late or failed peer is skipped and logged; the request never fails because of one."""
-        peers = self.live_peers()
+    def answer(self, swarm: Swarm, req: ChatRequest, on_token=None, peers: Optional[list] = None) -> SwarmAnswer:
+        """Local swarm + every peer to ask (voting_peers) in parallel; a cross-swarm vote picks
+        the answer. The request's id, voters and strategy go with it. A late, failed or unhealthy
+        peer is skipped and logged; the request never fails because of one."""
+        peers = self.voting_peers() if peers is None else peers
+        unhealthy = [p for p in self.live_peers() if p.health not in ("", "ok")]
+        log.info("request %s: asking %d peer%s", req.request_id, len(peers), "" if len(peers) == 1 else "s")
         payload = {"messages": req.messages, "prompt": req.prompt, "tools": req.tools,
                    "tool_choice": req.tool_choice, "stop": list(req.params.stop), "model": None,
                    "max_tokens": req.max_tokens_requested, "seed": req.params.seed,
+                   "request_id": req.request_id, "voters": req.voters, "consensus": req.strategy,
                    **{k: getattr(req.params, k) for k in ("temperature", "top_p", "top_k", "min_p",
                                                           "repeat_penalty", "presence_penalty", "frequency_penalty")}}
         payload = {k: v for k, v in payload.items() if v is not None}
@@ -6433,7 +6900,10 @@ class Federation:
 
         def ask(p: Peer) -> None:
             try:
-                vote = clean_vote(self.request(p, "POST", "/v1/federation/vote", payload, timeout, conns))
+                got = self.request(p, "POST", "/v1/federation/vote", payload, timeout, conns)
+                if isinstance(got, dict) and got.get("request_id") not in (None, req.request_id):
+                    raise ValueError("the reply is for another request")
+                vote = clean_vote(got)
                 vote["voters"] = min(vote["voters"], p.voters or 1)    # no more than it announced
                 replies[p.node_id or p.url] = vote
             except Exception as exc:
@@ -6458,8 +6928,10 @@ class Federation:
                 remote.append(r)
                 continue
             why = f"failed: {r}"[:200] if r is not None else f"no answer within {timeout:.0f}s"
-            log.warning("peer %s (%s:%d) skipped: %s", p.name or p.node_id, p.host, p.port, why)
+            log.warning("request %s: peer %s (%s:%d) skipped: %s", req.request_id, p.name or p.node_id,
+                        p.host, p.port, why)
             skipped.append({"node_id": p.node_id, "reason": why})
+        skipped += [{"node_id": p.node_id, "reason": f"unhealthy: {p.health}"} for p in unhealthy]
         ans = merge_federated(local, remote, self.node_id, self.name, skipped)
         swarm.remember(ans)          # after the merge: only if the local answer won
         return ans
@@ -6470,13 +6942,14 @@ def merge_federated(local: SwarmAnswer, remote: list, node_id: str, name: str,
     """The cross-swarm vote over the local winner (entry 0) and each peer's answer; the local
     answer keeps its voters and vote, and `cross`/`nodes` say what the nodes chose."""
     entries = [{"node_id": node_id, "name": name, "text": local.text, "tool_calls": local.tool_calls or None,
+                "strategy": local.verdict.strategy,
                 "finish_reason": local.finish_reason, "confidence": local.verdict.confidence,
                 "voters": len(local.results), "model": local.model, "latency": local.latency,
                 "completion_tokens": local.completion_tokens}]
     entries += [dict(r, tool_calls=r.get("tool_calls") or None) for r in remote]
     cross = cross_vote(entries) if remote else None
     win = entries[cross.index if cross else 0]
-    nodes = [{"node_id": e.get("node_id"), "name": e.get("name"), "model": e.get("model"),
+    nodes = [{"node_id": e.get("node_id"), "name": e.get("name"), "model": e.get("model"), "strategy": e.get("strategy"),
               "voters": e.get("voters"), "confidence": round(float(e.get("confidence") or 0), 4),
               "latency_s": round(float(e.get("latency") or 0), 3), "winner": e is win}
              for e in entries] + [dict(s, skipped=True) for s in skipped or []]
@@ -6620,7 +7093,7 @@ class McpServer:
             status, msg = self.app.not_ready()
             return json.dumps({"status": status, "error": msg if self.app.load_error else None,
                                "plan": self.app.plan.to_json() if self.app.plan else None})
-        return json.dumps(dict(self.app.swarm.status(), status="ok", peers=self.app.peer_count()), indent=1)
+        return json.dumps(self.app.health(), indent=1)
 
     def tool_generate_code(self, args: dict, call: McpCall) -> str:
         prompt = args.get("prompt")
@@ -7349,11 +7822,19 @@ def startup_summary(app: App, url: str, budget: Budget, p: Plan) -> str:
 
 
 def status_line(app: App) -> str:
-    st = app.swarm.status() if app.swarm else {}
-    conf = st.get("last_confidence")
+    """One line every 30 s: work, speed, voters, memory (and pressure, when there is any), peers."""
+    st = app.health() if app.swarm else {}
+    conf, mem = st.get("last_confidence"), st.get("memory") or app.memory_report()
+    workers = app.swarm.workers() if app.swarm else []
+    latency = sum(w["avg_latency"] * w["requests"] for w in workers) / max(1, sum(w["requests"] for w in workers))
+    pressure = f" ({mem['pressure']} pressure: {mem['pressure_reason']})" if mem["pressure_reason"] else ""
     return (f"[localswarm] requests {st.get('requests', 0)}, {app.metrics.last_tokens_per_s:.1f} tok/s, "
-            f"busy voters {st.get('busy_voters', 0)}/{st.get('voters', 0)}, queue {st.get('queue_depth', 0)}, "
-            f"confidence {'-' if conf is None else f'{conf:.2f}'}, peers {app.peer_count()}")
+            f"avg latency {latency:.1f}s, voters {st.get('healthy_voters', 0)} healthy, "
+            f"{st.get('busy_voters', 0)}/{st.get('voters', 0)} busy, queue {st.get('queue_depth', 0)}, "
+            f"confidence {'-' if conf is None else f'{conf:.2f}'}, peers {app.peer_count()}, "
+            f"memory: process {human_bytes(mem['process_rss_bytes'])} (KV {human_bytes(mem.get('kv_used_bytes', 0))} "
+            f"used of {human_bytes(mem.get('kv_allocated_bytes', 0))}), available {human_bytes(mem['available_bytes'])}, "
+            f"swap {human_bytes(mem['swap_used_bytes'])}{pressure}")
 
 
 def serve(cfg: Config, hw: HardwareProfile, budget: Budget, p: Plan, registry: list, args) -> int:
@@ -7373,6 +7854,8 @@ def serve(cfg: Config, hw: HardwareProfile, budget: Budget, p: Plan, registry: l
         if server and not (args.mcp or args.mcp_only):
             print(startup_summary(app, url, budget, served), flush=True)
         app.swarm = load_swarm(path, served, cfg, verbose=args.verbose >= 2)
+        if app.memory:
+            app.memory.start()
         if cfg["network.enabled"] and server:
             app.federation = Federation(cfg, app, server.server_address[1])
             app.federation.start()

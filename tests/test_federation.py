@@ -545,3 +545,88 @@ def test_a_federated_tool_call_wins_by_its_canonical_call():
                "finish_reason": "tool_calls"} for i in range(2)]
     ans = ls.merge_federated(local, remote, "me", "mine")
     assert ans.tool_calls == [call] and ans.finish_reason == "tool_calls" and ans.text == ""
+
+
+# --- the protocol's details: request ids, forwarded settings, min_peers, health ---------------
+
+@pytest.fixture
+def two_nodes(engine):
+    """Node B serves votes over HTTP in this process (same session engine); node A knows it as a
+    static peer. Neither announces: A checks B by hand (check_peers)."""
+    c = ls.load_config(env={}, read_file=False)
+    b_app = ls.App(c, ls.Swarm(engine, model_id="smollm2-135m-q4_1"))
+    server = ls.make_server(b_app, "127.0.0.1", 0)
+    b_app.federation = ls.Federation(c, b_app, server.server_address[1])
+    b_app.federation.node_id, b_app.federation.name = "node-b", "b"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    a = fed(**{"network.peers": [f"127.0.0.1:{server.server_address[1]}"]})
+    a.app.swarm = ls.Swarm(engine, model_id="smollm2-135m-q4_1")
+    a.app.federation = a
+    a.check_peers()
+    yield a, b_app
+    server.shutdown()
+    server.server_close()
+
+
+def ask(a, **kw):
+    req = ls.ChatRequest(messages=[{"role": "user", "content": "Say hi."}], max_tokens_requested=6,
+                         params=ls.SamplingParams(temperature=0.8, max_tokens=6, seed=1), **kw)
+    return req, a.app.answer(req)
+
+
+def test_request_id_voters_and_strategy_reach_the_peer_and_its_logs(two_nodes, caplog):
+    a, _ = two_nodes
+    with caplog.at_level("INFO", logger="localswarm"):
+        req, ans = ask(a, voters=3, strategy="quality")
+    b = next(n for n in ans.nodes if n["node_id"] == "node-b")
+    assert b["voters"] == 3 and b["strategy"] == "quality" and not b.get("skipped")
+    logs = [r.getMessage() for r in caplog.records]
+    assert f"request {req.request_id}: asking 1 peer" in logs                       # the requester
+    assert f"request {req.request_id}: voting for 127.0.0.1" in logs                 # the peer
+    assert sum(line.startswith(f"request {req.request_id} answered") for line in logs) == 2   # both
+    # more voters than the peer can run: it runs what it can (and still votes)
+    got = a.vote_request(a.app, {"messages": [{"role": "user", "content": "hi"}], "voters": 60, "request_id": "r-1"})
+    assert got.voters == a.app.swarm.max_voters and got.request_id == "r-1"
+    assert a.vote_request(a.app, {"prompt": "x", "request_id": "bad id!"}).request_id != "bad id!"
+
+
+def test_min_peers_keeps_the_answer_local_until_enough_peers_are_live(two_nodes):
+    a, _ = two_nodes
+    a.cfg.set("network.min_peers", 2)
+    assert a.voting_peers() == []
+    _, ans = ask(a)
+    assert ans.nodes == [] and ans.cross is None
+    a.cfg.set("network.min_peers", 1)
+    _, ans = ask(a)
+    assert len(ans.nodes) == 2
+
+
+def test_an_unhealthy_peer_is_skipped_before_it_is_sent_work(two_nodes, monkeypatch):
+    a, b_app = two_nodes
+    votes = []
+    monkeypatch.setattr(b_app.federation, "vote_request",
+                        lambda app, data, real=b_app.federation.vote_request: votes.append(1) or real(app, data))
+    swarm, b_app.swarm = b_app.swarm, None            # B is loading
+    a.check_peers()
+    (peer,) = a.live_peers()
+    assert peer.health == "loading" and a.voting_peers() == []
+    _, ans = ask(a)
+    assert votes == [] and ans.nodes == []            # answered locally, nothing sent to B
+    b_app.swarm = swarm
+    monkeypatch.setattr(b_app.memory, "level", "critical")     # B's memory is short
+    a.check_peers()
+    assert peer.health == "memory_pressure" and a.voting_peers() == []
+    monkeypatch.setattr(b_app.memory, "level", "ok")
+    a.check_peers()
+    assert peer.health == "ok"
+    _, ans = ask(a)
+    assert votes == [1] and len(ans.nodes) == 2
+
+
+def test_a_reply_for_another_request_is_not_a_vote(two_nodes, monkeypatch):
+    a, _ = two_nodes
+    real = a.request
+    monkeypatch.setattr(a, "request", lambda *args, **kw: dict(real(*args, **kw), request_id="someone-else"))
+    _, ans = ask(a)
+    (skipped,) = [n for n in ans.nodes if n.get("skipped")]
+    assert "another request" in skipped["reason"]

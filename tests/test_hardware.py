@@ -77,7 +77,7 @@ def fake_tool(tmp_path, name, body):
 
 @pytest.mark.parametrize("body", ["sleep 30", "echo boom >&2; exit 3", "echo '%%% garbage'"])
 def test_probe_survives_hung_failing_and_garbage_tools(tmp_path, monkeypatch, body):
-    for tool in ("nvidia-smi", "rocm-smi", "sycl-ls"):
+    for tool in ("nvidia-smi", "rocm-smi", "sycl-ls", "clinfo"):
         fake_tool(tmp_path, tool, body)
     monkeypatch.setenv("PATH", str(tmp_path) + os.pathsep + os.environ["PATH"])
     monkeypatch.setattr(ls, "PROBE_TIMEOUT", 0.5)
@@ -222,3 +222,90 @@ def test_amd_vram_comes_from_sysfs_when_rocm_smi_is_missing(tmp_path, monkeypatc
     budget = ls.memory_budget(profile(gpus=gpus))
     assert budget.backend == "rocm" and budget.devices == [min(int(rx.vram_total_bytes * 0.9), rx.vram_free_bytes)]
     # (the APU's carve-out is not planned on as a card)
+
+
+# --- Intel without sycl-ls: OpenCL's clinfo ---------------------------------------------------
+
+def test_clinfo_keeps_intel_gpus_only_and_an_integrated_gpu_has_no_vram():
+    """Real clinfo of a laptop: Intel CPU runtime, NVIDIA RTX 4070, Intel Iris Xe."""
+    (g,) = ls.parse_clinfo(fixture_text("clinfo_irisxe_rtx4070_i9.txt"))
+    assert (g.vendor, g.name, g.discrete, g.vram_total_bytes) == ("intel", "Intel(R) Iris(R) Xe Graphics", False, 0)
+    assert g.driver.startswith("OpenCL ")
+    assert ls.parse_clinfo(fixture_text("clinfo_rx5500xt_clover.txt")) == []     # AMD only (and build errors)
+    assert ls.parse_clinfo("") == [] and ls.parse_clinfo("%%% garbage") == []
+
+
+def test_clinfo_gives_a_discrete_arcs_memory():
+    arc, uhd = ls.parse_clinfo(fixture_text("clinfo_arc_a770_uhd770_handmade.txt"))
+    assert (arc.name, arc.discrete, arc.vram_total_bytes) == ("Intel(R) Arc(TM) A770 Graphics", True, 16225243136)
+    assert (uhd.discrete, uhd.vram_total_bytes, uhd.index) == (False, 0, 1)
+
+
+@pytest.mark.parametrize("sycl", [False, True])
+def test_intel_vram_from_clinfo_when_sysfs_does_not_show_it(tmp_path, monkeypatch, sycl):
+    fixtures = os.path.join(os.path.dirname(__file__), "fixtures")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake_tool(bin_dir, "clinfo", "cat " + os.path.join(fixtures, "clinfo_arc_a770_uhd770_handmade.txt"))
+    if sycl:
+        fake_tool(bin_dir, "sycl-ls", "cat " + os.path.join(fixtures, "sycl_ls_a770_uhd630.txt"))
+    monkeypatch.setenv("PATH", str(bin_dir) + os.pathsep + os.environ["PATH"])
+    monkeypatch.setattr(ls, "DRM_ROOT", str(tmp_path / "no-drm"))
+    gpus = ls.probe_gpus()
+    assert [(g.name, g.vram_total_bytes) for g in gpus if g.discrete] == [("Intel(R) Arc(TM) A770 Graphics", 16225243136)]
+    assert ("level_zero" in gpus[0].driver) == sycl
+    assert ls.memory_budget(profile(gpus=gpus)).backend == "sycl"
+
+
+# --- Windows without vendor tools: one PowerShell call --------------------------------------
+
+def windows_output(*names):
+    return "\n".join(fixture_text(n) for n in names)
+
+
+def test_windows_probe_takes_the_true_size_from_the_driver_key():
+    got = ls.parse_windows_probe(windows_output("windows_processor_handmade.txt", "win32_videocontroller_rx9070xt.txt",
+                                                "windows_registry_qwmemorysize_handmade.txt"))
+    assert (got["cpu"], got["cores"], got["threads"]) == ("AMD Ryzen 7 7800X3D 8-Core Processor", 8, 16)
+    (g,) = got["gpus"]
+    assert (g.vendor, g.name, g.vram_total_bytes, g.discrete) == ("amd", "AMD Radeon RX 9070 XT", 17163091968, True)
+    assert g.driver == "32.0.31021.5001" and got["notes"] == []
+
+
+def test_windows_probe_without_the_driver_key_says_adapterram_is_capped():
+    """Real Win32_VideoController list output (every property, wrapped lines): an NVIDIA laptop GPU
+    and an Intel iGPU."""
+    got = ls.parse_windows_probe(fixture_text("win32_videocontroller_rtx3050ti_uhd.txt"))
+    nv, intel = got["gpus"]
+    assert (nv.vendor, nv.name, nv.vram_total_bytes, nv.discrete) == ("nvidia", "NVIDIA GeForce RTX 3050 Ti Laptop GPU", 4293918720, True)
+    assert (intel.vendor, intel.discrete) == ("intel", False)
+    assert len(got["notes"]) == 1 and "4 GiB" in got["notes"][0] and "3050 Ti" in got["notes"][0]
+    capped = ls.parse_windows_probe(fixture_text("win32_videocontroller_rx9070xt.txt"))
+    assert capped["gpus"][0].vendor == "amd" and "cap" in capped["notes"][0]
+    assert ls.parse_windows_probe("") == {"cpu": "", "cores": 0, "threads": 0, "gpus": [], "notes": []}
+
+
+def test_format_list_joins_wrapped_values_and_splits_objects():
+    blocks = ls.parse_format_list("\nName : a\nPath : C:\\x,C\n       :\\y\n\nName : b\n")
+    assert blocks == [{"Name": "a", "Path": "C:\\x,C:\\y"}, {"Name": "b"}]
+
+
+@pytest.mark.parametrize("body,cards", [("cat {}", 1), ("sleep 30", 0), ("exit 1", 0)])
+def test_windows_probe_runs_powershell_within_its_timeout(tmp_path, monkeypatch, body, cards):
+    out = tmp_path / "out.txt"
+    out.write_text(windows_output("windows_processor_handmade.txt", "win32_videocontroller_rx9070xt.txt"))
+    fake_tool(tmp_path, "powershell", body.format(out))
+    monkeypatch.setenv("PATH", str(tmp_path) + os.pathsep + os.environ["PATH"])
+    monkeypatch.setattr(ls, "WINDOWS_PROBE_TIMEOUT", 0.5)
+    t = time.monotonic()
+    assert len(ls.probe_windows()["gpus"]) == cards
+    assert time.monotonic() - t < 5
+
+
+def test_gpus_the_os_lists_fill_in_for_missing_vendor_tools(tmp_path, monkeypatch):
+    fake_tool(tmp_path, "nvidia-smi", "cat " + os.path.join(os.path.dirname(__file__), "fixtures", "nvidia_smi_2x4090.csv"))
+    monkeypatch.setenv("PATH", str(tmp_path) + os.pathsep + os.environ["PATH"])
+    monkeypatch.setattr(ls, "DRM_ROOT", str(tmp_path / "no-drm"))
+    listed = ls.parse_windows_probe(fixture_text("win32_videocontroller_rtx3050ti_uhd.txt"))["gpus"]
+    gpus = ls.probe_gpus(listed)
+    assert [g.vendor for g in gpus] == ["nvidia", "nvidia", "intel"]     # nvidia-smi's two, the OS's Intel
