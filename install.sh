@@ -129,6 +129,9 @@ if [ "$MODE" = test ]; then
   missing=""
   command -v shellcheck >/dev/null 2>&1 || missing="$missing shellcheck"
   command -v ip >/dev/null 2>&1 || missing="$missing iproute2"
+  # the user guide's commands (docs/GUIDE.md, run by tests/test_guide.py) use curl and jq
+  command -v curl >/dev/null 2>&1 || missing="$missing curl"
+  command -v jq >/dev/null 2>&1 || missing="$missing jq"
   # a real browser for the web page's tests (selenium drives it)
   command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
   command -v chromedriver >/dev/null 2>&1 || missing="$missing chromium-driver"

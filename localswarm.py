@@ -6563,6 +6563,15 @@ def default_broadcasts() -> list:
     return list(dict.fromkeys(parse_ip_addr(out) + ["255.255.255.255"]))
 
 
+def parse_peer(spec: str) -> tuple:
+    """A static peer's "HOST:PORT" (or "[IPv6]:PORT") as (host, port)."""
+    host, _, port = spec.strip().rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c in host for c in "/ @"):
+        raise LocalswarmError(f"peer {spec!r}: expected HOST:PORT")
+    return host, int(port)
+
+
 @dataclass
 class Peer:
     """A node we have heard from (or a static --peer)."""
@@ -6603,10 +6612,8 @@ class Federation:
         self.sock: Optional[socket.socket] = None
         self.threads: list = []
         for spec in cfg["network.peers"]:
-            host, _, port = spec.rpartition(":")
-            if not host or not port.isdigit():
-                raise LocalswarmError(f"peer {spec!r}: expected HOST:PORT")
-            self.peers[f"static:{host}:{port}"] = Peer(host, int(port), static=True)
+            host, port = parse_peer(spec)
+            self.peers[f"static:{host}:{port}"] = Peer(host, port, static=True)
 
     # --- lifecycle --------------------------------------------------------
     def start(self) -> None:
@@ -7017,6 +7024,7 @@ class McpServer:
         self.out = None
         self.write_lock = threading.Lock()
         self.calls: dict = {}                 # request id -> McpCall, while running
+        self.running: set = set()             # the threads of the tool calls still running
         self.slots = threading.BoundedSemaphore(MCP_MAX_CALLS)
 
     def handle(self, line: str) -> Optional[dict]:
@@ -7170,6 +7178,8 @@ class McpServer:
                 self._start_call(msg)
             else:
                 self.send(self.handle_message(msg))
+        for t in list(self.running):      # input ended: the calls still running answer first
+            t.join()
 
     @staticmethod
     def _lines(raw, limit: int):
@@ -7209,8 +7219,11 @@ class McpServer:
             finally:
                 with contextlib.suppress(TypeError):
                     self.calls.pop(mid, None)
+                self.running.discard(threading.current_thread())
                 self.slots.release()
-        threading.Thread(target=run, name="localswarm-mcp-call", daemon=True).start()
+        t = threading.Thread(target=run, name="localswarm-mcp-call", daemon=True)
+        self.running.add(t)
+        t.start()
 
     def send(self, reply: Optional[dict]) -> None:
         if reply is None or self.out is None:
@@ -7841,7 +7854,7 @@ def serve(cfg: Config, hw: HardwareProfile, budget: Budget, p: Plan, registry: l
     """The start-up story: open the port (so /health answers "loading" at once), resolve the model
     file (download, or fall back), say what is served, load it, join the federation, then serve
     until a signal."""
-    check_exposure(cfg)
+    check_network(cfg)
     app = App(cfg, hardware=hw, plan=p)
     server, url = open_http(app) if not args.mcp_only else (None, "")
     stop = stop_on_signals()
@@ -7889,9 +7902,13 @@ def shut_down(app: App, server: Optional["Server"]) -> None:
         app.swarm.engine.close()
 
 
-def check_exposure(cfg: Config) -> None:
-    """Refuse a setup that would leave the API key open through the back door: unsigned
-    federation trusts any private address, so it cannot sit beside an API key."""
+def check_network(cfg: Config) -> None:
+    """Refuse, before the model loads, a federation setup that cannot work: a static peer that is
+    not HOST:PORT, or one that would leave the API key open through the back door (unsigned
+    federation trusts any private address, so it cannot sit beside an API key)."""
+    if cfg["network.enabled"]:
+        for spec in cfg["network.peers"]:
+            parse_peer(spec)
     if cfg["network.enabled"] and cfg["server.api_key"] and not cfg["network.auth_token"]:
         raise LocalswarmError("--federate with an API key needs a federation token (set "
                               "LOCALSWARM_FEDERATION_TOKEN on every node): unsigned federation lets any "
@@ -8047,8 +8064,13 @@ def download_command(args, cfg: Config, p: Plan) -> int:
 
 def run() -> None:
     """The program: main(), then exit with its status. After Ctrl-C, exit at once: a download
-    thread blocked on a silent hub must not keep the process alive (threads are not joined)."""
-    code = main()
+    thread blocked on a silent hub must not keep the process alive (threads are not joined).
+    A reader that stops early (`--print-config | head`) ends the output quietly, as cat's does."""
+    try:
+        code = main()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # no second error at exit
+        code = 0
     if code == 130:
         sys.stdout.flush()
         sys.stderr.flush()

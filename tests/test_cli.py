@@ -151,5 +151,6 @@ def test_the_status_line_says_what_the_swarm_is_doing(live_server):
     url, app = live_server
     assert ls.status_line(ls.App(ls.load_config(env={}, read_file=False))).startswith("[localswarm] requests 0,")
     line = ls.status_line(app)
-    assert f"busy voters 0/{app.swarm.voters}" in line and "queue 0" in line and "peers 0" in line
+    assert f"0/{app.swarm.voters} busy" in line and "queue 0" in line and "peers 0" in line
+    assert f"voters {app.swarm.voters} healthy" in line and "memory: process" in line
     assert f"requests {app.swarm.requests}," in line

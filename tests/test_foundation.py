@@ -94,3 +94,21 @@ def test_shell_scripts_pass_shellcheck():
     scripts = [os.path.join(ROOT, p) for p in ("install.sh", "install-termux.sh", ".ci/run")]
     r = subprocess.run(["shellcheck", "-s", "bash", *scripts], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout
+
+
+def test_every_installer_installs_the_versions_requirements_txt_pins():
+    """install.sh/install-termux.sh read the pins with grep, install.bat with findstr: each pattern
+    they read must match a line of requirements.txt, and no installer names a version of its own."""
+    import re
+    with open(os.path.join(ROOT, "requirements.txt")) as f:
+        lines = f.read().splitlines()
+    for name in ("install.sh", "install-termux.sh", "install.bat"):
+        with open(os.path.join(ROOT, name)) as f:
+            text = f.read()
+        wanted = re.findall(r'findstr /b /c:"([^"]+)"', text) + re.findall(r"grep -E '\^([^']+)'", text) \
+            + re.findall(r'pin ([a-z-]+)', text)
+        assert wanted, name
+        for w in wanted:
+            w = w.replace("\\", "")
+            assert any(line.startswith(w) or line.startswith(w + "==") for line in lines), (name, w)
+        assert not re.search(r"(llama-cpp-python|psutil|huggingface-hub)==\d", text), name

@@ -80,9 +80,24 @@ def test_federation_with_an_api_key_but_no_token_is_refused():
     cfg.set("network.enabled", True)
     cfg.set("server.api_key", "k")
     with pytest.raises(ls.LocalswarmError, match="federation token"):
-        ls.check_exposure(cfg)
+        ls.check_network(cfg)
     cfg.set("network.auth_token", "t")
-    ls.check_exposure(cfg)
+    ls.check_network(cfg)
+    cfg.set("network.peers", ["10.0.0.2:8080", "nope"])      # refused before the model loads
+    with pytest.raises(ls.LocalswarmError, match="peer 'nope': expected HOST:PORT"):
+        ls.check_network(cfg)
+
+
+@pytest.mark.parametrize("spec, expect", [("10.0.0.2:8080", ("10.0.0.2", 8080)), ("[::1]:81", ("::1", 81)),
+                                          ("box.lan:9000", ("box.lan", 9000))])
+def test_a_static_peer_is_host_and_port(spec, expect):
+    assert ls.parse_peer(spec) == expect
+
+
+@pytest.mark.parametrize("spec", ["nope", ":8080", "host:", "host:0", "host:70000", "host:80a", "a/b:80"])
+def test_a_bad_static_peer_is_refused(spec):
+    with pytest.raises(ls.LocalswarmError, match="expected HOST:PORT"):
+        ls.parse_peer(spec)
 
 
 # --- framing -----------------------------------------------------------------------------

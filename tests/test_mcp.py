@@ -74,6 +74,22 @@ def test_sdk_client_against_the_pyz(pyz, mode):
     anyio.run(main)
 
 
+def test_a_client_that_closes_its_input_still_gets_the_answers_it_asked_for(pyz):
+    """`printf ... | localswarm --mcp-only` (the guide does this): input ends while the model still
+    loads and the tool call waits for it; the call's answer is written before the server exits."""
+    import subprocess
+    lines = [{"jsonrpc": "2.0", "id": 1, "method": "initialize",
+              "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}},
+             {"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+              "params": {"name": "generate_code", "arguments": {"prompt": "def add(a, b):", "max_tokens": 16}}}]
+    p = params(pyz, "--mcp-only")
+    out = subprocess.run([p.command, *p.args], input="".join(json.dumps(m) + "\n" for m in lines),
+                         capture_output=True, text=True, timeout=120, env=dict(os.environ, **p.env))
+    replies = {r["id"]: r for r in map(json.loads, out.stdout.splitlines())}
+    assert out.returncode == 0 and set(replies) == {1, 2}, out.stderr[-2000:]
+    assert not replies[2]["result"]["isError"] and "voters: 3" in replies[2]["result"]["content"][0]["text"]
+
+
 def rpc(server, obj):
     line = obj if isinstance(obj, str) else json.dumps(obj)
     return server.handle(line)

@@ -24,14 +24,14 @@ def cached_tokens(port: int) -> int:
     raise AssertionError("no localswarm_prompt_tokens_cached_total in /metrics")
 
 
-@pytest.mark.skipif(not os.path.exists(OPENCODE), reason="opencode is not installed (npm missing); "
-                    "./install.sh --test installs it into .cache/opencode")
 def printed_snippet(log: str) -> dict:
     """The opencode.json the server printed at start-up."""
     text = log[log.index("opencode.json:") + len("opencode.json:"):]
     return json.JSONDecoder().raw_decode(text.strip())[0]
 
 
+@pytest.mark.skipif(not os.path.exists(OPENCODE), reason="opencode is not installed (npm missing); "
+                    "./install.sh --test installs it into .cache/opencode")
 def test_opencode_run_against_localswarm():
     """A first run as a new user has it, offline: the planned model cannot be fetched, the starter
     model is served, and the opencode.json the server prints is used as it is."""
