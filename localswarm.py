@@ -1588,11 +1588,23 @@ def parse_model_spec(spec: str, registry: list) -> list:
     matches = [v for v in registry if v.family == fam and (not size or v.size == size)
                and (not quant or v.quant == quant)]
     if not matches:
-        names = sorted({v.id for v in registry})
-        close = difflib.get_close_matches(spec.lower(), names, n=3, cutoff=0.4)
-        hint = f"; closest: {', '.join(close)}" if close else f"; known families: {', '.join(dict.fromkeys(v.family for v in registry))}"
-        raise LocalswarmError(f"unknown model {spec!r}{hint}")
+        raise LocalswarmError(f"unknown model {spec!r}; {model_spec_hint(spec.lower(), fam, size, registry)}")
     return matches
+
+
+def model_spec_hint(spec: str, fam: str, size: str, registry: list) -> str:
+    """What a misspelt --model could have meant: the sizes of a known family, the quantizations
+    of a known size, else the closest names."""
+    sizes = list(dict.fromkeys(v.size for v in registry if v.family == fam))
+    quants = list(dict.fromkeys(v.quant.lower() for v in registry if v.family == fam and v.size == size))
+    if quants:
+        return f"{fam}:{size} comes in {', '.join(quants)}"
+    if sizes:
+        return f"{fam} comes in {', '.join(sizes)}"
+    close = difflib.get_close_matches(spec, sorted({v.id for v in registry}), n=3, cutoff=0.4)
+    if close:
+        return f"closest: {', '.join(close)}"
+    return f"known families: {', '.join(dict.fromkeys(v.family for v in registry))}"
 
 
 def plan_explicit(registry: list, budget: Budget, spec: str = "", voters: int = 0, ctx: int = 0,

@@ -112,7 +112,7 @@ def test_unknown_model_flag_is_one_line_with_suggestions():
     import subprocess
     r = subprocess.run([sys.executable, os.path.join(ROOT, "localswarm.py"), "--model", "qwen2.5-coder:7b:q9", "-y"],
                        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
-    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "closest:" in r.stderr
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "qwen2.5-coder:7b comes in q4_k_m" in r.stderr
 
 
 def test_the_opencode_snippet_never_prints_the_api_key():

@@ -1,5 +1,6 @@
 """Registry and planner: models.json, plans for fixture machines (pinned in README), properties."""
 import json
+import re
 import os
 
 import pytest
@@ -116,9 +117,18 @@ def test_explicit_choices_are_honoured_or_refused_with_the_reason():
     assert forced.variant.id == "qwen2.5-coder:14b:q8_0"
 
 
-def test_unknown_model_names_the_closest():
-    with pytest.raises(ls.LocalswarmError, match="closest: qwen2.5-coder:7b"):
-        ls.parse_model_spec("qwen2.5-coder:7x:q4_k_m", REGISTRY)
+@pytest.mark.parametrize("spec, hint", [
+    ("qwen2.5-coder:32b", "qwen2.5-coder comes in 0.5b, 1.5b, 3b, 7b, 14b"),      # a size we do not carry
+    ("qwen2.5-coder:7b:q3", "qwen2.5-coder:7b comes in q4_k_m, q5_k_m, q6_k, q8_0"),
+    ("qwen2.5-codr:7b:q4_k_m", "closest: qwen2.5-coder:7b:q4_k_m"),              # a typo in the family
+    ("nosuch:7b", "known families: qwen2.5-coder, deepseek-coder"),
+])
+def test_unknown_model_says_what_there_is(spec, hint):
+    with pytest.raises(ls.LocalswarmError, match=f"unknown model '{re.escape(spec)}'; {re.escape(hint)}"):
+        ls.parse_model_spec(spec, REGISTRY)
+
+
+def test_a_model_spec_finds_every_quant_and_short_forms():
     assert {v.quant for v in ls.parse_model_spec("qwen2.5-coder:7b", REGISTRY)} == set(ls.QUANT_ORDER[:4])
     assert ls.parse_model_spec("deepseek-coder:6.7b:q8", REGISTRY)[0].quant == "Q8_0"
 
