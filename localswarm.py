@@ -1195,6 +1195,7 @@ def memory_budget(hw: HardwareProfile, fractions: Optional[dict] = None) -> Budg
 QUANT_ORDER = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "MLX_4BIT", "Q4_1"]   # best first
 QUANT_SHORT = {"q4": "Q4_K_M", "q5": "Q5_K_M", "q6": "Q6_K", "q8": "Q8_0"}
 MIN_CTX = 16384          # opencode's first request alone is ~8k prompt tokens
+MAX_AUTO_CTX = 32768     # the most context chosen unasked (a file may be trained on 128k)
 CTX_FLOORS = (MIN_CTX, 8192, 4096)   # smaller devices step down rather than get no plan
 PREFERRED_VOTERS = 3     # fewer cannot vote by agreement (two answers tie); odd counts break ties
 VOTER_TOKENS = 4096      # KV cells each extra voter needs for its own answer
@@ -1617,10 +1618,19 @@ def plan_explicit(registry: list, budget: Budget, spec: str = "", voters: int = 
         candidates = sorted(parse_model_spec(spec, registry), key=lambda v: QUANT_ORDER.index(v.quant))
     else:
         candidates = [plan(registry, budget, min_voters, max_voters, preferred, floor).variant]
+    return fit_chosen(candidates, budget, voters, ctx, min_voters, max_voters, force)
+
+
+def fit_chosen(candidates: list, budget: Budget, voters: int = 0, ctx: int = 0, min_voters: int = 2,
+               max_voters: int = 8, force: bool = False) -> Plan:
+    """The first of the models named on the command line that fits with the voters and context
+    given (the largest context and the most voters that fit where not given); refused with the
+    reason, unless force."""
     for v in candidates:
         if ctx > v.n_ctx_train:
             log.warning("--ctx %d is past %s's trained context %d", ctx, v.id, v.n_ctx_train)
-        c = ctx or next((c for c in ctx_choices(v) if plan_for(v, c, voters or min_voters, budget)), min_ctx(v))
+        c = ctx or next((c for c in ctx_choices(v) if c <= MAX_AUTO_CTX and plan_for(v, c, voters or min_voters, budget)),
+                        min_ctx(v))
         n = voters or most_voters(v, c, budget, 1, max_voters)
         p = plan_for(v, c, n or min_voters, budget) if n else None
         if p:
@@ -7644,11 +7654,10 @@ def choose_plan(cfg: Config, registry: list, budget: Budget, force: bool = False
         path = os.path.expanduser(cfg["models.model_path"])
         if not os.path.isfile(path):
             raise LocalswarmError(f"--model-path {path}: no such file")
-        v = variant_from_gguf(path)
-        voters = cfg["swarm.voters"] or cfg["swarm.min_instances"]
-        ctx = cfg["swarm.ctx"] or min(v.n_ctx_train, 32768)
-        parts = estimate_memory(v, ctx, voters, budget.backend)
-        return Plan(v, voters, ctx, parts["total"], parts, budget.backend, None, "--model-path")
+        p = fit_chosen([variant_from_gguf(path)], budget, cfg["swarm.voters"], cfg["swarm.ctx"],
+                       cfg["swarm.min_instances"], cfg["swarm.max_instances"], force)
+        p.reason = "--model-path" + (" (forced)" if p.reason.startswith("forced") else "")
+        return p
     p = plan_explicit(registry, budget, cfg["models.model"], cfg["swarm.voters"], cfg["swarm.ctx"],
                       cfg["swarm.min_instances"], cfg["swarm.max_instances"], force,
                       cfg["models.preferred_models"], floor)
@@ -7677,7 +7686,7 @@ def detect_report(hw: HardwareProfile, budget: Budget, p: Optional[Plan], error:
     lines += ["", f"Recommended: {v.id}  ({v.family_name} {v.size.upper()} {v.quant})",
               f"  voters {p.voters}, context {p.ctx}, memory {human_bytes(p.memory_bytes)} "
               f"({100 * p.memory_bytes / max(budget.bytes, 1):.0f}% of budget), placement {p.placement}",
-              f"  file {v.repo}/{v.file}" + (" (size estimated)" if v.estimated else ""),
+              f"  file {v.repo + '/' if v.repo else ''}{v.file}" + (" (size estimated)" if v.estimated else ""),
               f"  licence {v.license}", f"  why: {p.reason}"]
     if p.speed:
         sp = p.speed

@@ -297,6 +297,23 @@ def test_preferred_models_are_tried_before_the_default_order():
     assert ls.choose_plan(cfg, REGISTRY, budget).variant.family == "deepseek-coder"
 
 
+def test_a_local_gguf_is_planned_against_the_budget_like_a_registry_model(starter_path):
+    """--model-path: the most voters (up to max_instances) at the largest context that fit, and a
+    refusal naming the need when nothing fits, unless --force."""
+    cfg = ls.load_config({"models.model_path": starter_path}, env={}, read_file=False)
+    roomy = ls.choose_plan(cfg, REGISTRY, ls.memory_budget(profile()))
+    trained = ls.variant_from_gguf(starter_path).n_ctx_train
+    assert roomy.voters == 8 and roomy.ctx == min(trained, ls.MAX_AUTO_CTX) and roomy.reason == "--model-path"
+    tiny = ls.memory_budget(profile(ram_total_bytes=300 * ls.MiB, ram_available_bytes=200 * ls.MiB))
+    with pytest.raises(ls.LocalswarmError, match=r"needs .* over the budget of .*; use --force"):
+        ls.choose_plan(cfg, REGISTRY, tiny)
+    forced = ls.choose_plan(cfg, REGISTRY, tiny, force=True)
+    assert forced.voters == 2 and forced.reason == "--model-path (forced)"
+    snug = ls.memory_budget(profile(ram_total_bytes=1800 * ls.MiB, ram_available_bytes=1700 * ls.MiB))
+    some = ls.choose_plan(cfg, REGISTRY, snug)
+    assert 2 <= some.voters < 8 and some.memory_bytes <= snug.bytes
+
+
 def test_a_local_gguf_is_described_from_its_own_metadata(starter_path):
     meta = ls.read_gguf_metadata(starter_path)
     assert meta["general.architecture"] == "llama" and meta["llama.context_length"] > 0
