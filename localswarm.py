@@ -1052,6 +1052,7 @@ class MemoryWatch:
         self.swap_growth, self.swap_floor = swap_growth_bytes, self.reading.swap_used_bytes
         self.level, self.why, self._calm = "ok", "", 0
         self.refused = 0
+        self.on_pressure: Callable[[str], None] = lambda level: None    # called as the level rises
         self._stop = threading.Event()
         self.check(self.reading)
 
@@ -1079,7 +1080,10 @@ class MemoryWatch:
             else:
                 log.warning("memory pressure %s (%s): %s", level, why,
                             "new requests refused" if level == "critical" else "fewer voters per request")
+        rose = PRESSURE_LEVELS.index(level) > PRESSURE_LEVELS.index(self.level)
         self.level, self.why = level, why
+        if rose:
+            self.on_pressure(level)
 
     def voters(self, wanted: int) -> int:
         """How many of `wanted` voters a new request gets now; ApiError 503 when none."""
@@ -2457,6 +2461,13 @@ class PromptCache:
             self.remove(self.lru("ram"))
         return True
 
+    def shed_ram(self) -> int:
+        """Drop every host-RAM copy (memory is short; disk copies stay); the bytes freed."""
+        freed = self.ram_bytes()
+        for e in [e for e in self.entries if e.where == "ram"]:
+            self.remove(e)
+        return freed
+
     def remove(self, e: CacheEntry) -> None:
         if e in self.entries:
             self.entries.remove(e)
@@ -2757,6 +2768,7 @@ class Engine(Protocol):
     def prefill_progress(self) -> list: ...
     def cache_stats(self) -> dict: ...
     def memory(self) -> dict: ...         # weights, KV cache allocated and in use (see LlamaCppEngine.memory)
+    def shed_memory(self) -> None: ...    # memory is short: free what can be rebuilt (the prompt cache's RAM)
     def close(self) -> None: ...
 
 
@@ -2820,6 +2832,7 @@ class LlamaCppEngine:
         self._view = EngineView(0, False, self._cache.stats())
         self._cv = threading.Condition()
         self._closing = False
+        self._shed = False              # shed_memory() asked: drop the prompt cache's RAM copies
         self._thread = threading.Thread(target=self._loop, name="localswarm-engine", daemon=True)
         self._thread.start()
 
@@ -2944,6 +2957,14 @@ class LlamaCppEngine:
             self._remember.append((req, index))
             self._cv.notify()
 
+    def shed_memory(self) -> None:
+        """Memory is short: the engine thread drops the prompt cache's host-RAM copies (a prompt
+        that needed one is decoded again, or read from disk). The KV cache is allocated once and
+        stays."""
+        with self._cv:
+            self._shed = True
+            self._cv.notify()
+
     def close(self) -> None:
         """Cancel everything, stop the thread, free the model."""
         with self._cv:
@@ -2977,6 +2998,10 @@ class LlamaCppEngine:
             try:
                 self._publish()
                 with self._cv:
+                    if self._shed:
+                        self._shed = False
+                        log.warning("memory is short: dropped %s of cached prompts from RAM",
+                                    human_bytes(self._cache.shed_ram()))
                     self._take_disk_news()
                     self._apply_remembered()
                     self._admit()
@@ -3470,6 +3495,9 @@ class MLXEngine:
     def cache_stats(self) -> dict:
         """MLX keeps no prompt cache across requests (README: "Prompt cache")."""
         return {}
+
+    def shed_memory(self) -> None:
+        """Nothing to shed: no prompt cache (mlx frees its buffers itself)."""
 
     def memory(self) -> dict:
         """The weights' bytes, and the Metal memory MLX holds now (weights, KV cache and buffers)."""
@@ -5090,6 +5118,13 @@ class App:
         self.aliases: set = set()     # other ids clients may use: the planned model's, when another is served
         reserve = cfg["hardware.memory_reserve_mib"]
         self.memory = None if reserve < 0 else MemoryWatch(reserve * MiB, cfg["hardware.swap_growth_mib"] * MiB)
+        if self.memory:
+            self.memory.on_pressure = self._shed_memory
+
+    def _shed_memory(self, level: str) -> None:
+        """Memory is getting short: the engine frees what it can rebuild."""
+        if self.swarm:
+            self.swarm.engine.shed_memory()
 
     @property
     def model_ids(self) -> list:

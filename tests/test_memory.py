@@ -139,6 +139,17 @@ def test_the_watch_cuts_voters_then_refuses_and_recovers_without_flapping(caplog
     assert len(lines) == 3 and "fewer voters" in lines[0] and "refused" in lines[1] and "over" in lines[2]
 
 
+def test_the_watch_asks_for_memory_back_each_time_pressure_rises_and_only_then():
+    probe = Readings(8 * GiB)
+    watch = ls.MemoryWatch(reserve_bytes=GiB, probe=probe)
+    rises = []
+    watch.on_pressure = rises.append
+    for avail in (1536 * MiB, 1536 * MiB, 512 * MiB, 1536 * MiB, 512 * MiB, *[8 * GiB] * 4, 1536 * MiB):
+        probe.set(avail)
+        watch.check(probe())
+    assert rises == ["high", "critical", "high"]       # never on a steady or falling level
+
+
 def test_swap_growth_counts_from_its_lowest():
     probe = Readings(8 * GiB)
     probe.now.swap_used_bytes = 2 * GiB          # swap already in use at start is not our doing
@@ -285,3 +296,12 @@ def test_a_real_cgroup_limit_drives_the_watch(tmp_path):
     finally:
         time.sleep(0.2)
         os.rmdir(box)
+
+
+def test_the_server_has_the_engine_shed_memory_when_pressure_rises(live_server, monkeypatch):
+    url, app = live_server
+    called = []
+    monkeypatch.setattr(app.swarm.engine, "shed_memory", lambda: called.append(True))
+    assert app.memory is not None
+    app.memory.on_pressure("high")
+    assert called == [True]

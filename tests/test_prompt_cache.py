@@ -3,6 +3,7 @@ once (reserved sequences, host RAM, disk), interleaved conversations, restarts, 
 that are damaged, foreign or cannot be written."""
 import os
 import threading
+import time
 
 import pytest
 
@@ -95,6 +96,26 @@ def test_least_recently_used_prompts_move_to_ram_and_come_back(fresh):
     g, _ = answer(eng, prompts[0], max_tokens=2)
     assert eng.counters["prompt_cache_restores_ram"] >= 1
     assert g.cached_tokens == len(prompts[0]) - 1
+
+
+def test_under_memory_pressure_the_ram_copies_are_dropped_and_prompts_still_answer(fresh, caplog):
+    eng = fresh(cache_ram_bytes=64 * ls.MiB)
+    prompts = [chat(eng, f"Question number {i}: what is {i} squared?", system=long_system(8 + i))
+               for i in range(ls.PROMPT_CACHE_SLOTS + 2)]
+    for p in prompts:
+        answer(eng, p, max_tokens=2)
+    held = eng.cache_stats()
+    assert held["entries_ram"] >= 2 and held["ram_bytes"] > 0
+    with caplog.at_level("WARNING", logger="localswarm"):
+        eng.shed_memory()
+        deadline = time.monotonic() + 10
+        while eng.cache_stats()["entries_ram"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+    st = eng.cache_stats()
+    assert st["entries_ram"] == 0 and st["ram_bytes"] == 0 and st["entries_kv"] == held["entries_kv"]
+    assert any("dropped" in r.getMessage() and "from RAM" in r.getMessage() for r in caplog.records)
+    g, _ = answer(eng, prompts[0], max_tokens=2)        # its copy is gone: decoded again, answered
+    assert g.cached_tokens < len(prompts[0]) - 1 and g.results[0].text
 
 
 def test_a_small_ram_budget_is_never_exceeded(fresh):
