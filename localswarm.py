@@ -953,21 +953,20 @@ def cgroup_room(proc_root: str = "", root: str = "") -> Optional[tuple]:
 
 
 def read_memory() -> MemoryReading:
-    """The machine's memory now: available RAM (psutil, /proc/meminfo, or the OS's own call),
+    """The machine's memory now: available RAM (/proc/meminfo, else psutil or the OS's own call),
     swap in use, Linux pressure stall figures, macOS's pressure level, and a cgroup limit when
     it is tighter than the machine. Cheap enough to call every few seconds."""
-    total, avail = probe_ram()
-    r = MemoryReading(total, avail)
     meminfo = read_text(os.path.join(PROC_ROOT, "meminfo"))
-    if meminfo:
-        r.swap_used_bytes = parse_swap_meminfo(meminfo)
-        r.total_bytes, r.available_bytes = parse_meminfo(meminfo)
+    if meminfo:                  # Linux, Android: one file says it all (no need to ask psutil too)
+        r = MemoryReading(*parse_meminfo(meminfo), swap_used_bytes=parse_swap_meminfo(meminfo))
         room = cgroup_room()
         if room and room[0] - room[1] < r.available_bytes:
             r.total_bytes, r.available_bytes, r.limited_by = room[0], max(0, room[0] - room[1]), "cgroup"
         psi = parse_psi(read_text(os.path.join(PROC_ROOT, "pressure", "memory")) or "")
         r.psi_some_avg10, r.psi_full_avg10 = psi.get("some"), psi.get("full")
-    elif sys.platform == "darwin":
+        return r
+    r = MemoryReading(*probe_ram())
+    if sys.platform == "darwin":
         level = (run_probe(["sysctl", "-n", "kern.memorystatus_vm_pressure_level"]) or "").strip()
         r.mac_pressure_level = int(level) if level.isdigit() else 0
         r.swap_used_bytes = parse_vm_swapusage(run_probe(["sysctl", "-n", "vm.swapusage"]) or "")
@@ -1131,11 +1130,13 @@ def detect_hardware() -> HardwareProfile:
         if hw.is_apple_silicon:
             hw.gpus.append(GPU("apple", hw.cpu_model + " GPU", hw.ram_total_bytes,
                                hw.ram_available_bytes, discrete=False))
-    windows = probe_windows() if system == "Windows" else {"gpus": []}
+    windows_gpus = []
     if system == "Windows":
-        hw.notes += windows["notes"]
-        hw.cpu_model = windows["cpu"] or hw.cpu_model
-        hw.cpu_cores, hw.cpu_threads = windows["cores"] or hw.cpu_cores, windows["threads"] or hw.cpu_threads
+        win = probe_windows()
+        hw.notes += win["notes"]
+        hw.cpu_model = win["cpu"] or hw.cpu_model
+        hw.cpu_cores, hw.cpu_threads = win["cores"] or hw.cpu_cores, win["threads"] or hw.cpu_threads
+        windows_gpus = win["gpus"]
     if hw.is_termux:
         props = probe_android_props()
         hw.soc = describe_soc(props)
@@ -1143,7 +1144,7 @@ def detect_hardware() -> HardwareProfile:
             hw.gpus.append(GPU("qualcomm", "Adreno (" + hw.soc + ")", 0, 0, discrete=False))
             hw.notes.append("Adreno GPU found; localswarm runs on the CPU here (no Vulkan/OpenCL build)")
     else:
-        hw.gpus += probe_gpus(windows["gpus"])
+        hw.gpus += probe_gpus(windows_gpus)
     for g in hw.gpus:
         if g.discrete and not g.vram_total_bytes:
             hw.notes.append(f"{g.name}: VRAM size not visible to this user; planning without it "
@@ -2983,12 +2984,12 @@ class LlamaCppEngine:
         busy = sum(1 for r in self._runs for v in r.voters if v.live) + sum(
             r.req.voters for r in self._runs if r.prefilling)
         prefill = tuple((r.prefill_pos, len(r.req.prompt_tokens)) for r in self._runs if r.prefilling)
-        cells = [0] * self.max_voters
+        cells = [0] * self.max_voters          # per voter index, over the requests running
         for r in self._runs:
             for i, v in enumerate(r.voters):
                 cells[i] += len(v.tokens) if v.live else 0
-        self._view = EngineView(busy, bool(self._runs), self._cache.stats(), prefill,
-                                tuple(cells[:max(self.voters, max((i + 1 for i, c in enumerate(cells) if c), default=0))]),
+        shown = max([self.voters] + [i + 1 for i, c in enumerate(cells) if c])   # the usual voters, or more
+        self._view = EngineView(busy, bool(self._runs), self._cache.stats(), prefill, tuple(cells[:shown]),
                                 sum(r.prefill_pos for r in self._runs))
 
     def _loop(self) -> None:
@@ -7962,10 +7963,11 @@ def check_network(cfg: Config) -> None:
     """Refuse, before the model loads, a federation setup that cannot work: a static peer that is
     not HOST:PORT, or one that would leave the API key open through the back door (unsigned
     federation trusts any private address, so it cannot sit beside an API key)."""
-    if cfg["network.enabled"]:
-        for spec in cfg["network.peers"]:
-            parse_peer(spec)
-    if cfg["network.enabled"] and cfg["server.api_key"] and not cfg["network.auth_token"]:
+    if not cfg["network.enabled"]:
+        return
+    for spec in cfg["network.peers"]:
+        parse_peer(spec)
+    if cfg["server.api_key"] and not cfg["network.auth_token"]:
         raise LocalswarmError("--federate with an API key needs a federation token (set "
                               "LOCALSWARM_FEDERATION_TOKEN on every node): unsigned federation lets any "
                               "machine on the LAN use the swarm")

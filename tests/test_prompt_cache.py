@@ -31,6 +31,16 @@ def answer(eng, toks, voters=1, **kw):
     return g, g.results[0].text
 
 
+def ask_past_the_slots(eng) -> list:
+    """Two more prompts than the cache has reserved sequences, each answered: the oldest move to
+    host RAM. The prompts, in order."""
+    prompts = [chat(eng, f"Question number {i}: what is {i} squared?", system=long_system(8 + i))
+               for i in range(ls.PROMPT_CACHE_SLOTS + 2)]
+    for p in prompts:
+        answer(eng, p, max_tokens=2)
+    return prompts
+
+
 @pytest.fixture
 def fresh(starter_path, tmp_path):
     """A factory of engines of their own (closed at the end), disk cache in tmp_path."""
@@ -86,10 +96,7 @@ def test_least_recently_used_prompts_move_to_ram_and_come_back(fresh):
     """More prompts than reserved sequences: the oldest go to host RAM (within the budget) and
     are restored from there, not decoded again."""
     eng = fresh(cache_ram_bytes=64 * ls.MiB)
-    prompts = [chat(eng, f"Question number {i}: what is {i} squared?", system=long_system(8 + i))
-               for i in range(ls.PROMPT_CACHE_SLOTS + 2)]
-    for p in prompts:
-        answer(eng, p, max_tokens=2)
+    prompts = ask_past_the_slots(eng)
     st = eng.cache_stats()
     assert st["entries_kv"] <= ls.PROMPT_CACHE_SLOTS and st["entries_ram"] >= 2
     assert 0 < st["ram_bytes"] <= 64 * ls.MiB
@@ -100,10 +107,7 @@ def test_least_recently_used_prompts_move_to_ram_and_come_back(fresh):
 
 def test_under_memory_pressure_the_ram_copies_are_dropped_and_prompts_still_answer(fresh, caplog):
     eng = fresh(cache_ram_bytes=64 * ls.MiB)
-    prompts = [chat(eng, f"Question number {i}: what is {i} squared?", system=long_system(8 + i))
-               for i in range(ls.PROMPT_CACHE_SLOTS + 2)]
-    for p in prompts:
-        answer(eng, p, max_tokens=2)
+    prompts = ask_past_the_slots(eng)
     held = eng.cache_stats()
     assert held["entries_ram"] >= 2 and held["ram_bytes"] > 0
     with caplog.at_level("WARNING", logger="localswarm"):
