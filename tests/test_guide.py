@@ -98,10 +98,12 @@ def pyz(tmp_path_factory):
 
 def user_env(home: str) -> dict:
     """A user's shell: the venv's python (and its tools) first on PATH, no LOCALSWARM_* settings
-    from the test run, a hub that refuses connections (offline, as on this project's machines)."""
+    from the test run, a hub that refuses connections (offline, as on this project's machines),
+    and announcements kept on loopback should a block federate without --broadcast."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCALSWARM_", "HF_"))}
     env.update(HOME=home, PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""),
                HF_ENDPOINT=f"http://127.0.0.1:{free_port()}", LOCALSWARM_DISCOVERY_PORT=str(free_port()),
+               LOCALSWARM_BROADCAST_ADDRESSES="127.255.255.255",    # never this machine's real networks
                PYTHONUNBUFFERED="1")
     return env
 
