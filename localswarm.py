@@ -261,6 +261,8 @@ SETTINGS = [
        minimum=0.05, maximum=1.0),
     _s("hardware", "mobile_ram_fraction", float, 0.25, "share of RAM on Android/Termux",
        minimum=0.05, maximum=1.0),
+    _s("hardware", "budget_mib", int, 0, "cap the planner's memory budget at this many MiB (0: the rules "
+       "above alone)", minimum=0),
     _s("hardware", "memory_reserve_mib", int, 0, "RAM the server keeps free: below twice this, requests "
        "get half the voters; below it, new requests get 503 until it recovers (0: the larger of 512 MiB "
        "and 5% of RAM; -1: no memory watch)", minimum=-1),
@@ -283,6 +285,14 @@ SETTINGS = [
     _s("network", "peer_timeout", float, 30.0, "seconds to wait for a peer's vote", minimum=0.1),
     _s("network", "mix_models", bool, True, "let peers serving another model vote"),
     _s("network", "name", str, "", "this node's name (default: the hostname)"),
+    _s("network", "pool", bool, False, "lead a pool: plan over this machine plus the RPC workers' memory "
+       "(needs auth_token)", env="LOCALSWARM_POOL"),
+    _s("network", "pool_workers", list, [], "RPC workers HOST:PORT to pool with, besides those that announce themselves"),
+    _s("network", "pool_wait", float, 4.0, "seconds a pool head listens for RPC workers before it plans",
+       minimum=0.0, maximum=60.0),
+    _s("network", "rpc_port", int, 50052, "TCP port an RPC worker admits heads on (its relay)",
+       minimum=1, maximum=65535),
+    _s("network", "rpc_offer_mib", int, 0, "memory an RPC worker lends (0: its memory budget)", minimum=0),
 ]
 SETTINGS_BY_KEY = {(s.section, s.key): s for s in SETTINGS}
 DEFAULT_CONFIG_PATH = "~/.localswarm/config.json"
@@ -1161,8 +1171,18 @@ class Budget:
     backend: str       # cuda | rocm | sycl | metal | cpu
 
 
-def memory_budget(hw: HardwareProfile, fractions: Optional[dict] = None) -> Budget:
-    """Apply the memory rules: discrete GPU VRAM, Apple unified memory, CPU RAM, Termux RAM."""
+def memory_budget(hw: HardwareProfile, fractions: Optional[dict] = None, cap: int = 0) -> Budget:
+    """Apply the memory rules: discrete GPU VRAM, Apple unified memory, CPU RAM, Termux RAM;
+    then the cap (hardware.budget_mib), when one is set and lower."""
+    b = _memory_budget(hw, fractions)
+    if not cap or cap >= b.bytes:
+        return b
+    scale = cap / b.bytes
+    return Budget(cap, f"{b.rule}, capped at {human_bytes(cap)} (hardware.budget_mib)",
+                  [int(d * scale) for d in b.devices], b.backend)
+
+
+def _memory_budget(hw: HardwareProfile, fractions: Optional[dict] = None) -> Budget:
     f = {k: SETTINGS_BY_KEY[("hardware", k)].default for k in FRACTION_KEYS}
     f.update(fractions or {})
     discrete = [g for g in hw.gpus if g.discrete and g.vram_total_bytes > 0]
@@ -1319,6 +1339,7 @@ class Plan:
     reason: str = ""
     runners_up: list = field(default_factory=list)
     speed: Optional[dict] = None     # predict_speed(), when the machine's speed is known
+    pool: list = field(default_factory=list)   # PoolMembers with their layers, when pooled (head first)
 
     @property
     def kv_cells(self) -> int:
@@ -1330,7 +1351,8 @@ class Plan:
                 "ctx": self.ctx, "memory_bytes": self.memory_bytes, "file": v.file, "repo": v.repo,
                 "id": v.id, "kv_cells": self.kv_cells, "placement": self.placement,
                 "tensor_split": self.tensor_split, "breakdown": self.breakdown,
-                "estimated_size": v.estimated, "license": v.license, "reason": self.reason, "speed": self.speed}
+                "estimated_size": v.estimated, "license": v.license, "reason": self.reason, "speed": self.speed,
+                "pool": [m.to_json() for m in self.pool]}
 
 
 def kv_cells(ctx: int, voters: int) -> int:
@@ -2118,6 +2140,61 @@ def append_token_text(res: "VoterResult", stop: StopMatcher, piece: str, max_tok
 GRAMMAR_FIRST_LOOK = 64   # when a sampled token breaks the grammar, judge these many likeliest first
 
 
+class GgmlRpc:
+    """ggml's backend registry and RPC backend through ctypes (llama-cpp-python binds neither):
+    the devices a model may be split over, and the RPC server a worker runs. Needs a build with
+    -DGGML_RPC=on (the installers' default)."""
+    CPU, GPU = 0, 1           # enum ggml_backend_dev_type
+
+    def __init__(self):
+        L = require("llama_cpp")
+        if not L.llama_supports_rpc():
+            raise LocalswarmError("this llama-cpp-python was built without llama.cpp's RPC backend, which pooling "
+                                  "needs; rerun ./install.sh (it builds with -DGGML_RPC=on)")
+        L.llama_backend_init()
+        libdir = os.path.join(os.path.dirname(L.__file__), "lib")
+        names = sorted(n for n in os.listdir(libdir) if "ggml" in n and n.split(".")[-1] in ("so", "dylib", "dll"))
+        self.libs = [ctypes.CDLL(os.path.join(libdir, n)) for n in names]
+        vp, sz = ctypes.c_void_p, ctypes.c_size_t
+        self.add_server = self._fn("ggml_backend_rpc_add_server", vp, [ctypes.c_char_p])
+        self.start_server = self._fn("ggml_backend_rpc_start_server", None,
+                                     [ctypes.c_char_p, ctypes.c_char_p, sz, sz, ctypes.POINTER(vp)])
+        self.reg_dev_count = self._fn("ggml_backend_reg_dev_count", sz, [vp])
+        self.reg_dev_get = self._fn("ggml_backend_reg_dev_get", vp, [vp, sz])
+        self.dev_by_type = self._fn("ggml_backend_dev_by_type", vp, [ctypes.c_int])
+        self.dev_description = self._fn("ggml_backend_dev_description", ctypes.c_char_p, [vp])
+        self.dev_memory = self._fn("ggml_backend_dev_memory", None, [vp, ctypes.POINTER(sz), ctypes.POINTER(sz)])
+
+    def _fn(self, name: str, restype, argtypes):
+        for lib in self.libs:
+            f = getattr(lib, name, None)
+            if f is not None:
+                f.restype, f.argtypes = restype, argtypes
+                return f
+        raise LocalswarmError(f"llama.cpp's {name} was not found in {len(self.libs)} ggml libraries; "
+                              "rerun ./install.sh")
+
+    def remote_devices(self, endpoint: str) -> list:
+        """The devices an RPC server at endpoint (HOST:PORT) offers; llama.cpp connects lazily."""
+        reg = self.add_server(endpoint.encode())
+        if not reg:
+            raise LocalswarmError(f"llama.cpp could not add the RPC server {endpoint}")
+        return [self.reg_dev_get(reg, i) for i in range(self.reg_dev_count(reg))]
+
+    def local_device(self, prefer_gpu: bool) -> int:
+        """This machine's device to lend: its GPU when asked and there is one, else the CPU."""
+        dev = self.dev_by_type(self.GPU) if prefer_gpu else None
+        return dev or self.dev_by_type(self.CPU)
+
+    def describe(self, dev) -> str:
+        return (self.dev_description(dev) or b"?").decode(errors="replace")
+
+    def memory(self, dev) -> tuple:
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        self.dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        return free.value, total.value
+
+
 class LlamaAdapter:
     """Thin wrapper over llama-cpp-python's low-level API (written for LLAMA_CPP_VERSION):
     the engine's only contact with llama_cpp, so an upgrade changes this class alone (the
@@ -2125,12 +2202,21 @@ class LlamaAdapter:
 
     def __init__(self, path: str, n_ctx: int, n_seq_max: int, n_batch: int = N_BATCH,
                  n_threads: int = 0, n_gpu_layers: int = -1, tensor_split: Optional[list] = None,
-                 verbose: bool = False):
+                 verbose: bool = False, rpc_servers: Optional[list] = None):
         L = self.L = require("llama_cpp")
         self._quiet_logs(verbose)
         L.llama_backend_init()
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = n_gpu_layers
+        if rpc_servers:
+            # Pooled: the workers' devices, then this machine's CPU last, so that the output layer
+            # (and its logits) stays here and only activations cross the network. Every layer goes
+            # to a listed device, tensor_split giving each one's count.
+            ggml = GgmlRpc()
+            devs = [d for ep in rpc_servers for d in ggml.remote_devices(ep)] + [ggml.local_device(False)]
+            self._devices = (ctypes.c_void_p * (len(devs) + 1))(*devs, None)
+            mp.devices = ctypes.addressof(self._devices)
+            mp.n_gpu_layers = -1
         if tensor_split:
             self._split = (ctypes.c_float * len(tensor_split))(*tensor_split)
             mp.tensor_split = self._split
@@ -2804,13 +2890,13 @@ class LlamaCppEngine:
                  n_threads: int = 0, n_batch: int = N_BATCH, n_cells: int = 0, verbose: bool = False,
                  template: str = "chatml", adapter: Optional[LlamaAdapter] = None,
                  cache_ram_bytes: Optional[int] = None, cache_dir: str = "", cache_disk_bytes: int = 0,
-                 tool_format: str = ""):
+                 tool_format: str = "", rpc_servers: Optional[list] = None):
         self.model_path, self.voters, self.ctx_limit = model_path, voters, ctx
         self.max_queue = max_queue
         n_seq = PROMPT_CACHE_SLOTS + voters * parallel
         cells = n_cells or kv_cells(ctx, voters)
         self.llm = adapter or LlamaAdapter(model_path, cells, n_seq, n_batch, n_threads,
-                                           n_gpu_layers, tensor_split, verbose)
+                                           n_gpu_layers, tensor_split, verbose, rpc_servers)
         self.ctx_limit = min(ctx, self.llm.n_ctx)
         self.formatter = ChatFormatter(self.llm.chat_template(), template,
                                        self.llm.special_text("bos"), self.llm.special_text("eos"), tool_format)
@@ -3347,6 +3433,17 @@ class LlamaCppEngine:
             if entry is not None:
                 self._persist(entry)
         self._remember = []
+
+    def abandon(self, err: Exception) -> None:
+        """Fail every queued and running request with err and take no more, from any thread: for
+        when the engine thread cannot come back (a pooled worker was lost inside llama.cpp)."""
+        with self._cv:
+            self.healthy = False
+            reqs = [run.req for run in list(self._runs)] + list(self._waiting)
+            self._waiting.clear()
+        for req in reqs:
+            req.error = err
+            req._done.set()
 
     def _finish_request(self, req: GenRequest, reason: str) -> None:
         for res in req.results:
@@ -5114,6 +5211,8 @@ class App:
         self.cfg, self.swarm, self.hardware, self.plan = cfg, swarm, hardware, plan
         self.metrics = Metrics()
         self.federation = None        # set by the federation section when enabled
+        self.worker = None            # an RpcWorker, when this node lends itself to a pool (--rpc-worker)
+        self.pool = None              # the head's Pool, when it leads one (--pool)
         self.load_error: Optional[str] = None
         self.started = time.time()
         self.aliases: set = set()     # other ids clients may use: the planned model's, when another is served
@@ -5150,10 +5249,18 @@ class App:
         """/health's body: the swarm's numbers and peers, or (status loading/error) why there is no swarm."""
         if self.swarm is None:
             status, msg = self.not_ready()
-            return {"status": status, "error": {"code": 503, "message": msg, "type": "unavailable_error"}}
-        st = self.swarm.status()
-        st.update(status="ok" if st["healthy_voters"] else "error", peers=self.peer_count(),
-                  memory=self.memory_report())
+            st = {"status": status, "error": {"code": 503, "message": msg, "type": "unavailable_error"}}
+            if self.worker:          # healthy, as a worker: lending (200), with its relay's counts
+                st = {"status": status, "message": msg, "rpc_worker": self.worker.stats(),
+                      "memory": self.memory_report()}
+        else:
+            st = self.swarm.status()
+            st.update(status="ok" if st["healthy_voters"] else "error", peers=self.peer_count(),
+                      memory=self.memory_report())
+        if self.cfg["network.pool"]:
+            st["pool"] = self.pool.report() if self.pool else {"members": [], "lost": pool_lost_before()}
+            if self.pool and self.pool.broken:
+                st["status"] = "restarting"
         return st
 
     def memory_report(self) -> dict:
@@ -5188,6 +5295,9 @@ class App:
         until the server, which exits on it as llama-server does, has shut down)."""
         if self.load_error:
             return "error", f"model failed to load: {self.load_error}"
+        if self.worker:
+            return "lending", ("this node is an RPC worker (--rpc-worker): it lends its memory to a pool "
+                               "head and serves no model itself; send requests to the head")
         return "loading", "Loading model"
 
     def ready_swarm(self) -> Swarm:
@@ -5770,7 +5880,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def route_health(self) -> None:
         health = self.app.health()
-        self._send_json(200 if health["status"] == "ok" else 503, health)
+        self._send_json(200 if health["status"] in ("ok", "lending") else 503, health)
 
     def route_page(self) -> None:
         """The web page (the "Web page" section), under a strict Content-Security-Policy."""
@@ -5971,10 +6081,18 @@ class Server(http.server.ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 64
 
-    def __init__(self, addr, app: App):
+    def __init__(self, addr, app: App, fd: Optional[int] = None):
         self.app = app
         self.slots = threading.BoundedSemaphore(app.cfg["server.max_connections"])
-        super().__init__(addr, Handler)
+        if fd is None:
+            super().__init__(addr, Handler)
+            return
+        # restarted in place (a pool head that lost a worker): the same socket, so no client
+        # is refused while the new process starts
+        super().__init__(addr, Handler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = socket.socket(fileno=fd)
+        self.server_address = self.socket.getsockname()
 
     def process_request(self, request, client_address):
         """A thread per connection, up to server.max_connections; beyond that the client gets a
@@ -6015,8 +6133,9 @@ class Server(http.server.ThreadingHTTPServer):
 
 def make_server(app: App, host: str = "127.0.0.1", port: int = 0) -> Server:
     """An HTTP server for app (port 0 picks a free port); call serve_forever() on it."""
+    fd = os.environ.pop(LISTEN_FD_ENV, "")
     try:
-        return Server((host, port), app)
+        return Server((host, port), app, int(fd) if fd.isdigit() else None)
     except OSError as exc:
         raise LocalswarmError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
@@ -6621,6 +6740,24 @@ def default_broadcasts() -> list:
     return list(dict.fromkeys(parse_ip_addr(out) + ["255.255.255.255"]))
 
 
+def open_discovery_socket(port: int, broadcasts: list) -> socket.socket:
+    """The UDP socket announcements are sent from and heard on (shared with other nodes here)."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if hasattr(socket, "SO_REUSEPORT"):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+    # All-loopback targets: bind the loopback broadcast address so nothing else is heard.
+    loop = all(ipaddress.ip_address(b).is_loopback for b in broadcasts)
+    try:
+        s.bind(("127.255.255.255" if loop else "", port))
+    except OSError as exc:
+        s.close()
+        raise LocalswarmError(f"cannot open UDP discovery port {port}: {exc.strerror}") from None
+    s.settimeout(0.25)
+    return s
+
+
 def parse_peer(spec: str) -> tuple:
     """A static peer's "HOST:PORT" (or "[IPv6]:PORT") as (host, port)."""
     host, _, port = spec.strip().rpartition(":")
@@ -6691,6 +6828,8 @@ class Federation:
         """Whether peers could reach the API we would announce: not when it is bound to
         loopback and the announcements go beyond this machine (then we only listen)."""
         host = self.cfg["server.host"]
+        if self.app.worker:
+            return True        # heads reach a worker's relay, not its API
         if is_loopback(host) and not all(is_loopback(b) for b in self.broadcasts):
             log.warning("the API is bound to %s, which no other machine can reach: listening for peers "
                         "but not announcing this node (use --host 0.0.0.0 to take part)", host)
@@ -6705,21 +6844,7 @@ class Federation:
             self.sock.close()
 
     def _open_socket(self) -> socket.socket:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if hasattr(socket, "SO_REUSEPORT"):
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-        # All-loopback targets: bind the loopback broadcast address so nothing else is heard.
-        loop = all(ipaddress.ip_address(b).is_loopback for b in self.broadcasts)
-        try:
-            s.bind(("127.255.255.255" if loop else "", self.cfg["network.discovery_port"]))
-        except OSError as exc:
-            s.close()
-            raise LocalswarmError(f"cannot open UDP discovery port {self.cfg['network.discovery_port']}: "
-                                  f"{exc.strerror}") from None
-        s.settimeout(0.25)
-        return s
+        return open_discovery_socket(self.cfg["network.discovery_port"], self.broadcasts)
 
     # --- discovery --------------------------------------------------------
     def announcement(self) -> dict:
@@ -6729,7 +6854,7 @@ class Federation:
                 "name": self.name, "port": self.api_port, "model": sw.model_id if sw else "",
                 "voters": sw.voters if sw else 0, "version": __version__, "addrs": self.addresses,
                 "hw": {"cpu": hw.cpu_model[:60], "ram": hw.ram_total_bytes, "gpus": [g.name[:40] for g in hw.gpus][:4]}
-                if hw else {}}
+                if hw else {}, **(self.app.worker.announcement() if self.app.worker else {})}
 
     def _announce(self) -> None:
         while not self.stopping.is_set():
@@ -6776,6 +6901,8 @@ class Federation:
                 old, self.node_id = self.node_id, uuid.uuid4().hex[:12]
                 log.warning("node id %s clashes with %s:%s (copied config or cloned VM?); now %s",
                             old, host, ann["port"], self.node_id)
+        if ann.get("role") == "rpc-worker":
+            return None           # lends memory to a pool head (discover_workers); it does not vote
         ours = self.app.swarm.model_id if self.app.swarm else ""
         if not self.cfg["network.mix_models"] and ours and ann.get("model") != ours:
             raise DropPacket("other_model")
@@ -7021,6 +7148,588 @@ def merge_federated(local: SwarmAnswer, remote: list, node_id: str, name: str,
     return dataclasses.replace(local, text=win["text"], tool_calls=win.get("tool_calls") or [],
                                finish_reason=win.get("finish_reason") or "stop", cross=cross, nodes=nodes,
                                cross_tokens=int(win.get("completion_tokens") or 0) if cross else None)
+
+
+##############################################################################
+# Pooling: machines lend their llama.cpp backend to one head over ggml RPC
+# (llama.cpp's own tensor transport; we add none of our own), so that together
+# they hold a model none of them can alone. A worker (--rpc-worker) runs ggml's
+# RPC server on loopback and admits heads through RpcRelay, which first checks
+# a challenge-response on the federation token (ggml RPC has no authentication).
+# The head (--pool) reaches each worker through a loopback PoolLink that
+# answers the challenge; plan_pool splits the layers in proportion to memory.
+# llama.cpp aborts the process when an RPC server vanishes, so a PoolLink that
+# loses its worker holds llama.cpp's side open (it waits instead of aborting),
+# and the head fails the requests in flight and restarts itself in place
+# (exec, keeping its listening socket) on a plan that fits what is left.
+##############################################################################
+
+RPC_PROTOCOL = "localswarm-rpc/1"
+RPC_HANDSHAKE_TIMEOUT = 5.0     # seconds a connection has to prove itself
+RPC_LINE_MAX = 4096             # bytes of a handshake line (an info reply is the longest)
+# Round trips ggml RPC makes per decode step for each worker (measured: BENCHMARKS.md, "Pooling").
+POOL_TRIPS_PER_WORKER = 4
+POOL_LOST_ENV = "LOCALSWARM_POOL_LOST"     # set across a restart: which worker was lost, and why
+LISTEN_FD_ENV = "LOCALSWARM_LISTEN_FD"     # set across a restart: the API's listening socket
+
+
+@dataclass
+class PoolMember:
+    """One machine of a pool: the head itself (no host), or a worker and what it lends."""
+    name: str
+    host: str = ""
+    port: int = 0
+    offer: int = 0              # bytes it lends (the head: its own budget)
+    device: str = ""
+    rtt_s: float = 0.0          # the handshake's round trip, as the head measured it
+    layers: int = 0             # its share of the model, set by pool_shares
+    bytes: int = 0              # what that share is estimated to take
+
+    @property
+    def is_head(self) -> bool:
+        return not self.host
+
+    @property
+    def label(self) -> str:
+        return self.name if self.is_head else f"{self.name} ({self.host}:{self.port})"
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def rpc_proof(token: str, role: str, server_nonce: str, client_nonce: str) -> str:
+    """What one side of the relay handshake sends to prove it holds the token: HMAC-SHA256 over
+    its role and both fresh nonces, so a proof recorded on one connection is worthless on another."""
+    msg = "\n".join((RPC_PROTOCOL, role, server_nonce, client_nonce)).encode()
+    return hmac.new(token.encode(), msg, hashlib.sha256).hexdigest()
+
+
+def check_head_line(line: str, token: str, server_nonce: str) -> tuple:
+    """A head's handshake line "CLIENT_NONCE PROOF COMMAND" -> (client_nonce, command);
+    raises DropPacket with the reason it is refused."""
+    parts = line.split()
+    if len(parts) != 3 or not NONCE_RE.fullmatch(parts[0]) or not SIGNATURE_RE.fullmatch(parts[1]):
+        raise DropPacket("malformed")
+    cnonce, proof, command = parts
+    if not hmac.compare_digest(proof, rpc_proof(token, "head", server_nonce, cnonce)):
+        raise DropPacket("bad_token")
+    if command not in ("pipe", "info"):
+        raise DropPacket("malformed")
+    return cnonce, command
+
+
+def read_line(sock: socket.socket, limit: int = RPC_LINE_MAX) -> str:
+    """One handshake line, read byte by byte so that nothing after it is consumed."""
+    buf = bytearray()
+    while len(buf) < limit:
+        b = sock.recv(1)
+        if not b:
+            raise ConnectionError("the connection closed during the handshake")
+        if b == b"\n":
+            return buf.decode("utf-8", errors="replace")
+        buf += b
+    raise DropPacket("oversized")
+
+
+def connect_worker(host: str, port: int, token: str, command: str,
+                   timeout: float = RPC_HANDSHAKE_TIMEOUT) -> tuple:
+    """Open a relay connection and run the handshake: (socket, the reply's payload, round trip s).
+    The worker must prove the token too, so prompts and weights never go to an impostor."""
+    s = socket.create_connection((host, port), timeout=timeout)
+    try:
+        greeting = read_line(s).split()
+        if len(greeting) != 2 or greeting[0] != RPC_PROTOCOL or not NONCE_RE.fullmatch(greeting[1]):
+            raise LocalswarmError(f"{host}:{port} is not a localswarm RPC worker")
+        snonce, cnonce = greeting[1], secrets.token_hex(16)
+        t0 = time.perf_counter()
+        s.sendall(f"{cnonce} {rpc_proof(token, 'head', snonce, cnonce)} {command}\n".encode())
+        word, _, rest = read_line(s).partition(" ")
+        rtt = time.perf_counter() - t0
+        if word == "NO":
+            why = {"bad_token": "our federation token is not its token", "busy": "it is lent to another head"}
+            raise LocalswarmError(f"RPC worker {host}:{port} refused us: {why.get(rest, rest)}")
+        proof, _, payload = rest.partition(" ")
+        if word != "OK" or not hmac.compare_digest(proof, rpc_proof(token, "worker", snonce, cnonce)):
+            raise LocalswarmError(f"{host}:{port} did not prove it holds the federation token")
+        s.settimeout(None)
+        return s, payload, rtt
+    except BaseException:
+        s.close()
+        raise
+
+
+def worker_info(host: str, port: int, token: str, name: str = "") -> PoolMember:
+    """What a worker lends, asked over its relay (authenticated both ways)."""
+    try:
+        s, payload, rtt = connect_worker(host, port, token, "info")
+        s.close()
+        info = json.loads(payload)
+        offer = int(info["offer_bytes"])
+    except (OSError, ConnectionError, DropPacket, ValueError, KeyError, TypeError) as exc:
+        raise LocalswarmError(f"RPC worker {host}:{port} did not answer: {exc}") from None
+    return PoolMember(str(info.get("name") or name or host)[:64], host, port, max(0, offer),
+                      str(info.get("device", ""))[:80], round(rtt, 6))
+
+
+def splice(src: socket.socket, dst: socket.socket, count: Callable[[int], None]) -> str:
+    """Copy src to dst until one side ends: "src" when src hung up (or failed), "dst" when dst failed."""
+    while True:
+        try:
+            data = src.recv(1 << 16)
+        except OSError:
+            return "src"
+        if not data:
+            return "src"
+        try:
+            dst.sendall(data)
+        except OSError:
+            return "dst"
+        count(len(data))
+
+
+def close_quietly(*socks) -> None:
+    for s in socks:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        s.close()
+
+
+def listen_tcp(host: str, port: int) -> socket.socket:
+    try:
+        s = socket.create_server((host, port), reuse_port=False)
+    except OSError as exc:
+        raise LocalswarmError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return s
+
+
+def keep_alive(s: socket.socket) -> None:
+    """Notice a worker that vanished without closing (power, Wi-Fi) within about 10 s."""
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt, value in (("TCP_KEEPIDLE", 4), ("TCP_KEEPINTVL", 2), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, opt):
+            s.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def spawn(target: Callable, name: str, *args) -> threading.Thread:
+    t = threading.Thread(target=target, args=args, name=name, daemon=True)
+    t.start()
+    return t
+
+
+class RpcRelay:
+    """A worker's door: a head connects, proves the token, and only then are its bytes piped to
+    ggml's RPC server on loopback (the only address that server listens on). ggml's server
+    serves one head at a time, so a second head is refused as busy. Counts what it admits
+    and refuses."""
+
+    def __init__(self, token: str, host: str, port: int, rpc_port: int, info: Callable[[], dict]):
+        self.token, self.rpc_port, self.info = token, rpc_port, info
+        self.refused: collections.Counter = collections.Counter()
+        self.admitted = 0
+        self.active: collections.Counter = collections.Counter()   # head address -> open connections
+        self.bytes_in = self.bytes_out = 0
+        self.lock = threading.Lock()
+        self.sock = listen_tcp(host, port)
+        self.port = self.sock.getsockname()[1]
+
+    def start(self) -> None:
+        spawn(self._accept, "localswarm-rpc-relay")
+
+    def stop(self) -> None:
+        self.sock.close()
+
+    def stats(self) -> dict:
+        with self.lock:
+            return {"port": self.port, "admitted": self.admitted, "refused": dict(self.refused),
+                    "heads": sorted(h for h, n in self.active.items() if n), "bytes_in": self.bytes_in,
+                    "bytes_out": self.bytes_out}
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, (host, _port) = self.sock.accept()[:2]
+            except OSError:
+                return
+            spawn(self._serve, "localswarm-rpc-conn", conn, host)
+
+    def _refuse(self, conn: socket.socket, host: str, reason: str) -> None:
+        with self.lock:
+            self.refused[reason] += 1
+            n = self.refused[reason]
+        log.warning("RPC relay: refused %s (%s; %d so far)", host, reason, n)
+        try:
+            conn.sendall(f"NO {reason}\n".encode())
+        except OSError:
+            pass
+        conn.close()
+
+    def _serve(self, conn: socket.socket, host: str) -> None:
+        conn.settimeout(RPC_HANDSHAKE_TIMEOUT)
+        snonce = secrets.token_hex(16)
+        try:
+            conn.sendall(f"{RPC_PROTOCOL} {snonce}\n".encode())
+            cnonce, command = check_head_line(read_line(conn), self.token, snonce)
+        except DropPacket as exc:
+            return self._refuse(conn, host, exc.reason)
+        except (OSError, ConnectionError):
+            return self._refuse(conn, host, "no_handshake")
+        proof = rpc_proof(self.token, "worker", snonce, cnonce)
+        if command == "info":
+            with contextlib.suppress(OSError):
+                conn.sendall(f"OK {proof} {json.dumps(self.info(), separators=(',', ':'))}\n".encode())
+            return conn.close()
+        with self.lock:
+            busy = any(n for h, n in self.active.items() if h != host)
+            if not busy:
+                self.active[host] += 1
+                self.admitted += 1
+        if busy:
+            return self._refuse(conn, host, "busy")
+        try:
+            self._pipe(conn, host, proof)
+        finally:
+            with self.lock:
+                self.active[host] -= 1
+
+    def _pipe(self, conn: socket.socket, host: str, proof: str) -> None:
+        try:
+            local = socket.create_connection(("127.0.0.1", self.rpc_port), timeout=RPC_HANDSHAKE_TIMEOUT)
+            conn.sendall(f"OK {proof}\n".encode())
+        except OSError as exc:
+            log.error("RPC relay: the local RPC server does not answer (%s)", exc)
+            return conn.close()
+        log.info("RPC relay: head %s admitted", host)
+        local.settimeout(None)
+        conn.settimeout(None)
+        keep_alive(conn)
+        local.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def count_in(n):
+            with self.lock:
+                self.bytes_in += n
+
+        def count_out(n):
+            with self.lock:
+                self.bytes_out += n
+        down = spawn(splice, "localswarm-rpc-out", local, conn, count_out)
+        splice(conn, local, count_in)        # until the head hangs up (or the server does)
+        close_quietly(conn, local)
+        down.join(5)
+        log.info("RPC relay: head %s left", host)
+
+
+class PoolLink:
+    """The head's end of one worker: a loopback port for llama.cpp's RPC client, each connection
+    carried to the worker's relay after the handshake. When the worker's side ends while
+    llama.cpp's is still open, the worker is lost: on_lost(member, why) is called once and
+    llama.cpp's connection is left open (closing it would abort the process) until the restart."""
+
+    def __init__(self, member: PoolMember, token: str, on_lost: Callable[[PoolMember, str], None]):
+        self.member, self.token, self.on_lost = member, token, on_lost
+        self.sock = listen_tcp("127.0.0.1", 0)
+        self.endpoint = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.bytes_up = self.bytes_down = self.round_trips = 0
+        self.lost = ""
+        self._sent = False
+        self._held: list = []          # llama.cpp's connections, kept open after a loss
+        self.lock = threading.Lock()
+        spawn(self._accept, "localswarm-pool-link")
+
+    def stats(self) -> dict:
+        with self.lock:
+            return {"bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "round_trips": self.round_trips,
+                    "lost": self.lost}
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                local = self.sock.accept()[0]
+            except OSError:
+                return
+            spawn(self._carry, "localswarm-pool-conn", local)
+
+    def _count_up(self, n: int) -> None:
+        with self.lock:
+            self.bytes_up += n
+            self._sent = True
+
+    def _count_down(self, n: int) -> None:
+        with self.lock:
+            self.bytes_down += n
+            if self._sent:
+                self.round_trips, self._sent = self.round_trips + 1, False
+
+    def _carry(self, local: socket.socket) -> None:
+        m = self.member
+        try:
+            up = connect_worker(m.host, m.port, self.token, "pipe")[0]
+        except (OSError, ConnectionError, DropPacket, LocalswarmError) as exc:
+            return self._lose(local, f"cannot reach it ({exc})")
+        keep_alive(up)
+        local.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        local_done = threading.Event()
+
+        def upward():
+            if splice(local, up, self._count_up) == "src":
+                local_done.set()              # llama.cpp hung up: a normal end
+                close_quietly(up)
+        spawn(upward, "localswarm-pool-up")
+        splice(up, local, self._count_down)   # until the worker's side ends
+        if local_done.wait(0.5):
+            return close_quietly(local)
+        self._lose(local, "its connection ended")
+
+    def _lose(self, local: socket.socket, why: str) -> None:
+        with self.lock:
+            self._held.append(local)
+            first, self.lost = not self.lost, self.lost or why
+        if first:
+            self.on_lost(self.member, why)
+
+
+def split_layers(n: int, weights: list) -> list:
+    """n whole layers in proportion to weights (largest remainders get the odd ones)."""
+    total = sum(weights)
+    if total <= 0:
+        return [0] * len(weights)
+    exact = [n * w / total for w in weights]
+    out = [int(x) for x in exact]
+    for i in sorted(range(len(weights)), key=lambda i: exact[i] - out[i], reverse=True)[:n - sum(out)]:
+        out[i] += 1
+    return out
+
+
+def pool_shares(p: Plan, members: list) -> Optional[list]:
+    """Each member's layers and bytes for plan p: the layers (weights and their KV cache) in
+    proportion to what each lends once its fixed costs are set aside (the head keeps the
+    input embedding's work, compute buffers, the prompt cache and the margin; a worker, a
+    compute buffer). None when some member's share would exceed what it lends."""
+    parts = p.breakdown
+    n = p.variant.n_layers + 1              # llama.cpp counts the output layer as one more
+    per_layer = (parts["weights"] + parts["kv_cache"]) / n
+    head_fixed = parts["total"] - parts["weights"] - parts["kv_cache"]
+    fixed = [head_fixed if m.is_head else COMPUTE_FIXED for m in members]
+    layers = split_layers(n, [max(0, m.offer - f) for m, f in zip(members, fixed)])
+    shares = []
+    for m, f, k in zip(members, fixed, layers):
+        need = int(k * per_layer) + (f if (k or m.is_head) else 0)
+        if need > m.offer:
+            return None
+        shares.append(dataclasses.replace(m, layers=k, bytes=need))
+    return shares
+
+
+def pool_budget(members: list) -> Budget:
+    total = sum(m.offer for m in members)
+    return Budget(total, f"pool of {len(members)} machines: " + " + ".join(
+        f"{m.name} {human_bytes(m.offer)}" for m in members), [total], "cpu")
+
+
+def pool_floor(floor: SpeedFloor, members: list) -> SpeedFloor:
+    """The speed floor with the network's cost per decode step (POOL_TRIPS_PER_WORKER round trips
+    per worker at its measured round trip). Workers are taken to compute as fast as the head."""
+    if not floor.speed:
+        return floor
+    net = sum(POOL_TRIPS_PER_WORKER * m.rtt_s for m in members if not m.is_head)
+    speed = dataclasses.replace(floor.speed, step_overhead=floor.speed.step_overhead + net,
+                                source=f"{floor.speed.source}; plus {1000 * net:.1f} ms of network round "
+                                       "trips per step, workers taken to be as fast as this machine")
+    return dataclasses.replace(floor, speed=speed)
+
+
+def model_rank(v: Variant) -> tuple:
+    """Which of two models is better: more parameters, then a better quantization."""
+    return v.n_params, -QUANT_ORDER.index(v.quant) if v.quant in QUANT_ORDER else 0
+
+
+POOL_FIT_TRIES = 12          # plans tried, each 5% smaller, until every member's share fits its offer
+
+
+def plan_pool(choose: Callable[[Budget, SpeedFloor], Plan], head_budget: Budget, members: list,
+              floor: SpeedFloor) -> Plan:
+    """The plan for a head and its workers (members[0] is the head): the pooled plan when it runs
+    a better model than the head alone (`choose` plans for a budget), with each member's layers;
+    else the head's own plan, saying why."""
+    try:
+        alone, why_not = choose(head_budget, floor), ""
+    except LocalswarmError as exc:
+        alone, why_not = None, str(exc)
+    if len(members) < 2:
+        if alone is None:
+            raise LocalswarmError(f"{why_not}; and no RPC worker was found to pool with")
+        alone.reason += "; no RPC worker was found, so this machine serves alone"
+        return alone
+    pooled, shares, budget = None, None, pool_budget(members)
+    for _ in range(POOL_FIT_TRIES):      # whole layers and per-machine costs: plan a little smaller until it splits
+        try:
+            pooled = choose(budget, pool_floor(floor, members))
+        except LocalswarmError as exc:
+            why_not = why_not or str(exc)
+            break
+        shares = pool_shares(pooled, members)
+        if shares:
+            break
+        budget = dataclasses.replace(budget, bytes=int(budget.bytes * 0.95), devices=[int(budget.bytes * 0.95)])
+    if shares is None or (alone and model_rank(alone.variant) >= model_rank(pooled.variant)):
+        if alone is None:
+            raise LocalswarmError(f"{why_not}; the pool's members cannot each hold their share either")
+        alone.reason += "; pooling would not run a better model, so this machine serves alone"
+        return alone
+    pooled.pool = shares
+    pooled.placement = "pool: " + ", ".join(f"{m.name} {m.layers} layers" for m in shares)
+    pooled.reason += (f"; pooled because this machine alone runs {alone.variant.id if alone else 'nothing'}"
+                      f"{'' if alone else ' (' + why_not + ')'}")
+    return pooled
+
+
+def discover_workers(cfg: Config, seconds: float) -> list:
+    """RPC workers announcing themselves within `seconds`, plus network.pool_workers: [(host, port)]."""
+    found = {parse_peer(spec) for spec in cfg["network.pool_workers"]}
+    if seconds > 0:
+        sock = open_discovery_socket(cfg["network.discovery_port"],
+                                     cfg["network.broadcast_addresses"] or default_broadcasts())
+        guard, deadline = ReplayGuard(), time.monotonic() + seconds
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    data, (host, _port) = sock.recvfrom(MAX_PACKET + 1)
+                    ann = decode_announcement(data, cfg["network.auth_token"], guard)
+                except (socket.timeout, DropPacket):
+                    continue
+                rpc_port = ann.get("rpc_port")
+                if ann.get("role") == "rpc-worker" and isinstance(rpc_port, int) and 0 < rpc_port < 65536:
+                    found.add((host, rpc_port))
+        finally:
+            sock.close()
+    return sorted(found)
+
+
+def gather_pool(cfg: Config, head_budget: Budget) -> list:
+    """The head (members[0]) and every worker that answers with what it lends."""
+    token = cfg["network.auth_token"]
+    head = PoolMember(cfg["network.name"] or socket.gethostname(), offer=head_budget.bytes,
+                      device="CPU (this machine)")
+    members = [head]
+    for host, port in discover_workers(cfg, cfg["network.pool_wait"]):
+        try:
+            members.append(worker_info(host, port, token))
+        except LocalswarmError as exc:
+            log.warning("%s", exc)
+    for m in members[1:]:
+        log.info("RPC worker %s lends %s of %s (round trip %.2f ms)", m.label, human_bytes(m.offer),
+                 m.device, 1000 * m.rtt_s)
+    return members
+
+
+def pool_lines(p: Plan) -> list:
+    """Who holds what, for --detect and the start-up summary."""
+    return [f"{m.label}: {m.layers} of {p.variant.n_layers + 1} layers, ~{human_bytes(m.bytes)} of "
+            f"{human_bytes(m.offer)} lent ({m.device})" for m in p.pool]
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pool_lost_before() -> Optional[dict]:
+    """The worker loss that made this process restart (POOL_LOST_ENV), if any."""
+    try:
+        lost = json.loads(os.environ.get(POOL_LOST_ENV) or "null")
+    except ValueError:
+        return None
+    return lost if isinstance(lost, dict) else None
+
+
+def check_pool(cfg: Config) -> None:
+    """Refuse, before anything loads, pooling that cannot be made safe or cannot work."""
+    if not cfg["network.auth_token"]:
+        raise LocalswarmError("pooling needs a federation token (set LOCALSWARM_FEDERATION_TOKEN to the same "
+                              "secret on the head and every worker): ggml RPC has no authentication of its own")
+    for spec in cfg["network.pool_workers"]:
+        parse_peer(spec)
+
+
+class RpcWorker:
+    """What --rpc-worker runs: ggml's RPC server on a loopback port lending one device (the GPU
+    when the budget is a GPU's, else the CPU), and the relay heads come through."""
+
+    def __init__(self, cfg: Config, budget: Budget):
+        check_pool(cfg)
+        self.ggml = GgmlRpc()
+        self.dev = self.ggml.local_device(prefer_gpu=budget.backend != "cpu")
+        self.device = self.ggml.describe(self.dev)
+        self.offer = cfg["network.rpc_offer_mib"] * MiB or budget.bytes
+        self.name = cfg["network.name"] or socket.gethostname()
+        self.threads = cfg["swarm.threads"] or os.cpu_count() or 1
+        self.cache_dir = os.path.join(os.path.expanduser(cfg["models.cache_dir"]), "rpc-cache")
+        self.rpc_port = free_loopback_port()
+        # the relay is authenticated, so it listens on every interface unless --host says otherwise
+        host = cfg["server.host"] if cfg.sources.get("server.host", "default") != "default" else "0.0.0.0"
+        self.relay = RpcRelay(cfg["network.auth_token"], host, cfg["network.rpc_port"], self.rpc_port, self.info)
+        self.server: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        os.makedirs(self.cache_dir, exist_ok=True)
+        self._devs = (ctypes.c_void_p * 1)(self.dev)     # kept: the server holds the pointer
+        endpoint = f"127.0.0.1:{self.rpc_port}".encode()
+        self.server = spawn(self.ggml.start_server, "localswarm-rpc-server", endpoint, self.cache_dir.encode(),
+                            self.threads, 1, self._devs)
+        time.sleep(0.3)
+        if not self.server.is_alive():
+            raise LocalswarmError(f"llama.cpp's RPC server did not start on 127.0.0.1:{self.rpc_port}")
+        self.relay.start()
+
+    def stop(self) -> None:
+        self.relay.stop()
+
+    def info(self) -> dict:
+        free, total = self.ggml.memory(self.dev)
+        return {"name": self.name, "offer_bytes": self.offer, "device": self.device, "free_bytes": free,
+                "total_bytes": total, "version": __version__}
+
+    def announcement(self) -> dict:
+        return {"role": "rpc-worker", "rpc_port": self.relay.port, "offer": self.offer, "device": self.device[:60]}
+
+    def stats(self) -> dict:
+        return dict(self.relay.stats(), offer_bytes=self.offer, device=self.device, threads=self.threads,
+                    rpc_server=bool(self.server and self.server.is_alive()))
+
+
+class Pool:
+    """The head's running pool: one PoolLink per worker, the endpoints llama.cpp uses, and what
+    /health says about it. A lost worker fails the requests in flight and restarts the server."""
+
+    def __init__(self, cfg: Config, plan: Plan, restart: Callable[[PoolMember, str], None]):
+        self.plan, self.restart = plan, restart
+        self.lost = pool_lost_before()
+        self.broken = False             # a worker of this process's plan was lost: restarting
+        self.links = [PoolLink(m, cfg["network.auth_token"], self._lost) for m in plan.pool if not m.is_head]
+        self._once = threading.Lock()
+
+    def endpoints(self) -> list:
+        return [link.endpoint for link in self.links]
+
+    def layers(self) -> list:
+        """Layers per device in llama.cpp's device order: the workers, then the head's CPU."""
+        return [m.layers for m in self.plan.pool if not m.is_head] + [self.plan.pool[0].layers]
+
+    def report(self) -> dict:
+        return {"members": [dict(m.to_json(), **(link.stats() if link else {}))
+                            for m, link in zip(self.plan.pool, [None] + self.links)],
+                "lost": self.lost}
+
+    def _lost(self, member: PoolMember, why: str) -> None:
+        if not self._once.acquire(blocking=False):
+            return                       # one restart, whichever worker went first
+        self.broken = True
+        self.lost = {"worker": member.label, "why": why, "at": time.strftime("%Y-%m-%d %H:%M:%S")}
+        log.error("RPC worker %s was lost (%s): restarting on what is left", member.label, why)
+        self.restart(member, why)
 
 
 ##############################################################################
@@ -7596,6 +8305,7 @@ FLAG_SETTINGS = {
     "backend": "models.backend",
     "peer": "network.peers", "broadcast": "network.broadcast_addresses",
     "discovery_port": "network.discovery_port", "advertise_interval": "network.advertise_interval",
+    "pool": "network.pool", "pool_worker": "network.pool_workers", "rpc_port": "network.rpc_port",
 }
 
 
@@ -7634,6 +8344,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--broadcast", action="append", metavar="ADDR", help=f"announce to this address, repeatable (default: every subnet; env {env('network.broadcast_addresses')})")
     f.add_argument("--discovery-port", type=int, help=f"UDP discovery port (default: {dflt('network.discovery_port')}; env {env('network.discovery_port')})")
     f.add_argument("--advertise-interval", type=float, help=f"seconds between announcements (default: {dflt('network.advertise_interval')}; env {env('network.advertise_interval')})")
+    f.add_argument("--rpc-worker", action="store_true", help="lend this machine's memory and compute to a pool "
+                   "head over llama.cpp's RPC (needs the federation token; serves no model itself)")
+    f.add_argument("--pool", action="store_true", default=None, help="lead a pool: plan over this machine plus the "
+                   f"RPC workers that answer, for a model none holds alone (env {env('network.pool')})")
+    f.add_argument("--pool-worker", action="append", metavar="HOST:PORT", help="an RPC worker to pool with, "
+                   f"repeatable, besides those that announce themselves (env {env('network.pool_workers')})")
+    f.add_argument("--rpc-port", type=int, help=f"TCP port an RPC worker admits heads on (default: "
+                   f"{dflt('network.rpc_port')}; env {env('network.rpc_port')})")
     o = p.add_argument_group("other")
     o.add_argument("--detect", action="store_true", help="print the hardware report and the plan, then exit")
     o.add_argument("--bench", action="store_true", help="benchmark the engine against separate instances and "
@@ -7702,6 +8420,16 @@ def choose_plan(cfg: Config, registry: list, budget: Budget, force: bool = False
     return p
 
 
+def choose_any_plan(cfg: Config, registry: list, budget: Budget, force: bool = False,
+                    floor: Optional[SpeedFloor] = None) -> Plan:
+    """choose_plan, or with --pool the plan over this machine and the RPC workers that answer."""
+    if not cfg["network.pool"]:
+        return choose_plan(cfg, registry, budget, force, floor)
+    check_pool(cfg)
+    members = gather_pool(cfg, budget)
+    return plan_pool(lambda b, f: choose_plan(cfg, registry, b, force, f), budget, members, floor or SpeedFloor())
+
+
 def detect_report(hw: HardwareProfile, budget: Budget, p: Optional[Plan], error: str = "") -> str:
     """The human-readable --detect report."""
     lines = [f"localswarm {__version__} hardware report",
@@ -7721,7 +8449,8 @@ def detect_report(hw: HardwareProfile, budget: Budget, p: Optional[Plan], error:
     v = p.variant
     lines += ["", f"Recommended: {v.id}  ({v.family_name} {v.size.upper()} {v.quant})",
               f"  voters {p.voters}, context {p.ctx}, memory {human_bytes(p.memory_bytes)} "
-              f"({100 * p.memory_bytes / max(budget.bytes, 1):.0f}% of budget), placement {p.placement}",
+              f"({100 * p.memory_bytes / max(pool_budget(p.pool).bytes if p.pool else budget.bytes, 1):.0f}% of "
+              f"{'the pool' if p.pool else 'budget'}), placement {p.placement}",
               f"  file {v.repo + '/' if v.repo else ''}{v.file}" + (" (size estimated)" if v.estimated else ""),
               f"  licence {v.license}", f"  why: {p.reason}"]
     if p.speed:
@@ -7729,6 +8458,9 @@ def detect_report(hw: HardwareProfile, budget: Budget, p: Optional[Plan], error:
         lines.insert(-2, f"  speed {sp['decode_tokens_per_s_per_voter']} tokens/s per voter, prompts "
                          f"{sp['prefill_tokens_per_s']} tokens/s, an 8k first prompt in {sp['first_prompt_8k_s']} s "
                          f"(predicted; {sp['source']})")
+    if p.pool:
+        lines.append("  pool (layers in proportion to what each lends):")
+        lines += [f"    {line}" for line in pool_lines(p)]
     if p.runners_up:
         lines.append("  runners-up:")
         lines += [f"    {r['id']}: {r['lost']}" for r in p.runners_up]
@@ -7862,18 +8594,20 @@ def _in_range(s: str, lo: int, hi: int) -> int:
 
 # --- serving ---------------------------------------------------------------
 
-def make_engine(path: str, p: Plan, cfg: Config, verbose: bool = False):
+def make_engine(path: str, p: Plan, cfg: Config, verbose: bool = False, pool: Optional[Pool] = None):
     """The inference engine for a plan: llama.cpp (Metal/CUDA/ROCm/SYCL/CPU as it was built), or MLX."""
     if p.variant.backend == "mlx" or (cfg["models.model_path"] and cfg["models.backend"] == "mlx"):
         return MLXEngine(cfg["models.model_path"] or path, p.voters, p.ctx, max_queue=cfg["server.max_queue"])
     gpu = p.placement not in ("cpu",)
+    if pool:
+        p = dataclasses.replace(p, tensor_split=pool.layers())
     ram = cfg["swarm.prompt_cache_mib"]
     return LlamaCppEngine(path, p.voters, p.ctx, parallel=cfg["swarm.parallel"], max_queue=cfg["server.max_queue"],
                           n_gpu_layers=-1 if gpu else 0, tensor_split=p.tensor_split, verbose=verbose,
                           template=p.variant.template, n_threads=cfg["swarm.threads"],
                           cache_ram_bytes=None if ram < 0 else ram * MiB, cache_dir=cfg["swarm.prompt_cache_dir"],
                           cache_disk_bytes=cfg["swarm.prompt_cache_disk_mib"] * MiB,
-                          tool_format=p.variant.tool_format)
+                          tool_format=p.variant.tool_format, rpc_servers=pool.endpoints() if pool else None)
 
 
 def startup_summary(app: App, url: str, budget: Budget, p: Plan) -> str:
@@ -7884,10 +8618,11 @@ def startup_summary(app: App, url: str, budget: Budget, p: Plan) -> str:
     return "\n".join([
         f"localswarm {__version__}",
         f"  hardware:   {app.hardware.cpu_model if app.hardware else '?'}; {budget.rule}",
-        f"  plan:       {_plan_line(p, budget)}",
+        f"  plan:       {_plan_line(p, pool_budget(p.pool) if p.pool else budget)}",
         f"  url:        {url}/v1   (OpenAI-compatible; model ids: see /v1/models)",
         f"  api key:    {'required (opencode reads it from ' + SETTINGS_BY_KEY[('server', 'api_key')].env + ')' if key else 'none (anyone who can reach the port can use it)'}",
         f"  federation: {fed}",
+        *(["  pool:       " + "\n              ".join(pool_lines(p))] if p.pool else []),
         "  opencode.json:", snippet])
 
 
@@ -7907,10 +8642,11 @@ def status_line(app: App) -> str:
             f"swap {human_bytes(mem['swap_used_bytes'])}{pressure}")
 
 
-def serve(cfg: Config, hw: HardwareProfile, budget: Budget, p: Plan, registry: list, args) -> int:
-    """The start-up story: open the port (so /health answers "loading" at once), resolve the model
-    file (download, or fall back), say what is served, load it, join the federation, then serve
-    until a signal."""
+def serve(cfg: Config, hw: HardwareProfile, budget: Budget, p: Optional[Plan], registry: list, args,
+          floor: Optional[SpeedFloor] = None) -> int:
+    """The start-up story: open the port (so /health answers "loading" at once), plan a pool
+    (when p is None), resolve the model file (download, or fall back), say what is served, load
+    it, join the federation, then serve until a signal."""
     check_network(cfg)
     app = App(cfg, hardware=hw, plan=p)
     server, url = open_http(app) if not args.mcp_only else (None, "")
@@ -7918,12 +8654,16 @@ def serve(cfg: Config, hw: HardwareProfile, budget: Budget, p: Plan, registry: l
     if args.mcp or args.mcp_only:
         start_mcp(app, registry, budget, stop)
     try:
+        if p is None:
+            p = app.plan = plan_pool_serving(app, registry, budget, args.force, floor, stop)
         path, served = resolve_model_file(p, os.path.expanduser(cfg["models.cache_dir"]), registry, budget)
         app.plan = served
         app.aliases = {p.variant.id, served_model_id(p.variant), served.variant.id} - {served_model_id(served.variant)}
         if server and not (args.mcp or args.mcp_only):
             print(startup_summary(app, url, budget, served), flush=True)
-        app.swarm = load_swarm(path, served, cfg, verbose=args.verbose >= 2)
+        if served.pool:
+            app.pool = Pool(cfg, served, lambda member, why: restart_in_place(app, server, member, why))
+        app.swarm = load_swarm(path, served, cfg, verbose=args.verbose >= 2, pool=app.pool)
         if app.memory:
             app.memory.start()
         if cfg["network.enabled"] and server:
@@ -7938,9 +8678,76 @@ def serve(cfg: Config, hw: HardwareProfile, budget: Budget, p: Plan, registry: l
     return 0
 
 
-def load_swarm(path: str, p: Plan, cfg: Config, verbose: bool = False) -> Swarm:
-    """Load the model and put the swarm's settings around it."""
-    engine = make_engine(path, p, cfg, verbose)
+POOL_RETRY_S = 10.0     # seconds between looks for workers when nothing fits what a loss left
+
+
+def plan_pool_serving(app: App, registry: list, budget: Budget, force: bool, floor: Optional[SpeedFloor],
+                      stop: threading.Event) -> Plan:
+    """A serving head's pool plan. After a lost worker, when nothing fits what is left, /health
+    says so and the head looks for workers again every POOL_RETRY_S rather than exit."""
+    while True:
+        try:
+            p = choose_any_plan(app.cfg, registry, budget, force, floor)
+            app.load_error = None
+            return p
+        except LocalswarmError as exc:
+            if not pool_lost_before():
+                raise
+            app.load_error = f"{exc}; looking for RPC workers again every {POOL_RETRY_S:g} s"
+            log.error("%s", app.load_error)
+            if stop.wait(POOL_RETRY_S):
+                raise
+
+
+def restart_in_place(app: App, server: Optional["Server"], member: PoolMember, why: str) -> None:
+    """A pooled worker was lost: fail what is in flight with a clear error, give the handlers a
+    moment to send it, then run this program again with the same arguments, keeping the
+    listening socket, to plan anew over what is left (llama.cpp cannot drop a lost RPC device)."""
+    err = ApiError(503, f"RPC worker {member.label} was lost ({why}); the server is restarting on a plan "
+                   "without it: try again in a few seconds", type="unavailable_error", code="pool_worker_lost",
+                   headers={"Retry-After": "10"})
+    if app.swarm:
+        app.swarm.engine.abandon(err)
+    time.sleep(1.0)
+    env = dict(os.environ, **{POOL_LOST_ENV: json.dumps(app.pool.lost)})
+    if server:
+        os.set_inheritable(server.socket.fileno(), True)
+        env[LISTEN_FD_ENV] = str(server.socket.fileno())
+    argv = [sys.executable] + (sys.orig_argv[1:] if hasattr(sys, "orig_argv") else sys.argv)
+    log.warning("restarting: %s", " ".join(argv))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, argv, env)
+
+
+def rpc_worker_command(cfg: Config, budget: Budget, hw: HardwareProfile) -> int:
+    """--rpc-worker: lend this machine to pool heads until a signal; /health shows the relay's counts."""
+    worker = RpcWorker(cfg, budget)
+    app = App(cfg, hardware=hw)
+    app.worker = worker
+    server, url = open_http(app)
+    stop = stop_on_signals()
+    try:
+        worker.start()
+        app.federation = Federation(cfg, app, server.server_address[1])
+        app.federation.start()
+        print(f"localswarm {__version__} RPC worker {worker.name}\n"
+              f"  lends:   {worker.device}, up to {human_bytes(worker.offer)} ({budget.rule})\n"
+              f"  heads:   port {worker.relay.port}, admitted after proving the federation token; llama.cpp's "
+              f"RPC server listens on 127.0.0.1:{worker.rpc_port} only\n"
+              f"  status:  {url}/health", flush=True)
+        stop.wait()
+    finally:
+        if app.federation:
+            app.federation.stop()
+        worker.stop()
+        shut_down(app, server)
+    return 0
+
+
+def load_swarm(path: str, p: Plan, cfg: Config, verbose: bool = False, pool: Optional[Pool] = None) -> Swarm:
+    """Load the model (over the pool's workers too) and put the swarm's settings around it."""
+    engine = make_engine(path, p, cfg, verbose, pool)
     swarm = Swarm(engine, cfg["swarm.consensus_strategy"], cfg["swarm.timeout"], served_model_id(p.variant),
                   cfg["swarm.tool_grammar"], cfg["swarm.early_stop"], cfg["swarm.greedy_spread"])
     log.info("ready: %s with %d voters", swarm.model_id, p.voters)
@@ -8053,17 +8860,23 @@ def main(argv: Optional[list] = None) -> int:
             print(format_config(cfg))
             return 0
         hw = read_hardware(args)
-        budget = memory_budget(hw, fractions(cfg))
+        budget = memory_budget(hw, fractions(cfg), cfg["hardware.budget_mib"] * MiB)
         registry = registry_for(load_registry(), engine_backend(cfg["models.backend"], hw))
         if args.bench:
             return bench_command(args, cfg)
+        if args.rpc_worker or cfg["network.pool"]:
+            check_pool(cfg)
+        if args.rpc_worker:
+            return rpc_worker_command(cfg, budget, hw)
         # measured only when it decides the plan: a model named on the command line needs no speed
         chosen = cfg["models.model"] or cfg["models.model_path"]
         floor = speed_floor(cfg, hw, budget, this_machine=not args.hardware_profile,
                             measure=args.detect or not chosen)
         if args.detect:
             return detect_command(args, cfg, hw, budget, registry, floor)
-        p = choose_plan(cfg, registry, budget, args.force, floor)
+        if cfg["network.pool"] and not args.download_only:
+            return serve(cfg, hw, budget, None, registry, args, floor)    # planned once the port is open
+        p = choose_any_plan(cfg, registry, budget, args.force, floor)
         if sys.stdin.isatty() and not (args.yes or chosen or args.download_only or args.mcp or args.mcp_only):
             p = ask_for_plan(hw, budget, registry, p, cfg, floor)
         if args.download_only:
@@ -8092,7 +8905,7 @@ def read_hardware(args) -> HardwareProfile:
 def detect_command(args, cfg: Config, hw: HardwareProfile, budget: Budget, registry: list, floor) -> int:
     """--detect: the hardware, the budget and the plan (exit 1 when nothing fits)."""
     try:
-        p, err = choose_plan(cfg, registry, budget, args.force, floor), ""
+        p, err = choose_any_plan(cfg, registry, budget, args.force, floor), ""
     except LocalswarmError as exc:
         p, err = None, str(exc)
     print(json.dumps(detect_json(hw, budget, p, registry, err, floor), indent=2) if args.json
