@@ -2144,7 +2144,7 @@ class GgmlRpc:
     """ggml's backend registry and RPC backend through ctypes (llama-cpp-python binds neither):
     the devices a model may be split over, and the RPC server a worker runs. Needs a build with
     -DGGML_RPC=on (the installers' default)."""
-    CPU, GPU = 0, 1           # enum ggml_backend_dev_type
+    CPU, GPU, IGPU = 0, 1, 2      # enum ggml_backend_dev_type
 
     def __init__(self):
         L = require("llama_cpp")
@@ -2181,10 +2181,13 @@ class GgmlRpc:
             raise LocalswarmError(f"llama.cpp could not add the RPC server {endpoint}")
         return [self.reg_dev_get(reg, i) for i in range(self.reg_dev_count(reg))]
 
-    def local_device(self, prefer_gpu: bool) -> int:
-        """This machine's device to lend: its GPU when asked and there is one, else the CPU."""
-        dev = self.dev_by_type(self.GPU) if prefer_gpu else None
-        return dev or self.dev_by_type(self.CPU)
+    def local_device(self, prefer_gpu: bool):
+        """This machine's device: its GPU (or integrated GPU) when asked and there is one, else the CPU."""
+        for kind in ((self.GPU, self.IGPU) if prefer_gpu else ()):
+            dev = self.dev_by_type(kind)
+            if dev:
+                return dev
+        return self.dev_by_type(self.CPU)
 
     def describe(self, dev) -> str:
         return (self.dev_description(dev) or b"?").decode(errors="replace")
@@ -2202,18 +2205,18 @@ class LlamaAdapter:
 
     def __init__(self, path: str, n_ctx: int, n_seq_max: int, n_batch: int = N_BATCH,
                  n_threads: int = 0, n_gpu_layers: int = -1, tensor_split: Optional[list] = None,
-                 verbose: bool = False, rpc_servers: Optional[list] = None):
+                 verbose: bool = False, rpc_servers: Optional[list] = None, head_gpu: bool = False):
         L = self.L = require("llama_cpp")
         self._quiet_logs(verbose)
         L.llama_backend_init()
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = n_gpu_layers
         if rpc_servers:
-            # Pooled: the workers' devices, then this machine's CPU last, so that the output layer
-            # (and its logits) stays here and only activations cross the network. Every layer goes
-            # to a listed device, tensor_split giving each one's count.
+            # Pooled: the workers' devices, then this machine's own (its GPU, or CPU) last, so that
+            # the output layer (and its logits) stays here and only activations cross the network.
+            # Every layer goes to a listed device, tensor_split giving each one's count.
             ggml = GgmlRpc()
-            devs = [d for ep in rpc_servers for d in ggml.remote_devices(ep)] + [ggml.local_device(False)]
+            devs = [d for ep in rpc_servers for d in ggml.remote_devices(ep)] + [ggml.local_device(head_gpu)]
             self._devices = (ctypes.c_void_p * (len(devs) + 1))(*devs, None)
             mp.devices = ctypes.addressof(self._devices)
             mp.n_gpu_layers = -1
@@ -2890,13 +2893,13 @@ class LlamaCppEngine:
                  n_threads: int = 0, n_batch: int = N_BATCH, n_cells: int = 0, verbose: bool = False,
                  template: str = "chatml", adapter: Optional[LlamaAdapter] = None,
                  cache_ram_bytes: Optional[int] = None, cache_dir: str = "", cache_disk_bytes: int = 0,
-                 tool_format: str = "", rpc_servers: Optional[list] = None):
+                 tool_format: str = "", rpc_servers: Optional[list] = None, head_gpu: bool = False):
         self.model_path, self.voters, self.ctx_limit = model_path, voters, ctx
         self.max_queue = max_queue
         n_seq = PROMPT_CACHE_SLOTS + voters * parallel
         cells = n_cells or kv_cells(ctx, voters)
         self.llm = adapter or LlamaAdapter(model_path, cells, n_seq, n_batch, n_threads,
-                                           n_gpu_layers, tensor_split, verbose, rpc_servers)
+                                           n_gpu_layers, tensor_split, verbose, rpc_servers, head_gpu)
         self.ctx_limit = min(ctx, self.llm.n_ctx)
         self.formatter = ChatFormatter(self.llm.chat_template(), template,
                                        self.llm.special_text("bos"), self.llm.special_text("eos"), tool_format)
@@ -7184,6 +7187,7 @@ class PoolMember:
     rtt_s: float = 0.0          # the handshake's round trip, as the head measured it
     layers: int = 0             # its share of the model, set by pool_shares
     bytes: int = 0              # what that share is estimated to take
+    backend: str = ""           # the head's budget backend (cpu, cuda, metal, ...); "" for a worker
 
     @property
     def is_head(self) -> bool:
@@ -7610,8 +7614,9 @@ def discover_workers(cfg: Config, seconds: float) -> list:
 def gather_pool(cfg: Config, head_budget: Budget) -> list:
     """The head (members[0]) and every worker that answers with what it lends."""
     token = cfg["network.auth_token"]
+    where = "CPU" if head_budget.backend == "cpu" else f"GPU, {head_budget.backend}"
     head = PoolMember(cfg["network.name"] or socket.gethostname(), offer=head_budget.bytes,
-                      device="CPU (this machine)")
+                      device=f"{where} (this machine)", backend=head_budget.backend)
     members = [head]
     for host, port in discover_workers(cfg, cfg["network.pool_wait"]):
         try:
@@ -7693,7 +7698,8 @@ class RpcWorker:
                 "total_bytes": total, "version": __version__}
 
     def announcement(self) -> dict:
-        return {"role": "rpc-worker", "rpc_port": self.relay.port, "offer": self.offer, "device": self.device[:60]}
+        return {"role": "rpc-worker", "rpc_port": self.relay.port, "offer": self.offer, "device": self.device[:60],
+                "free": self.ggml.memory(self.dev)[0]}
 
     def stats(self) -> dict:
         return dict(self.relay.stats(), offer_bytes=self.offer, device=self.device, threads=self.threads,
@@ -8607,7 +8613,8 @@ def make_engine(path: str, p: Plan, cfg: Config, verbose: bool = False, pool: Op
                           template=p.variant.template, n_threads=cfg["swarm.threads"],
                           cache_ram_bytes=None if ram < 0 else ram * MiB, cache_dir=cfg["swarm.prompt_cache_dir"],
                           cache_disk_bytes=cfg["swarm.prompt_cache_disk_mib"] * MiB,
-                          tool_format=p.variant.tool_format, rpc_servers=pool.endpoints() if pool else None)
+                          tool_format=p.variant.tool_format, rpc_servers=pool.endpoints() if pool else None,
+                          head_gpu=bool(pool) and p.pool[0].backend != "cpu")
 
 
 def startup_summary(app: App, url: str, budget: Budget, p: Plan) -> str:
@@ -8710,7 +8717,7 @@ def restart_in_place(app: App, server: Optional["Server"], member: PoolMember, w
         app.swarm.engine.abandon(err)
     time.sleep(1.0)
     env = dict(os.environ, **{POOL_LOST_ENV: json.dumps(app.pool.lost)})
-    if server:
+    if server and os.name == "posix":       # elsewhere the new process binds the port anew
         os.set_inheritable(server.socket.fileno(), True)
         env[LISTEN_FD_ENV] = str(server.socket.fileno())
     argv = [sys.executable] + (sys.orig_argv[1:] if hasattr(sys, "orig_argv") else sys.argv)
