@@ -3440,10 +3440,15 @@ class LlamaCppEngine:
     def abandon(self, err: Exception) -> None:
         """Fail every queued and running request with err and take no more, from any thread: for
         when the engine thread cannot come back (a pooled worker was lost inside llama.cpp)."""
-        with self._cv:
+        # the engine thread may hold the lock while stuck inside llama.cpp: wait for it briefly only
+        locked = self._cv.acquire(timeout=1.0)
+        try:
             self.healthy = False
             reqs = [run.req for run in list(self._runs)] + list(self._waiting)
             self._waiting.clear()
+        finally:
+            if locked:
+                self._cv.release()
         for req in reqs:
             req.error = err
             req._done.set()
@@ -6673,6 +6678,14 @@ def decode_announcement(data: bytes, token: str, guard: ReplayGuard, now: Option
     return obj
 
 
+def check_source(ann: dict, host: str, token: str) -> None:
+    """A signed announcement lists its sender's addresses: one heard from another host is a
+    replay (which could otherwise make a head send its work to the replayer)."""
+    addrs = ann.get("addrs") or []
+    if token and addrs and host not in addrs:
+        raise DropPacket("wrong_source")
+
+
 def is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -6892,9 +6905,7 @@ class Federation:
         if not self.token and not is_private(host):
             raise DropPacket("not_private")
         ann = decode_announcement(data, self.token, self.guard, now)
-        addrs = ann.get("addrs") or []
-        if self.token and addrs and host not in addrs:
-            raise DropPacket("wrong_source")      # a signed packet replayed from another host
+        check_source(ann, host, self.token)
         if ann["node_id"] == self.node_id:
             if ann["instance"] == self.instance:
                 return None           # our own broadcast
@@ -7168,11 +7179,14 @@ def merge_federated(local: SwarmAnswer, remote: list, node_id: str, name: str,
 ##############################################################################
 
 RPC_PROTOCOL = "localswarm-rpc/1"
-RPC_HANDSHAKE_TIMEOUT = 5.0     # seconds a connection has to prove itself
-RPC_LINE_MAX = 4096             # bytes of a handshake line (an info reply is the longest)
+RPC_HANDSHAKE_TIMEOUT = 5.0     # seconds a connection has to prove itself, all lines together
+RPC_HEAD_LINE_MAX = 200         # bytes of a head's line (nonce, proof, command)
+RPC_REPLY_MAX = 4096            # bytes of a worker's greeting or reply (an info reply is the longest)
+RPC_PENDING_MAX = 16            # handshakes a relay runs at once; more connections are closed at once
 # Round trips ggml RPC makes per decode step for each worker (measured: BENCHMARKS.md, "Pooling").
 POOL_TRIPS_PER_WORKER = 4
 POOL_LOST_ENV = "LOCALSWARM_POOL_LOST"     # set across a restart: which worker was lost, and why
+POOL_CALM_S = 300.0         # a loss this long after the last one starts the restart backoff afresh
 LISTEN_FD_ENV = "LOCALSWARM_LISTEN_FD"     # set across a restart: the API's listening socket
 
 
@@ -7222,11 +7236,19 @@ def check_head_line(line: str, token: str, server_nonce: str) -> tuple:
     return cnonce, command
 
 
-def read_line(sock: socket.socket, limit: int = RPC_LINE_MAX) -> str:
-    """One handshake line, read byte by byte so that nothing after it is consumed."""
+def read_line(sock: socket.socket, limit: int, deadline: float) -> str:
+    """One handshake line by `deadline` (time.monotonic), read byte by byte so that nothing after
+    it is consumed; a line that is too long or too slow is refused."""
     buf = bytearray()
     while len(buf) < limit:
-        b = sock.recv(1)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DropPacket("slow_handshake")
+        sock.settimeout(left)
+        try:
+            b = sock.recv(1)
+        except socket.timeout:
+            raise DropPacket("slow_handshake") from None
         if not b:
             raise ConnectionError("the connection closed during the handshake")
         if b == b"\n":
@@ -7240,14 +7262,15 @@ def connect_worker(host: str, port: int, token: str, command: str,
     """Open a relay connection and run the handshake: (socket, the reply's payload, round trip s).
     The worker must prove the token too, so prompts and weights never go to an impostor."""
     s = socket.create_connection((host, port), timeout=timeout)
+    deadline = time.monotonic() + timeout
     try:
-        greeting = read_line(s).split()
+        greeting = read_line(s, RPC_REPLY_MAX, deadline).split()
         if len(greeting) != 2 or greeting[0] != RPC_PROTOCOL or not NONCE_RE.fullmatch(greeting[1]):
             raise LocalswarmError(f"{host}:{port} is not a localswarm RPC worker")
         snonce, cnonce = greeting[1], secrets.token_hex(16)
         t0 = time.perf_counter()
         s.sendall(f"{cnonce} {rpc_proof(token, 'head', snonce, cnonce)} {command}\n".encode())
-        word, _, rest = read_line(s).partition(" ")
+        word, _, rest = read_line(s, RPC_REPLY_MAX, deadline).partition(" ")
         rtt = time.perf_counter() - t0
         if word == "NO":
             why = {"bad_token": "our federation token is not its token", "busy": "it is lent to another head"}
@@ -7270,7 +7293,7 @@ def worker_info(host: str, port: int, token: str, name: str = "") -> PoolMember:
         info = json.loads(payload)
         offer = int(info["offer_bytes"])
     except (OSError, ConnectionError, DropPacket, ValueError, KeyError, TypeError) as exc:
-        raise LocalswarmError(f"RPC worker {host}:{port} did not answer: {exc}") from None
+        raise LocalswarmError(f"RPC worker {host}:{port} did not answer: {exc or type(exc).__name__}") from None
     return PoolMember(str(info.get("name") or name or host)[:64], host, port, max(0, offer),
                       str(info.get("device", ""))[:80], round(rtt, 6))
 
@@ -7302,7 +7325,7 @@ def close_quietly(*socks) -> None:
 
 def listen_tcp(host: str, port: int) -> socket.socket:
     try:
-        s = socket.create_server((host, port), reuse_port=False)
+        s = socket.create_server((host, port))
     except OSError as exc:
         raise LocalswarmError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     return s
@@ -7315,6 +7338,21 @@ def keep_alive(s: socket.socket) -> None:
         if hasattr(socket, opt):
             s.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), value)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def accept_loop(sock: socket.socket, stopping: threading.Event, handle: Callable, name: str) -> None:
+    """Accept connections until stopped, each handled on its own thread; an error such as
+    running out of file descriptors pauses the loop instead of ending it."""
+    while not stopping.is_set():
+        try:
+            conn, addr = sock.accept()
+        except OSError as exc:
+            if stopping.is_set():
+                return
+            log.warning("%s: accept failed (%s); retrying", name, exc)
+            time.sleep(0.5)
+            continue
+        spawn(handle, name, conn, addr[0])
 
 
 def spawn(target: Callable, name: str, *args) -> threading.Thread:
@@ -7336,13 +7374,16 @@ class RpcRelay:
         self.active: collections.Counter = collections.Counter()   # head address -> open connections
         self.bytes_in = self.bytes_out = 0
         self.lock = threading.Lock()
+        self.pending = threading.BoundedSemaphore(RPC_PENDING_MAX)
+        self.stopping = threading.Event()
         self.sock = listen_tcp(host, port)
         self.port = self.sock.getsockname()[1]
 
     def start(self) -> None:
-        spawn(self._accept, "localswarm-rpc-relay")
+        spawn(accept_loop, "localswarm-rpc-relay", self.sock, self.stopping, self._serve, "RPC relay")
 
     def stop(self) -> None:
+        self.stopping.set()
         self.sock.close()
 
     def stats(self) -> dict:
@@ -7351,19 +7392,12 @@ class RpcRelay:
                     "heads": sorted(h for h, n in self.active.items() if n), "bytes_in": self.bytes_in,
                     "bytes_out": self.bytes_out}
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, (host, _port) = self.sock.accept()[:2]
-            except OSError:
-                return
-            spawn(self._serve, "localswarm-rpc-conn", conn, host)
-
     def _refuse(self, conn: socket.socket, host: str, reason: str) -> None:
         with self.lock:
             self.refused[reason] += 1
             n = self.refused[reason]
-        log.warning("RPC relay: refused %s (%s; %d so far)", host, reason, n)
+        if n <= 10 or n % 100 == 0:       # a flood must not flood the log too
+            log.warning("RPC relay: refused %s (%s; %d so far)", host, reason, n)
         try:
             conn.sendall(f"NO {reason}\n".encode())
         except OSError:
@@ -7371,20 +7405,25 @@ class RpcRelay:
         conn.close()
 
     def _serve(self, conn: socket.socket, host: str) -> None:
-        conn.settimeout(RPC_HANDSHAKE_TIMEOUT)
-        snonce = secrets.token_hex(16)
+        if not self.pending.acquire(blocking=False):
+            return self._refuse(conn, host, "too_many_handshakes")
         try:
-            conn.sendall(f"{RPC_PROTOCOL} {snonce}\n".encode())
-            cnonce, command = check_head_line(read_line(conn), self.token, snonce)
+            cnonce, command, snonce = self._handshake(conn)
         except DropPacket as exc:
             return self._refuse(conn, host, exc.reason)
         except (OSError, ConnectionError):
             return self._refuse(conn, host, "no_handshake")
+        finally:
+            self.pending.release()
         proof = rpc_proof(self.token, "worker", snonce, cnonce)
         if command == "info":
-            with contextlib.suppress(OSError):
+            try:
                 conn.sendall(f"OK {proof} {json.dumps(self.info(), separators=(',', ':'))}\n".encode())
-            return conn.close()
+            except OSError:
+                pass
+            finally:
+                conn.close()
+            return
         with self.lock:
             busy = any(n for h, n in self.active.items() if h != host)
             if not busy:
@@ -7398,13 +7437,24 @@ class RpcRelay:
             with self.lock:
                 self.active[host] -= 1
 
+    def _handshake(self, conn: socket.socket) -> tuple:
+        """Greet with a fresh nonce and check the head's proof: (client nonce, command, our nonce)."""
+        snonce, deadline = secrets.token_hex(16), time.monotonic() + RPC_HANDSHAKE_TIMEOUT
+        conn.settimeout(RPC_HANDSHAKE_TIMEOUT)
+        conn.sendall(f"{RPC_PROTOCOL} {snonce}\n".encode())
+        cnonce, command = check_head_line(read_line(conn, RPC_HEAD_LINE_MAX, deadline), self.token, snonce)
+        return cnonce, command, snonce
+
     def _pipe(self, conn: socket.socket, host: str, proof: str) -> None:
         try:
             local = socket.create_connection(("127.0.0.1", self.rpc_port), timeout=RPC_HANDSHAKE_TIMEOUT)
-            conn.sendall(f"OK {proof}\n".encode())
         except OSError as exc:
             log.error("RPC relay: the local RPC server does not answer (%s)", exc)
             return conn.close()
+        try:
+            conn.sendall(f"OK {proof}\n".encode())
+        except OSError:
+            return close_quietly(conn, local)
         log.info("RPC relay: head %s admitted", host)
         local.settimeout(None)
         conn.settimeout(None)
@@ -7440,20 +7490,12 @@ class PoolLink:
         self._sent = False
         self._held: list = []          # llama.cpp's connections, kept open after a loss
         self.lock = threading.Lock()
-        spawn(self._accept, "localswarm-pool-link")
+        spawn(accept_loop, "localswarm-pool-link", self.sock, threading.Event(), self._carry, "pool link")
 
     def stats(self) -> dict:
         with self.lock:
             return {"bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "round_trips": self.round_trips,
                     "lost": self.lost}
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                local = self.sock.accept()[0]
-            except OSError:
-                return
-            spawn(self._carry, "localswarm-pool-conn", local)
 
     def _count_up(self, n: int) -> None:
         with self.lock:
@@ -7466,12 +7508,12 @@ class PoolLink:
             if self._sent:
                 self.round_trips, self._sent = self.round_trips + 1, False
 
-    def _carry(self, local: socket.socket) -> None:
+    def _carry(self, local: socket.socket, _host: str) -> None:
         m = self.member
         try:
             up = connect_worker(m.host, m.port, self.token, "pipe")[0]
         except (OSError, ConnectionError, DropPacket, LocalswarmError) as exc:
-            return self._lose(local, f"cannot reach it ({exc})")
+            return self._lose(local, f"cannot reach it ({exc or type(exc).__name__})")
         keep_alive(up)
         local.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         local_done = threading.Event()
@@ -7507,27 +7549,33 @@ def split_layers(n: int, weights: list) -> list:
 
 
 def pool_shares(p: Plan, members: list) -> Optional[list]:
-    """Each member's layers and bytes for plan p: the layers (weights and their KV cache) in
-    proportion to what each lends once its fixed costs are set aside (the head keeps the
-    input embedding's work, compute buffers, the prompt cache and the margin; a worker, a
-    compute buffer). None when some member's share would exceed what it lends."""
+    """Each member's layers and bytes for plan p (members[0] is the head): the layers (weights
+    and their KV cache, with the margin) in proportion to what each lends once its fixed costs
+    are set aside (the head's: compute buffers and the prompt cache; a worker's: a compute
+    buffer). The head keeps at least the output layer, so logits never cross the network;
+    workers left without a layer drop out. None when a share would exceed what its member lends."""
     parts = p.breakdown
     n = p.variant.n_layers + 1              # llama.cpp counts the output layer as one more
-    per_layer = (parts["weights"] + parts["kv_cache"]) / n
-    head_fixed = parts["total"] - parts["weights"] - parts["kv_cache"]
-    fixed = [head_fixed if m.is_head else COMPUTE_FIXED for m in members]
+    per_layer = (parts["weights"] + parts["kv_cache"]) * MARGIN / n
+    fixed = [parts["total"] - per_layer * n] + [COMPUTE_FIXED] * (len(members) - 1)
     layers = split_layers(n, [max(0, m.offer - f) for m, f in zip(members, fixed)])
+    if layers[0] == 0:
+        layers[layers.index(max(layers))] -= 1
+        layers[0] = 1
     shares = []
     for m, f, k in zip(members, fixed, layers):
-        need = int(k * per_layer) + (f if (k or m.is_head) else 0)
+        need = int(k * per_layer + f)
         if need > m.offer:
             return None
-        shares.append(dataclasses.replace(m, layers=k, bytes=need))
+        if k or m.is_head:
+            shares.append(dataclasses.replace(m, layers=k, bytes=need))
     return shares
 
 
-def pool_budget(members: list) -> Budget:
-    total = sum(m.offer for m in members)
+def pool_budget(members: list, scale: float = 1.0) -> Budget:
+    """What a pool can hold, as one budget: the head's and each worker's offer less its compute
+    buffer (a plan counts one, the head's); `scale` plans a little smaller (see plan_pool)."""
+    total = int(scale * (members[0].offer + sum(max(0, m.offer - COMPUTE_FIXED) for m in members[1:])))
     return Budget(total, f"pool of {len(members)} machines: " + " + ".join(
         f"{m.name} {human_bytes(m.offer)}" for m in members), [total], "cpu")
 
@@ -7561,22 +7609,22 @@ def plan_pool(choose: Callable[[Budget, SpeedFloor], Plan], head_budget: Budget,
         alone, why_not = choose(head_budget, floor), ""
     except LocalswarmError as exc:
         alone, why_not = None, str(exc)
+    members = members[:1] + [m for m in members[1:] if m.offer > COMPUTE_FIXED]   # too small to hold a layer
     if len(members) < 2:
         if alone is None:
             raise LocalswarmError(f"{why_not}; and no RPC worker was found to pool with")
         alone.reason += "; no RPC worker was found, so this machine serves alone"
         return alone
-    pooled, shares, budget = None, None, pool_budget(members)
-    for _ in range(POOL_FIT_TRIES):      # whole layers and per-machine costs: plan a little smaller until it splits
+    pooled, shares = None, None
+    for i in range(POOL_FIT_TRIES):      # whole layers per machine: plan a little smaller until it splits
         try:
-            pooled = choose(budget, pool_floor(floor, members))
+            pooled = choose(pool_budget(members, 0.95 ** i), pool_floor(floor, members))
         except LocalswarmError as exc:
             why_not = why_not or str(exc)
             break
         shares = pool_shares(pooled, members)
         if shares:
             break
-        budget = dataclasses.replace(budget, bytes=int(budget.bytes * 0.95), devices=[int(budget.bytes * 0.95)])
     if shares is None or (alone and model_rank(alone.variant) >= model_rank(pooled.variant)):
         if alone is None:
             raise LocalswarmError(f"{why_not}; the pool's members cannot each hold their share either")
@@ -7601,6 +7649,7 @@ def discover_workers(cfg: Config, seconds: float) -> list:
                 try:
                     data, (host, _port) = sock.recvfrom(MAX_PACKET + 1)
                     ann = decode_announcement(data, cfg["network.auth_token"], guard)
+                    check_source(ann, host, cfg["network.auth_token"])
                 except (socket.timeout, DropPacket):
                     continue
                 rpc_port = ann.get("rpc_port")
@@ -7664,11 +7713,15 @@ class RpcWorker:
     when the budget is a GPU's, else the CPU), and the relay heads come through."""
 
     def __init__(self, cfg: Config, budget: Budget):
-        check_pool(cfg)
         self.ggml = GgmlRpc()
         self.dev = self.ggml.local_device(prefer_gpu=budget.backend != "cpu")
         self.device = self.ggml.describe(self.dev)
         self.offer = cfg["network.rpc_offer_mib"] * MiB or budget.bytes
+        free = self.ggml.memory(self.dev)[0]
+        if free and self.offer > free:
+            log.warning("network.rpc_offer_mib asks to lend %s, but %s has %s free: lending that",
+                        human_bytes(self.offer), self.device, human_bytes(free))
+            self.offer = free
         self.name = cfg["network.name"] or socket.gethostname()
         self.threads = cfg["swarm.threads"] or os.cpu_count() or 1
         self.cache_dir = os.path.join(os.path.expanduser(cfg["models.cache_dir"]), "rpc-cache")
@@ -7684,7 +7737,7 @@ class RpcWorker:
         endpoint = f"127.0.0.1:{self.rpc_port}".encode()
         self.server = spawn(self.ggml.start_server, "localswarm-rpc-server", endpoint, self.cache_dir.encode(),
                             self.threads, 1, self._devs)
-        time.sleep(0.3)
+        time.sleep(0.3)        # ggml returns at once when it cannot listen (it prints why); it never returns otherwise
         if not self.server.is_alive():
             raise LocalswarmError(f"llama.cpp's RPC server did not start on 127.0.0.1:{self.rpc_port}")
         self.relay.start()
@@ -7714,6 +7767,7 @@ class Pool:
         self.plan, self.restart = plan, restart
         self.lost = pool_lost_before()
         self.broken = False             # a worker of this process's plan was lost: restarting
+        self.closing = False            # shutting down: a worker that goes now is no loss
         self.links = [PoolLink(m, cfg["network.auth_token"], self._lost) for m in plan.pool if not m.is_head]
         self._once = threading.Lock()
 
@@ -7721,7 +7775,7 @@ class Pool:
         return [link.endpoint for link in self.links]
 
     def layers(self) -> list:
-        """Layers per device in llama.cpp's device order: the workers, then the head's CPU."""
+        """Layers per device in llama.cpp's device order: the workers, then the head's own device."""
         return [m.layers for m in self.plan.pool if not m.is_head] + [self.plan.pool[0].layers]
 
     def report(self) -> dict:
@@ -7729,13 +7783,25 @@ class Pool:
                             for m, link in zip(self.plan.pool, [None] + self.links)],
                 "lost": self.lost}
 
+    def close(self) -> None:
+        self.closing = True
+
     def _lost(self, member: PoolMember, why: str) -> None:
-        if not self._once.acquire(blocking=False):
+        if self.closing or not self._once.acquire(blocking=False):
             return                       # one restart, whichever worker went first
         self.broken = True
-        self.lost = {"worker": member.label, "why": why, "at": time.strftime("%Y-%m-%d %H:%M:%S")}
+        before = self.lost or {}
+        recent = time.time() - before.get("t", 0) < POOL_CALM_S
+        self.lost = {"worker": member.label, "why": why, "at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                     "t": time.time(), "restarts": before.get("restarts", 0) + 1 if recent else 1}
         log.error("RPC worker %s was lost (%s): restarting on what is left", member.label, why)
         self.restart(member, why)
+
+    def restart_delay(self) -> float:
+        """Seconds to wait before restarting: none the first time, then doubling up to 30 s while
+        losses keep coming within POOL_CALM_S of each other (a worker that keeps failing)."""
+        n = (self.lost or {}).get("restarts", 1)
+        return min(30.0, 2.0 ** (n - 1) - 1)
 
 
 ##############################################################################
@@ -8431,7 +8497,6 @@ def choose_any_plan(cfg: Config, registry: list, budget: Budget, force: bool = F
     """choose_plan, or with --pool the plan over this machine and the RPC workers that answer."""
     if not cfg["network.pool"]:
         return choose_plan(cfg, registry, budget, force, floor)
-    check_pool(cfg)
     members = gather_pool(cfg, budget)
     return plan_pool(lambda b, f: choose_plan(cfg, registry, b, force, f), budget, members, floor or SpeedFloor())
 
@@ -8715,15 +8780,20 @@ def restart_in_place(app: App, server: Optional["Server"], member: PoolMember, w
                    headers={"Retry-After": "10"})
     if app.swarm:
         app.swarm.engine.abandon(err)
-    time.sleep(1.0)
+    time.sleep(1.0 + app.pool.restart_delay())       # the handlers send their errors first
     env = dict(os.environ, **{POOL_LOST_ENV: json.dumps(app.pool.lost)})
-    if server and os.name == "posix":       # elsewhere the new process binds the port anew
-        os.set_inheritable(server.socket.fileno(), True)
-        env[LISTEN_FD_ENV] = str(server.socket.fileno())
     argv = [sys.executable] + (sys.orig_argv[1:] if hasattr(sys, "orig_argv") else sys.argv)
     log.warning("restarting: %s", " ".join(argv))
     sys.stdout.flush()
     sys.stderr.flush()
+    if os.name != "posix":        # no exec that keeps the process: free the port, start anew, leave
+        if server:
+            server.socket.close()
+        subprocess.Popen(argv, env=env)
+        os._exit(0)
+    if server:
+        os.set_inheritable(server.socket.fileno(), True)
+        env[LISTEN_FD_ENV] = str(server.socket.fileno())
     os.execve(sys.executable, argv, env)
 
 
@@ -8764,6 +8834,8 @@ def load_swarm(path: str, p: Plan, cfg: Config, verbose: bool = False, pool: Opt
 def shut_down(app: App, server: Optional["Server"]) -> None:
     """Leave the federation, close the port, free the model."""
     log.info("shutting down")
+    if app.pool:
+        app.pool.close()
     if app.federation:
         app.federation.stop()
     if server:
