@@ -7184,7 +7184,7 @@ RPC_HEAD_LINE_MAX = 200         # bytes of a head's line (nonce, proof, command)
 RPC_REPLY_MAX = 4096            # bytes of a worker's greeting or reply (an info reply is the longest)
 RPC_PENDING_MAX = 16            # handshakes a relay runs at once; more connections are closed at once
 # Round trips ggml RPC makes per decode step for each worker (measured: BENCHMARKS.md, "Pooling").
-POOL_TRIPS_PER_WORKER = 4
+POOL_TRIPS_PER_WORKER = 2
 POOL_LOST_ENV = "LOCALSWARM_POOL_LOST"     # set across a restart: which worker was lost, and why
 POOL_CALM_S = 300.0         # a loss this long after the last one starts the restart backoff afresh
 LISTEN_FD_ENV = "LOCALSWARM_LISTEN_FD"     # set across a restart: the API's listening socket
@@ -7400,6 +7400,9 @@ class RpcRelay:
             log.warning("RPC relay: refused %s (%s; %d so far)", host, reason, n)
         try:
             conn.sendall(f"NO {reason}\n".encode())
+            conn.shutdown(socket.SHUT_WR)
+            conn.settimeout(0.2)
+            conn.recv(RPC_REPLY_MAX)    # what it sent unread would turn our close into a reset, losing the reason
         except OSError:
             pass
         conn.close()
@@ -7536,15 +7539,22 @@ class PoolLink:
             self.on_lost(self.member, why)
 
 
-def split_layers(n: int, weights: list) -> list:
-    """n whole layers in proportion to weights (largest remainders get the odd ones)."""
+def split_layers(n: int, weights: list, caps: Optional[list] = None) -> Optional[list]:
+    """n whole layers in proportion to weights (largest remainders get the odd ones), none over
+    its cap (a member's layers beyond its cap go to those with the most room left); None when
+    the caps cannot hold n."""
     total = sum(weights)
-    if total <= 0:
-        return [0] * len(weights)
+    if total <= 0 or (caps is not None and sum(caps) < n):
+        return None if n else [0] * len(weights)
     exact = [n * w / total for w in weights]
     out = [int(x) for x in exact]
     for i in sorted(range(len(weights)), key=lambda i: exact[i] - out[i], reverse=True)[:n - sum(out)]:
         out[i] += 1
+    for i in range(len(out) if caps else 0):
+        while out[i] > caps[i]:
+            out[i] -= 1
+            j = max(range(len(out)), key=lambda j: caps[j] - out[j])
+            out[j] += 1
     return out
 
 
@@ -7558,7 +7568,10 @@ def pool_shares(p: Plan, members: list) -> Optional[list]:
     n = p.variant.n_layers + 1              # llama.cpp counts the output layer as one more
     per_layer = (parts["weights"] + parts["kv_cache"]) * MARGIN / n
     fixed = [parts["total"] - per_layer * n] + [COMPUTE_FIXED] * (len(members) - 1)
-    layers = split_layers(n, [max(0, m.offer - f) for m, f in zip(members, fixed)])
+    room = [max(0, m.offer - f) for m, f in zip(members, fixed)]
+    layers = split_layers(n, room, [int(r // per_layer) for r in room])
+    if layers is None:
+        return None
     if layers[0] == 0:
         layers[layers.index(max(layers))] -= 1
         layers[0] = 1

@@ -23,7 +23,7 @@ from test_federation import Hosts  # noqa: E402
 PROMPT = ("You are reviewing a pull request. Explain, step by step, what the following Python "
           "function does and how to make it faster:\n\ndef f(xs):\n    out = []\n    for x in xs:\n"
           "        if x not in out:\n            out.append(x)\n    return out\n")
-TOKEN = {"LOCALSWARM_FEDERATION_TOKEN": "bench-secret", "HF_HUB_OFFLINE": "1"}
+TOKEN = {"LOCALSWARM_FEDERATION_TOKEN": "bench-secret"}
 COMMON = ["--threads", "2", "--broadcast", "10.77.0.255", "--discovery-port", "8765",
           "--advertise-interval", "0.5", "-q"]
 
@@ -65,14 +65,22 @@ def wait(what, check, timeout=300):
     raise SystemExit(f"timed out: {what}")
 
 
-def ask(hosts, url, tokens):
-    body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": tokens, "temperature": 0,
+def ask(hosts, url, tokens, n=0):
+    # a different first line for each n: the prompt is read anew (no prompt-cache hit) for TTFT
+    body = {"messages": [{"role": "user", "content": f"Review #{n}.\n{PROMPT}"}], "max_tokens": tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}, "voters": 1}
     out = subprocess.run(["ip", "netns", "exec", hosts.names[0], sys.executable, "-c", STREAM,
                           url + "/v1/chat/completions", json.dumps(body)], capture_output=True, text=True, timeout=900)
     if out.returncode:
         raise SystemExit(out.stderr[-2000:])
     return json.loads(out.stdout)
+
+
+def ping(hosts, i):
+    """The veth link's own round trip from the head to host i (ms, average of 5)."""
+    out = subprocess.run(["ip", "netns", "exec", hosts.names[0], "ping", "-c", "5", "-i", "0.2", "-q",
+                          hosts.addr(i)], capture_output=True, text=True, timeout=30).stdout
+    return float(out.rsplit("=", 1)[1].split("/")[1]) if "=" in out else None
 
 
 def run_size(n, model, need_mib, args):
@@ -97,13 +105,14 @@ def run_size(n, model, need_mib, args):
         h = wait("head", lambda: (lambda h: h if h.get("status") == "ok" else None)(health(hosts, 0, head)))
         load_s = time.monotonic() - t0
         pool = h.get("pool", {}).get("members", [])
-        ask(hosts, head, 8)                                     # warm up
+        ask(hosts, head, 8, -1)                                 # warm up
         rows = []
-        for _ in range(args.runs):
+        for run in range(args.runs):
+            r = ask(hosts, head, args.tokens, run)              # a new prompt: TTFT, decode speed
             before = health(hosts, 0, head).get("pool", {}).get("members", [])
-            r = ask(hosts, head, args.tokens)
+            again = ask(hosts, head, args.tokens, run)          # the same prompt, cached: the traffic of decoding
             after = health(hosts, 0, head).get("pool", {}).get("members", [])
-            steps = r["usage"]["completion_tokens"]
+            steps = again["usage"]["completion_tokens"]
             links = [{"round_trips": (a["round_trips"] - b["round_trips"]) / steps,
                       "bytes_up": (a["bytes_up"] - b["bytes_up"]) / steps,
                       "bytes_down": (a["bytes_down"] - b["bytes_down"]) / steps}
@@ -111,6 +120,8 @@ def run_size(n, model, need_mib, args):
             rows.append({"ttft": r["ttft"], "decode_tps": (steps - 1) / (r["total"] - r["ttft"]),
                          "steps": steps, "text": r["text"], "links": links})
         return {"hosts": n, "load_s": load_s, "layers": [m["layers"] for m in pool] or None,
+                "ping_ms": [ping(hosts, i) for i in range(1, n)],
+                "prompt_tokens": r["usage"]["prompt_tokens"],
                 "rtt_ms": [round(1000 * m["rtt_s"], 3) for m in pool[1:]],
                 "ttft_s": statistics.median(x["ttft"] for x in rows),
                 "decode_tps": statistics.median(x["decode_tps"] for x in rows),

@@ -55,7 +55,9 @@ def test_layers_are_split_in_proportion_and_whole():
     assert ls.split_layers(31, [1, 1, 1]) == [11, 10, 10]
     assert ls.split_layers(31, [3, 1, 0]) == [23, 8, 0]
     assert sum(ls.split_layers(25, [157, 136, 136])) == 25
-    assert ls.split_layers(5, [0, 0]) == [0, 0]
+    assert ls.split_layers(5, [0, 0]) is None                      # no room at all
+    assert ls.split_layers(23, [266, 553, 553], [4, 9, 9]) is None   # the caps hold 22
+    assert ls.split_layers(23, [266, 553, 553], [4, 10, 10]) == [4, 10, 9]
 
 
 def test_a_model_that_fits_only_the_pool_is_pooled_with_every_share_within_its_offer():
