@@ -6,20 +6,23 @@ machine's accelerators and memory, picks the coding model, quantization,
 context and number of voters that fit, runs the voters as parallel sequences
 of one llama.cpp context (MLX on Apple Silicon), and serves an
 OpenAI-compatible API where every answer is the consensus of the voters.
-Machines on one LAN can find each other and vote together (federation), and
-an MCP server exposes the swarm to AI assistants.
+Machines on one LAN can find each other and vote together (federation), or
+pool their memory for a model none of them holds alone (llama.cpp's RPC
+backend), and an MCP server exposes the swarm to AI assistants.
 
 Security: the server binds 127.0.0.1 unless told otherwise; ``--host 0.0.0.0``
 without ``--api-key`` is warned about. Federation is off by default and, with
 no shared token, accepts peers only from private and loopback addresses.
+Pooling needs the token: llama.cpp's RPC server stays on loopback, behind a
+relay that admits only heads proving it.
 
 Only the standard library is imported at module level. llama_cpp, mlx_lm,
 psutil and huggingface_hub are imported where they are used, so ``--help``
 and ``--detect`` run on a bare Python.
 
 Sections, in the order data flows: helpers and errors, config, hardware,
-registry and planner, download, engine, swarm, consensus, HTTP API,
-federation, MCP, CLI and main.
+registry and planner, download, engine, swarm, consensus, HTTP API, web
+page, federation, pooling, MCP, CLI and main.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import localswarm as ls  # noqa: E402
 from test_federation import Hosts  # noqa: E402
+from test_pool import health, wait_for  # noqa: E402
 
 PROMPT = ("You are reviewing a pull request. Explain, step by step, what the following Python "
           "function does and how to make it faster:\n\ndef f(xs):\n    out = []\n    for x in xs:\n"
@@ -46,23 +47,6 @@ with u.urlopen(r, timeout=600) as resp:
         usage = d.get("usage") or usage
 print(json.dumps({"ttft": first - t0, "total": time.perf_counter() - t0, "text": text, "usage": usage}))
 """
-
-
-def health(hosts, i, url):
-    try:
-        return hosts.exec_json(i, url + "/health", timeout=5)
-    except (OSError, ValueError):
-        return {}
-
-
-def wait(what, check, timeout=300):
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.5)
-    raise SystemExit(f"timed out: {what}")
 
 
 def ask(hosts, url, tokens, n=0):
@@ -94,15 +78,16 @@ def run_size(n, model, need_mib, args):
             share = need_mib // n + 128     # a compute buffer and slack for whole layers
             for i in range(1, n):
                 hosts.run(i, ["--rpc-worker", *COMMON], dict(TOKEN, LOCALSWARM_RPC_OFFER_MIB=str(share)))
-            wait("workers", lambda: all(health(hosts, i, "http://127.0.0.1:8080").get("status") == "lending"
-                                        for i in range(1, n)))
+            wait_for("the workers start", lambda: all(
+                health(hosts, i, "http://127.0.0.1:8080").get("status") == "lending" for i in range(1, n)), 300)
             # the head's budget: its fixed costs and about one share of the layers, so that the
             # plan cannot fit it alone
             env.update(LOCALSWARM_BUDGET_MIB=str(need_mib - (n - 1) * (need_mib // n)), LOCALSWARM_POOL_WAIT="2")
             serve = ["--pool", *serve]
         t0 = time.monotonic()
         hosts.run(0, serve, env)
-        h = wait("head", lambda: (lambda h: h if h.get("status") == "ok" else None)(health(hosts, 0, head)))
+        h = wait_for("the head starts", lambda: (lambda h: h if h.get("status") == "ok" else None)(
+            health(hosts, 0, head)), 300)
         load_s = time.monotonic() - t0
         pool = h.get("pool", {}).get("members", [])
         ask(hosts, head, 8, -1)                                 # warm up

@@ -13,7 +13,7 @@ import time
 import pytest
 
 import localswarm as ls
-from conftest import ROOT, free_port
+from conftest import ROOT
 from test_federation import NETNS, Hosts
 
 REGISTRY = ls.registry_for(ls.load_registry(), "llama.cpp")
@@ -330,7 +330,7 @@ def test_a_head_and_two_workers_answer_as_one_machine_and_survive_a_lost_worker(
         t.join(60)
         status, err = box["r"]
         assert status == 503 and err["error"]["code"] == "pool_worker_lost", err
-        assert f"RPC worker" in err["error"]["message"] and hosts.addr(2) in err["error"]["message"]
+        assert "RPC worker" in err["error"]["message"] and hosts.addr(2) in err["error"]["message"]
         h = wait_for("the head serves again", lambda: (lambda h: h if h.get("status") == "ok" else None)(
             health(hosts, 0, head)), 90)
         assert h["pool"]["lost"]["worker"].endswith(f"({hosts.addr(2)}:50052)"), h["pool"]
