@@ -5211,6 +5211,16 @@ class Metrics:
             metric("federation_dropped_total", "counter", "discovery packets and requests dropped",
                    [f'localswarm_federation_dropped_total{{reason="{r}"}} {n}'
                     for r, n in sorted(app.federation_drops().items())])
+        if app.worker:
+            w = app.worker.stats()
+            metric("rpc_admitted_total", "counter", "pool heads admitted by this worker's relay",
+                   [f"localswarm_rpc_admitted_total {w['admitted']}"])
+            metric("rpc_refused_total", "counter", "connections this worker's relay refused",
+                   [f'localswarm_rpc_refused_total{{reason="{r}"}} {n}' for r, n in sorted(w["refused"].items())])
+        if app.pool:
+            metric("pool_bytes_total", "counter", "bytes carried to and from each pool worker",
+                   [f'localswarm_pool_bytes_total{{worker="{m["host"]}:{m["port"]}",direction="{d}"}} {m["bytes_" + d]}'
+                    for m in app.pool.report()["members"][1:] for d in ("up", "down")])
         return "\n".join(out) + "\n"
 
 
@@ -6835,7 +6845,8 @@ class Federation:
             log.warning("federation without auth_token: accepting peers from private and loopback "
                         "addresses only (set LOCALSWARM_FEDERATION_TOKEN to sign)")
         self.sock = self._open_socket()
-        loops = [self._listen, self._check_peers] + ([self._announce] if self.reachable() else [])
+        loops = [self._listen, self._check_peers] if not self.app.worker else []    # a worker only announces
+        loops += [self._announce] if self.reachable() else []
         for target in loops:
             t = threading.Thread(target=target, name=f"localswarm-{target.__name__[1:]}", daemon=True)
             t.start()

@@ -303,6 +303,10 @@ def test_a_head_and_two_workers_answer_as_one_machine_and_survive_a_lost_worker(
         status, pooled = post(hosts, 0, head + "/v1/chat/completions", GREEDY)
         assert status == 200
         assert pooled["choices"][0]["message"]["content"] == alone["choices"][0]["message"]["content"]
+        # the pooled model's voters are sequences, as on one machine: two sampled answers voted on
+        status, voted = post(hosts, 0, head + "/v1/chat/completions", dict(GREEDY, temperature=0.8, max_tokens=24))
+        assert status == 200 and voted["x_localswarm"]["voters"] == 2, voted["x_localswarm"]
+        assert all(v["tokens"] > 0 for v in voted["x_localswarm"]["per_voter"])
         h = health(hosts, 0, head)
         assert all(m["bytes_up"] > 0 and m["round_trips"] > 0 for m in h["pool"]["members"][1:]), h["pool"]
         for i in (1, 2):
@@ -318,6 +322,8 @@ def test_a_head_and_two_workers_answer_as_one_machine_and_survive_a_lost_worker(
                              capture_output=True, text=True, timeout=60)
         assert out.returncode == 1 and "refused us: our federation token is not its token" in out.stderr, out.stderr
         assert health(hosts, 1, "http://127.0.0.1:8080")["rpc_worker"]["refused"] == {"bad_token": 1}
+        assert 'localswarm_rpc_refused_total{reason="bad_token"} 1' in hosts.exec_text(1, "http://127.0.0.1:8080/metrics")
+        assert "localswarm_pool_bytes_total{worker=" in hosts.exec_text(0, head + "/metrics")
 
         # a worker killed mid-request: a clear error, then the head restarts on what is left
         box = {}
