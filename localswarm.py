@@ -7733,6 +7733,9 @@ def check_pool(cfg: Config) -> None:
                               "secret on the head and every worker): ggml RPC has no authentication of its own")
     for spec in cfg["network.pool_workers"]:
         parse_peer(spec)
+    if cfg["network.pool"] and cfg["models.backend"] == "mlx":
+        raise LocalswarmError("--pool runs the model on llama.cpp's RPC backend, not MLX; "
+                              "leave out --backend mlx (or use --backend llama.cpp)")
 
 
 class RpcWorker:
@@ -8967,7 +8970,9 @@ def main(argv: Optional[list] = None) -> int:
             return 0
         hw = read_hardware(args)
         budget = memory_budget(hw, fractions(cfg), cfg["hardware.budget_mib"] * MiB)
-        registry = registry_for(load_registry(), engine_backend(cfg["models.backend"], hw))
+        # a pool runs on llama.cpp (its RPC backend), also on a Mac
+        registry = registry_for(load_registry(), "llama.cpp" if cfg["network.pool"]
+                                else engine_backend(cfg["models.backend"], hw))
         if args.bench:
             return bench_command(args, cfg)
         if args.rpc_worker or cfg["network.pool"]:

@@ -226,6 +226,13 @@ def test_a_relay_without_our_token_is_not_trusted_as_a_worker():
     impostor.stop()
 
 
+def test_pooling_on_mlx_is_refused_in_one_line(tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "localswarm.py"), "--pool", "--backend", "mlx", "--detect"],
+                         env=dict(os.environ, HOME=str(tmp_path), LOCALSWARM_FEDERATION_TOKEN="t"),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "not MLX" in out.stderr
+
+
 def test_pooling_without_a_token_is_refused_in_one_line(tmp_path):
     for args in (["--rpc-worker"], ["--pool", "--detect"]):
         out = subprocess.run([sys.executable, os.path.join(ROOT, "localswarm.py"), *args],
