@@ -2981,8 +2981,7 @@ class LlamaCppEngine:
                 "prompt_cache_ram_bytes": v.cache.get("ram_bytes", 0)}
 
     def queue_depth(self) -> int:
-        with self._cv:
-            return len(self._waiting)
+        return len(self._waiting)      # without the lock: a stuck engine thread may hold it (abandon)
 
     def busy_voters(self) -> int:
         return self._view.busy_voters
@@ -2997,6 +2996,8 @@ class LlamaCppEngine:
         if n == 0:
             raise ApiError(400, "the prompt is empty", param="prompt")
         room = ContextLengthError.check(n, self.ctx_limit)
+        if not self.healthy:         # before the lock too: the engine thread may hold it, stuck (abandon)
+            raise ApiError(503, "engine is reloading", type="unavailable_error", headers={"Retry-After": "2"})
         if req.voters > self.max_voters:
             raise ApiError(400, f"voters must be at most {self.max_voters}", param="voters")
         req.params.max_tokens = max(1, min(req.params.max_tokens, room))
@@ -7366,7 +7367,10 @@ def accept_loop(sock: socket.socket, stopping: threading.Event, handle: Callable
             log.warning("%s: accept failed (%s); retrying", name, exc)
             time.sleep(0.5)
             continue
-        spawn(handle, name, conn, addr[0])
+        try:
+            spawn(handle, name, conn, addr[0])
+        except RuntimeError:         # no thread to be had (a flood): refuse this one, keep accepting
+            conn.close()
 
 
 def spawn(target: Callable, name: str, *args) -> threading.Thread:
@@ -8810,7 +8814,11 @@ def restart_in_place(app: App, server: Optional["Server"], member: PoolMember, w
                    headers={"Retry-After": "10"})
     if app.swarm:
         app.swarm.engine.abandon(err)
-    time.sleep(1.0 + app.pool.restart_delay())       # the handlers send their errors first
+    deadline = time.monotonic() + 1.0 + app.pool.restart_delay()     # the handlers send their errors first
+    while time.monotonic() < deadline:
+        if app.pool.closing:
+            return                   # shutting down meanwhile: no restart
+        time.sleep(0.1)
     env = dict(os.environ, **{POOL_LOST_ENV: json.dumps(app.pool.lost)})
     argv = [sys.executable] + (sys.orig_argv[1:] if hasattr(sys, "orig_argv") else sys.argv)
     log.warning("restarting: %s", " ".join(argv))
@@ -8871,7 +8879,7 @@ def shut_down(app: App, server: Optional["Server"]) -> None:
     if server:
         server.shutdown()
         server.server_close()
-    if app.swarm:
+    if app.swarm and not (app.pool and app.pool.broken):   # a broken pool's engine is stuck in llama.cpp
         app.swarm.engine.close()
 
 

@@ -78,10 +78,13 @@ def test_the_head_keeps_a_layer_and_workers_too_small_drop_out():
     head = ls.Budget(400 * MiB, "capped", [400 * MiB], "cpu")
     p = ls.plan_pool(choose_starter, head, members(400, 200, 200, 60), ls.SpeedFloor())   # 60 MiB: no room for a layer
     assert [m.name for m in p.pool] == ["head", "w0", "w1"]
-    need = ls.estimate_memory(STARTER, 2048, 2)
-    tight = members(int(need["total"] - need["weights"] - need["kv_cache"]) // MiB + 3, 400, 400)
-    shares = ls.pool_shares(ls.fit_chosen([STARTER], ls.pool_budget(tight), 2, 2048), tight)
-    assert shares is None or shares[0].layers >= 1      # the output layer (and its logits) stays on the head
+    def shares(*mib):
+        m = members(*mib)
+        return ls.pool_shares(ls.fit_chosen([STARTER], ls.pool_budget(m), 2, 2048), m)
+    s = shares(232, 150, 400, 400)       # the head's room rounds to no layer: it keeps one (the output layer)
+    assert [x.layers for x in s] == [1, 3, 13, 14] and all(x.bytes <= x.offer for x in s)
+    assert [x.name for x in shares(232, 70, 400, 400)] == ["head", "w1", "w2"]   # no room for a layer: left out
+    assert shares(230, 400, 400) is None  # the head cannot hold even the output layer
 
 
 def test_a_worker_that_keeps_failing_is_restarted_with_growing_waits():
