@@ -229,6 +229,22 @@ def test_a_relay_without_our_token_is_not_trusted_as_a_worker():
     impostor.stop()
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="Linux keeps /proc/self/fd")
+def test_a_restart_passes_on_only_the_listening_socket():
+    # llama.cpp opens its sockets inheritable; the exec that restarts a head must not carry them on
+    script = (
+        "import os, sys; sys.path.insert(0, sys.argv[1]); import localswarm as ls\n"
+        "leak, listen = os.pipe()\n"
+        "os.set_inheritable(leak, True); os.set_inheritable(listen, True)\n"
+        "ls.close_on_exec(listen)\n"
+        "os.execv(sys.executable, [sys.executable, '-c', "
+        "'import os, sys; print(*(os.path.exists(f\"/proc/self/fd/{fd}\") for fd in sys.argv[1:]))', "
+        "str(leak), str(listen)])\n")
+    out = subprocess.run([sys.executable, "-c", script, str(ROOT)], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert out.split() == ["False", "True"]        # the leak is gone, the listening socket kept
+
+
 def test_pooling_on_mlx_is_refused_in_one_line(tmp_path):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "localswarm.py"), "--pool", "--backend", "mlx", "--detect"],
                          env=dict(os.environ, HOME=str(tmp_path), LOCALSWARM_FEDERATION_TOKEN="t"),
