@@ -8830,25 +8830,24 @@ def restart_in_place(app: App, server: Optional["Server"], member: PoolMember, w
         subprocess.Popen(argv, env=env)
         os._exit(0)
     keep = server.socket.fileno() if server else -1
-    close_on_exec(keep)
+    inherit_only(keep)
     if server:
-        os.set_inheritable(keep, True)
         env[LISTEN_FD_ENV] = str(keep)
     os.execve(sys.executable, argv, env)
 
 
-def close_on_exec(keep: int) -> None:
-    """Mark every descriptor above stderr but `keep` close-on-exec: llama.cpp opens its sockets
-    inheritable, and each restart would otherwise leak them into the next program. Marking,
-    not closing, leaves the threads still using them undisturbed until the exec."""
+def inherit_only(keep: int) -> None:
+    """Let the next exec inherit `keep` (and stdin/out/err) and nothing else: llama.cpp opens its
+    sockets inheritable, and each restart would otherwise leak them into the next program.
+    Marking close-on-exec, not closing, leaves the threads still using them undisturbed."""
     try:
         fds = [int(name) for name in os.listdir("/proc/self/fd")]
     except OSError:                   # no /proc (macOS): try the usual range
         fds = range(3, min(os.sysconf("SC_OPEN_MAX"), 4096))
     for fd in fds:
-        if fd > 2 and fd != keep:
+        if fd > 2:
             try:
-                os.set_inheritable(fd, False)
+                os.set_inheritable(fd, fd == keep)
             except OSError:
                 pass                  # closed meanwhile, or the listing's own descriptor
 

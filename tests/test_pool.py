@@ -235,8 +235,8 @@ def test_a_restart_passes_on_only_the_listening_socket():
     script = (
         "import os, sys; sys.path.insert(0, sys.argv[1]); import localswarm as ls\n"
         "leak, listen = os.pipe()\n"
-        "os.set_inheritable(leak, True); os.set_inheritable(listen, True)\n"
-        "ls.close_on_exec(listen)\n"
+        "os.set_inheritable(leak, True)\n"
+        "ls.inherit_only(listen)\n"
         "os.execv(sys.executable, [sys.executable, '-c', "
         "'import os, sys; print(*(os.path.exists(f\"/proc/self/fd/{fd}\") for fd in sys.argv[1:]))', "
         "str(leak), str(listen)])\n")
