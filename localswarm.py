@@ -62,9 +62,11 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import tokenize
@@ -161,6 +163,16 @@ def optional(module: str):
         return None
 
 
+def shown(value: Any, limit: int = 60) -> str:
+    """A user's value for an error message: its repr, cut short (an integer too long for repr
+    is named by its size, since repr itself would raise)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def human_bytes(n: float) -> str:
     """1536 MiB -> '1.5 GiB'."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -218,6 +230,8 @@ SETTINGS = [
     _s("server", "api_key", str, "", "require this bearer key on /v1 (empty: no key)"),
     _s("server", "max_body_bytes", int, 8 * MiB, "largest request body accepted", minimum=1024),
     _s("server", "max_queue", int, 16, "requests waiting beyond this get 503", minimum=0),
+    _s("server", "max_pending_bytes", int, 64 * MiB, "request bodies held at once, from reading to "
+       "answering (beyond this: 503 + Retry-After)", minimum=1024),
     _s("server", "max_connections", int, 512, "client connections served at once, a thread each (more "
        "get 503 and are closed)", minimum=1),
     _s("server", "allowed_hosts", list, [], "extra names clients may use in the Host header (IP "
@@ -349,11 +363,11 @@ def coerce_setting(s: Setting, value, where: str):
             if not isinstance(value, str):
                 raise ValueError
     except (TypeError, ValueError):
-        raise LocalswarmError(f"{where}: {name} must be a {s.type.__name__}, got {value!r}") from None
+        raise LocalswarmError(f"{where}: {name} must be a {s.type.__name__}, got {shown(value)}") from None
     if s.choices and value not in s.choices:
-        raise LocalswarmError(f"{where}: {name} must be one of {', '.join(s.choices)}, got {value!r}")
+        raise LocalswarmError(f"{where}: {name} must be one of {', '.join(s.choices)}, got {shown(value)}")
     if s.minimum is not None and value < s.minimum or s.maximum is not None and value > s.maximum:
-        raise LocalswarmError(f"{where}: {name} must be between {s.minimum} and {s.maximum}, got {value!r}")
+        raise LocalswarmError(f"{where}: {name} must be between {s.minimum} and {s.maximum}, got {shown(value)}")
     return value
 
 
@@ -362,7 +376,7 @@ def read_config_file(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:       # JSONDecodeError, and an integer of over 4,300 digits
         raise LocalswarmError(f"{path}: not valid JSON ({exc})") from None
     except OSError as exc:
         raise LocalswarmError(f"{path}: cannot read ({exc.strerror})") from None
@@ -2484,6 +2498,15 @@ PROMPT_CACHE_SLOTS = 8        # KV sequences reserved for cached prompts
 RAM_CACHE_MIN_TOKENS = 64     # shorter prompts are dropped, not copied to RAM, when evicted
 DISK_CACHE_MIN_TOKENS = 1024  # shorter prompts are quick to decode again: not written to disk
 DISK_CACHE_MAGIC = b"LSWKV1\n"
+DISK_CACHE_NAME_RE = re.compile(r"[0-9a-f]{32}\.kv")               # what DiskCache._write names
+DISK_CACHE_TEMP_RE = re.compile(r"[0-9a-f]{32}\.kv\.[A-Za-z0-9_]+\.tmp")  # its mkstemp files
+
+
+def _regular_file(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 @dataclass(eq=False)
@@ -2607,11 +2630,15 @@ class DiskCache:
             self._thread.start()
 
     def _prepare(self) -> bool:
+        """Make the directories private (0700: cached prompts are the user's code and chats),
+        also ones an older version left open, and check that files can be written there."""
         try:
-            os.makedirs(self.dir, exist_ok=True)
-            probe = os.path.join(self.dir, ".write-test")
-            with open(probe, "wb"):
-                pass
+            for d in (self.root, self.dir):
+                os.makedirs(d, mode=0o700, exist_ok=True)
+                if os.name == "posix" and os.stat(d).st_uid == os.getuid():
+                    os.chmod(d, 0o700)
+            fd, probe = tempfile.mkstemp(dir=self.dir, prefix=".write-test-")
+            os.close(fd)
             os.remove(probe)
             return True
         except OSError as exc:
@@ -2627,23 +2654,50 @@ class DiskCache:
             return found
         for name in sorted(os.listdir(self.dir)):
             path = os.path.join(self.dir, name)
-            if name.endswith(".tmp"):
+            if DISK_CACHE_TEMP_RE.fullmatch(name) and _regular_file(path):
                 self._discard(path, "unfinished")
-                continue
-            if not name.endswith(".kv"):
-                continue
-            head = self._read_header(path)
-            if head is None:
-                self._discard(path, "unreadable")
-            else:
-                found.append((head[0], path))
+            elif DISK_CACHE_NAME_RE.fullmatch(name) and self._own(path):
+                head = self._read_header(path)
+                if head is None:
+                    self._discard(path, "unreadable")
+                else:
+                    if os.name == "posix":     # an older version wrote them with the umask
+                        with contextlib.suppress(OSError):
+                            os.chmod(path, 0o600)
+                    found.append((head[0], path))
         return found
+
+    @staticmethod
+    def _open(path: str):
+        """A cache file opened for reading, or None unless it is a regular file: never through a
+        symlink, and without blocking (a FIFO planted under a cache name must not hang us)."""
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+                         | getattr(os, "O_BINARY", 0))
+        except OSError:
+            return None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return None
+        return os.fdopen(fd, "rb")
+
+    def _own(self, path: str) -> bool:
+        """Whether path is a file this cache wrote: its name and its magic. Only those are ever
+        read, evicted or removed; anything else in the directory is left alone."""
+        f = self._open(path)
+        if f is None:
+            return False
+        with f:
+            return f.read(len(DISK_CACHE_MAGIC)) == DISK_CACHE_MAGIC
 
     def _read_header(self, path: str) -> Optional[tuple]:
         """(tokens, data size, crc) from a file's header, or None if it is not one of ours for
         this model or is shorter than its header says."""
+        f = self._open(path)
+        if f is None:
+            return None
         try:
-            with open(path, "rb") as f:
+            with f:
                 if f.read(len(DISK_CACHE_MAGIC)) != DISK_CACHE_MAGIC:
                     return None
                 n = struct.unpack("<I", f.read(4))[0]
@@ -2653,11 +2707,11 @@ class DiskCache:
                 if head.get("model") != self.key:
                     return None
                 n_tok, size, crc = int(head["n_tokens"]), int(head["data_bytes"]), int(head["crc32"])
-                if not 0 < n_tok <= os.path.getsize(path) // 4 or size < 0:
+                if not 0 < n_tok <= os.fstat(f.fileno()).st_size // 4 or size < 0:
                     return None
                 toks = array.array("i")
                 toks.frombytes(f.read(4 * n_tok))
-                if len(toks) != head["n_tokens"] or os.path.getsize(path) != f.tell() + size:
+                if len(toks) != head["n_tokens"] or os.fstat(f.fileno()).st_size != f.tell() + size:
                     return None
                 return toks.tolist(), size, crc
         except (OSError, ValueError, KeyError, TypeError, struct.error, AttributeError, MemoryError, OverflowError):
@@ -2670,8 +2724,9 @@ class DiskCache:
             if head is not None:
                 tokens, size, crc = head
                 buf = (ctypes.c_uint8 * size)()
-                with open(path, "rb") as f:
-                    f.seek(os.path.getsize(path) - size)
+                f = self._open(path) or open(os.devnull, "rb")      # gone since: nothing is read
+                with f:
+                    f.seek(os.fstat(f.fileno()).st_size - size)
                     if f.readinto(buf) == size and zlib.crc32(buf) == crc:
                         os.utime(path)          # least recently *used* goes first
                         return buf
@@ -2731,9 +2786,10 @@ class DiskCache:
             return None
         head = json.dumps({"model": self.key, "n_tokens": len(tokens), "data_bytes": len(data),
                            "crc32": zlib.crc32(data), "llama_cpp": LLAMA_CPP_VERSION}).encode()
-        tmp = path + ".tmp"
+        # mkstemp: a new file of our own (O_EXCL, never through a planted symlink), mode 0600
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=name + ".", suffix=".tmp")
         try:
-            with open(tmp, "wb") as f:
+            with os.fdopen(fd, "wb") as f:
                 f.write(DISK_CACHE_MAGIC + struct.pack("<I", len(head)) + head + toks)
                 f.write(memoryview(data).cast("B"))
             os.replace(tmp, path)
@@ -2745,14 +2801,16 @@ class DiskCache:
         return path
 
     def files(self) -> list:
-        """(mtime, size, path) of every cache file under root (all models)."""
+        """(mtime, size, path) of every file this cache wrote under root (all models' directories,
+        one level down); a user's own files there are not counted and never evicted."""
         out = []
-        for d, _, names in os.walk(self.root):
+        for d, subdirs, names in os.walk(self.root):
+            subdirs[:] = [] if d != self.root else subdirs
             for name in names:
-                if name.endswith(".kv"):
-                    p = os.path.join(d, name)
+                p = os.path.join(d, name)
+                if DISK_CACHE_NAME_RE.fullmatch(name) and self._own(p):
                     with contextlib.suppress(OSError):
-                        st = os.stat(p)
+                        st = os.lstat(p)
                         out.append((st.st_mtime, st.st_size, p))
         return sorted(out)
 
@@ -3130,23 +3188,32 @@ class LlamaCppEngine:
                 self._release_kept(self._kept[0])     # a waiting request beats an unclaimed answer
                 continue
             self._waiting.popleft()
-            req.admitted_at = time.monotonic()
-            seeded = req.params.seed is not None and not self._runs
-            if seeded:
-                # llama.cpp's sums depend on the batch shape and on which KV cells hold what, so
-                # a seeded request on an idle engine starts from an empty KV cache: same seed, same
-                # answers. (Beside other requests no such promise holds, as with llama-server.)
-                for kept in list(self._kept):
-                    self._release_kept(kept)
-                for e in [e for e in self._cache.entries if e.seq >= 0]:
-                    self._evict_from_kv(e)
-                self.llm.clear()
-            self._free.sort()
-            seqs = [self._free.pop(0) for _ in range(req.voters)]
-            reuse = 0 if seeded else self._reuse_prefix(req.prompt_tokens, seqs[0])
-            req.cached_tokens = reuse
-            self.counters["prompt_tokens_cached"] += reuse
-            self._runs.append(_Run(req, seqs, reuse))
+            try:
+                self._start_run(req)
+            except BaseException as exc:    # out of the queue but not a run yet: _fail_all would miss it
+                req.error = ApiError(500, f"inference failed: {exc}", type="server_error", code="engine_error")
+                req._done.set()
+                raise
+
+    def _start_run(self, req: GenRequest) -> None:
+        """Give an admitted request its sequences and the cached prefix it can reuse."""
+        req.admitted_at = time.monotonic()
+        seeded = req.params.seed is not None and not self._runs
+        if seeded:
+            # llama.cpp's sums depend on the batch shape and on which KV cells hold what, so
+            # a seeded request on an idle engine starts from an empty KV cache: same seed, same
+            # answers. (Beside other requests no such promise holds, as with llama-server.)
+            for kept in list(self._kept):
+                self._release_kept(kept)
+            for e in [e for e in self._cache.entries if e.seq >= 0]:
+                self._evict_from_kv(e)
+            self.llm.clear()
+        self._free.sort()
+        seqs = [self._free.pop(0) for _ in range(req.voters)]
+        reuse = 0 if seeded else self._reuse_prefix(req.prompt_tokens, seqs[0])
+        req.cached_tokens = reuse
+        self.counters["prompt_tokens_cached"] += reuse
+        self._runs.append(_Run(req, seqs, reuse))
 
     def _reuse_prefix(self, tokens: list, seq: int) -> int:
         """Copy the longest cached prefix of `tokens` into `seq` (restoring it from RAM or disk
@@ -4088,6 +4155,96 @@ class Grammar:
 
 ANY_OBJECT_SCHEMA = {"type": "object"}     # arguments when a tool's schema cannot be turned into GBNF
 
+# Bounds on what a tool's schema may make the grammar builder emit. The converter writes a
+# counted repetition (maxLength 50, "a{0,50}") as one nested "( ... )?" per allowed repetition,
+# and llama.cpp parses grammars recursively: about 20,000 levels overflow the engine thread's
+# stack (SIGSEGV), about 5,000 are refused. Past these bounds the schema is loosened (the bound
+# dropped, the arguments checked against the real schema after the fact) and past the grammar
+# bounds a tool's arguments become any JSON object, so llama.cpp only ever gets small grammars.
+GRAMMAR_MAX_REPEAT = 64          # largest counted repetition kept (maxLength, maxItems, {m,n})
+GRAMMAR_MAX_SCHEMA_DEPTH = 16    # nesting of schemas below a tool's parameters
+GRAMMAR_MAX_MEMBERS = 256        # properties of one object, values of one enum, branches of anyOf
+GRAMMAR_MAX_PATTERN = 256        # characters of a pattern kept
+GRAMMAR_MAX_BYTES = 256 * 1024   # the whole grammar's text
+GRAMMAR_MAX_DEPTH = 200          # parentheses nested in it
+COUNTED_REPEAT_RE = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
+
+
+def _pattern_ok(pattern: Any) -> bool:
+    """Whether a pattern is small enough to become grammar: short, each counted repetition
+    at most GRAMMAR_MAX_REPEAT, and their product (nested repetitions multiply) bounded too."""
+    if not isinstance(pattern, str) or len(pattern) > GRAMMAR_MAX_PATTERN:
+        return False
+    product = 1
+    for lo, hi in COUNTED_REPEAT_RE.findall(pattern):
+        n = max(int(lo[:6]), int(hi[:6] or 0))
+        product *= max(n, 1)
+        if n > GRAMMAR_MAX_REPEAT or product > GRAMMAR_MAX_REPEAT ** 2:
+            return False
+    return True
+
+
+def bounded_schema(schema: Any, depth: int = 0) -> Any:
+    """A copy of a JSON Schema loosened to what the grammar can hold safely (the bounds above):
+    large length and item counts and large patterns are dropped, objects and enums with too
+    many members and schemas nested too deeply accept any value. Pure; never raises."""
+    if not isinstance(schema, dict):
+        return schema if isinstance(schema, bool) else {}
+    if depth > GRAMMAR_MAX_SCHEMA_DEPTH:
+        return {}
+    out = {}
+    for key, value in schema.items():
+        if key in ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties"):
+            if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= GRAMMAR_MAX_REPEAT:
+                out[key] = value
+        elif key == "pattern":
+            if _pattern_ok(value):
+                out[key] = value
+        elif key in ("enum", "required"):
+            if isinstance(value, list) and len(value) <= GRAMMAR_MAX_MEMBERS:
+                out[key] = value
+        elif key in ("properties", "$defs", "definitions", "patternProperties"):
+            if not isinstance(value, dict) or len(value) > GRAMMAR_MAX_MEMBERS:
+                return {"type": "object"} if key == "properties" else {}
+            out[key] = {k: bounded_schema(v, depth + 1) for k, v in value.items()}
+        elif key in ("anyOf", "oneOf", "allOf", "prefixItems"):
+            if not isinstance(value, list) or len(value) > GRAMMAR_MAX_MEMBERS:
+                return {}
+            out[key] = [bounded_schema(v, depth + 1) for v in value]
+        elif key in ("items", "additionalProperties", "not", "contains"):
+            out[key] = bounded_schema(value, depth + 1)
+        else:
+            out[key] = value
+    return out
+
+
+def grammar_depth(text: str) -> int:
+    """The deepest nesting of parentheses in GBNF text, outside quoted literals and [classes]."""
+    depth = deepest = 0
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch in "\"[":
+            close = '"' if ch == '"' else "]"
+            i += 1
+            while i < n and text[i] != close:
+                i += 2 if text[i] == "\\" else 1
+        elif ch == "#":
+            while i < n and text[i] != "\n":
+                i += 1
+        elif ch == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch == ")":
+            depth -= 1
+        i += 1
+    return deepest
+
+
+def grammar_is_small(text: str) -> bool:
+    """Whether llama.cpp can parse this grammar without danger (GRAMMAR_MAX_BYTES, _DEPTH)."""
+    return len(text) <= GRAMMAR_MAX_BYTES and grammar_depth(text) <= GRAMMAR_MAX_DEPTH
+
 
 def _call_rule(conv, tools: list, args_key: str) -> str:
     """One GBNF rule for {"name": <one of the tools>, args_key: <its parameters>}."""
@@ -4095,7 +4252,7 @@ def _call_rule(conv, tools: list, args_key: str) -> str:
     for t in tools:
         fn = t.get("function") or {}
         params = fn.get("parameters") if isinstance(fn.get("parameters"), dict) else ANY_OBJECT_SCHEMA
-        params = {k: v for k, v in params.items() if k != "$schema"} or ANY_OBJECT_SCHEMA
+        params = {k: v for k, v in bounded_schema(params).items() if k != "$schema"} or ANY_OBJECT_SCHEMA
         alts.append({"type": "object", "properties": {"name": {"const": fn.get("name")}, args_key: params},
                      "required": ["name", args_key], "additionalProperties": False})
     schema = conv.resolve_refs({"anyOf": alts} if len(alts) > 1 else alts[0], "tools")
@@ -4112,9 +4269,14 @@ def _schema_gbnf(tools: list, args_key: str) -> tuple:
                                            dotall=False, raw_pattern=False)
         try:
             rule = _call_rule(conv, attempt, args_key)
-            return conv.format_grammar(), rule
+            rules = conv.format_grammar()
         except Exception as exc:    # noqa: BLE001 - any schema the converter cannot express
             log.info("tool schema not expressible as a grammar (%s); checking arguments afterwards", exc)
+            continue
+        if grammar_is_small(rules):
+            return rules, rule
+        log.info("tool schemas make a grammar too large for llama.cpp (%d bytes, %d deep); checking "
+                 "arguments afterwards", len(rules), grammar_depth(rules))
     raise LocalswarmError("could not build a grammar for the offered tools")
 
 
@@ -4528,8 +4690,12 @@ class Swarm:
         wanted = self.tool_grammar if req.tool_grammar is None else req.tool_grammar
         if not tools or not wanted or req.prompt is not None:
             return None
-        return tool_grammar(tools, self.engine.formatter.tool_format, lazy=not req.must_call(),
-                            parallel=req.parallel_tool_calls)
+        try:
+            return tool_grammar(tools, self.engine.formatter.tool_format, lazy=not req.must_call(),
+                                parallel=req.parallel_tool_calls)
+        except LocalswarmError as exc:     # even any-object arguments are too big: no grammar,
+            log.warning("%s; tool calls are checked after the fact", exc)   # calls checked afterwards
+            return None
 
     def status(self) -> dict:
         """Numbers for /health, MCP's get_swarm_status and the status line."""
@@ -5238,6 +5404,7 @@ class App:
         self.load_error: Optional[str] = None
         self.started = time.time()
         self.aliases: set = set()     # other ids clients may use: the planned model's, when another is served
+        self._held_bytes, self._held_lock = 0, threading.Lock()     # hold_body
         reserve = cfg["hardware.memory_reserve_mib"]
         self.memory = None if reserve < 0 else MemoryWatch(reserve * MiB, cfg["hardware.swap_growth_mib"] * MiB)
         if self.memory:
@@ -5252,6 +5419,21 @@ class App:
     def model_ids(self) -> list:
         return [self.swarm.model_id, "localswarm"] if self.swarm else ["localswarm"]
 
+    def hold_body(self, n: int) -> int:
+        """Count a request body of n bytes against server.max_pending_bytes while it is read,
+        parsed, queued and answered (a parsed body costs many times its size); 503 past it."""
+        with self._held_lock:
+            if self._held_bytes and self._held_bytes + n > self.cfg["server.max_pending_bytes"]:
+                raise BusyError(f"server busy: {human_bytes(self._held_bytes)} of request bodies are being "
+                                "served (server.max_pending_bytes)")
+            self._held_bytes += n
+        return n
+
+    def release_body(self, n: int) -> None:
+        if n:
+            with self._held_lock:
+                self._held_bytes -= n
+
     def check_model(self, model: Any) -> Optional[str]:
         """None when `model` names this server's model; else, as llama-server does, the request
         is served anyway and the warning to send back is returned (404 with server.strict_model)."""
@@ -5262,7 +5444,7 @@ class App:
         if self.cfg["server.strict_model"]:
             raise ApiError(404, f"The model '{model}' does not exist; this server has '{swarm.model_id}' "
                            "(alias 'localswarm')", param="model", code="model_not_found")
-        return f"model '{model}' is not served here; answered by '{swarm.model_id}'"
+        return f"model {json.dumps(str(model)[:100])} is not served here; answered by '{swarm.model_id}'"
 
     def peer_count(self) -> int:
         return len(self.federation.live_peers()) if self.federation else 0
@@ -5369,6 +5551,7 @@ REQUEST_FIELDS = {
     "early_stop": ((bool, str), None, None), "stream_mode": (str, None, None), "stream_voters": (bool, None, None),
 }
 ROLES = ("system", "user", "assistant", "tool", "developer")
+MESSAGE_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content")
 
 
 def check_fields(body: dict) -> None:
@@ -5385,6 +5568,18 @@ def check_fields(body: dict) -> None:
 
 
 MAX_JSON_DEPTH = 64     # nesting of request values (tool schemas are the deepest legitimate part)
+# Values in one request body. A byte of JSON can cost ~25 bytes as Python objects ("{}," is a
+# dict): 8 MiB of them is ~200 MiB. A long agent request (Claude Code's ~50 KB) has a few
+# thousand; long text costs one value per string, whatever its length.
+MAX_JSON_VALUES = 200_000
+JSON_STRING_RE = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+
+
+def json_value_count(raw: bytes) -> int:
+    """About how many values a JSON text holds (containers, commas and colons outside strings),
+    counted before parsing so that a flood of tiny values is refused before it costs memory."""
+    bare = JSON_STRING_RE.sub(b"0", raw)
+    return sum(bare.count(c) for c in (b"{", b"[", b",", b":")) + 1
 
 
 def check_values(value: Any, param: str, depth: int = 0) -> None:
@@ -5466,7 +5661,9 @@ def parse_messages(msgs: Any) -> list:
         raise ApiError(400, "'messages' must be a non-empty array", param="messages")
     for i, m in enumerate(msgs):
         check_message(i, m)
-    return [dict(m, role="system") if m["role"] == "developer" else m for m in msgs]
+    # only what a template reads is kept: anything else a client sent is not held while queued
+    return [{k: m[k] for k in MESSAGE_KEYS if k in m} | ({"role": "system"} if m["role"] == "developer" else {})
+            for m in msgs]
 
 
 def parse_prompt(prompt: Any) -> str:
@@ -5501,7 +5698,12 @@ def one_of(body: dict, name: str, choices: tuple) -> Optional[str]:
     return value
 
 
+MAX_TOOLS = 512      # per request (OpenAI allows 128; agents with many MCP servers send a few hundred)
+
+
 def parse_tools(tools: Any) -> Optional[list]:
+    if tools is not None and not isinstance(tools, list) or len(tools or []) > MAX_TOOLS:
+        raise ApiError(400, f"'tools' must be an array of at most {MAX_TOOLS} tools", param="tools")
     for i, t in enumerate(tools or []):
         fn = t.get("function") if isinstance(t, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or \
@@ -5653,6 +5855,14 @@ def origin_allowed(origin: Optional[str], host: Optional[str], allowed: list) ->
     return urllib.parse.urlsplit(origin).netloc.lower() == (host or "").strip().lower() != ""
 
 
+def header_value(value: Any, limit: int = 1024) -> str:
+    """A value safe for a response header: control characters (CR/LF would split the response)
+    become spaces, and what Latin-1 (http.server's encoding) cannot hold is written as \\u
+    escapes, so that sending headers cannot fail once the status line is out."""
+    text = re.sub(r"[\x00-\x1f\x7f-\x9f]", " ", str(value)[:limit])
+    return text.encode("latin-1", "backslashreplace").decode("latin-1")
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     """Routes requests to App; one catch turns any failure into an OpenAI error."""
 
@@ -5711,6 +5921,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         name = self.ROUTES.get((method, path))
         self._status = 200
         self._sse_started = False
+        self._held = 0                  # body bytes counted against server.max_pending_bytes
         self._body_pending = self._has_body()
         if not self._body_pending:
             self._request_read()
@@ -5744,6 +5955,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             log.exception("%s %s failed", method, path)
             self._error(ApiError(500, f"internal error: {type(exc).__name__}", type="server_error"))
         finally:
+            self.app.release_body(self._held)
             self.app.metrics.observe_request(name or "unknown", self._status, time.monotonic() - t0)
 
     def _has_body(self) -> bool:
@@ -5759,6 +5971,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                            code="length_required")
         if len(lengths) > 1:
             raise ApiError(400, "more than one Content-Length header", code="bad_framing")
+        if len(self.headers.get_all("Host") or []) > 1:      # RFC 9112 3.2: exactly one, or 400
+            raise ApiError(400, "more than one Host header", code="bad_framing")
         if lengths and not re.fullmatch(r"[0-9]{1,18}", lengths[0].strip()):
             raise ApiError(400, "bad Content-Length (plain digits only)", code="bad_framing")
 
@@ -5799,13 +6013,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
         fed = self.app.federation
         return bool(fed and fed.token)
 
-    def _check_key(self) -> None:
+    def _key_ok(self) -> bool:
+        """Whether the request carries the API key (Bearer or x-api-key), or none is set."""
         key = self.app.cfg["server.api_key"]
         if not key:
-            return
+            return True
         got = self.headers.get("Authorization", "")
         token = got[7:].strip() if got.lower().startswith("bearer ") else self.headers.get("x-api-key", "")
-        if not hmac.compare_digest(token.encode(), key.encode()):
+        return hmac.compare_digest(token.encode(), key.encode())
+
+    def _check_key(self) -> None:
+        if not self._key_ok():
             raise ApiError(401, "Incorrect or missing API key (Authorization: Bearer ...)",
                            type="authentication_error", code="invalid_api_key")
 
@@ -5839,16 +6057,25 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._send(status, json.dumps(obj).encode(), "application/json", headers)
 
     def _send(self, status: int, data: bytes, ctype: str, headers: Optional[dict] = None) -> None:
-        self._status = status
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in dict(self._cors_headers(), **(headers or {})).items():
-            self.send_header(k, v)
         if status >= 400 and status not in (401, 404, 429, 503):
             self.close_connection = self.close_connection or status in (411, 413) or status >= 500
-        self.end_headers()
+        self._status = status
+        self._send_head(status, dict(self._cors_headers(), **{
+            "Content-Type": ctype, "Content-Length": str(len(data))}, **(headers or {})))
         self.wfile.write(data)
+
+    def _send_head(self, status: int, headers: dict) -> None:
+        """The status line and headers, every value made safe before the first byte is written.
+        A body nobody read (a GET or OPTIONS that sent one) ends the connection, so that it can
+        never be taken for the next request."""
+        if getattr(self, "_body_pending", False):      # unset when the request line was unreadable
+            self.close_connection = True
+            headers = dict(headers, Connection="close")
+        lines = [(k, header_value(v)) for k, v in headers.items()]
+        self.send_response(status)
+        for k, v in lines:
+            self.send_header(k, v)
+        self.end_headers()
 
     def _read_raw(self) -> bytes:
         """The request body (its framing was checked by _check_framing): 411 without
@@ -5860,6 +6087,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if n > limit:
             raise ApiError(413, f"request body of {n} bytes is over the limit of {limit}",
                            code="request_too_large")
+        self._held = self.app.hold_body(n)       # given back when the request ends (_dispatch)
         raw = self.rfile.read(n)
         if len(raw) < n:
             self.close_connection = True
@@ -5869,8 +6097,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return raw
 
     def _read_json(self) -> Any:
+        raw = self._read_raw()
+        if json_value_count(raw) > MAX_JSON_VALUES:
+            raise ApiError(413, f"request body holds over {MAX_JSON_VALUES} JSON values", code="request_too_large")
         try:
-            return json.loads(self._read_raw())
+            return json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"invalid JSON body: {exc}", code="invalid_json") from None
         except RecursionError:
@@ -5881,13 +6112,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _start_sse(self, headers: Optional[dict] = None) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Transfer-Encoding", "chunked")
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
+        self._send_head(200, dict({"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                   "Transfer-Encoding": "chunked"}, **(headers or {})))
         self._sse_started = True
 
     def _event(self, obj: Any) -> None:
@@ -5901,7 +6127,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             for mid in self.app.model_ids]})
 
     def route_health(self) -> None:
+        """Open to liveness probes; with an API key set, only the status is told to a caller
+        without the key (as llama-server does): the numbers, paths and addresses are behind it."""
         health = self.app.health()
+        if not self._key_ok():
+            health = {"status": health["status"]}
         self._send_json(200 if health["status"] in ("ok", "lending") else 503, health)
 
     def route_page(self) -> None:
@@ -5929,8 +6159,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if warning:
             log.warning("%s", warning)
         rid = ("chatcmpl-" if chat else "cmpl-") + req.request_id
-        if body.get("stream"):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        stream = body.get("stream")
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
+        del body                     # req holds what is needed; the rest is not kept while queued
+        if stream:
             self._stream(req, chat, rid, include_usage, headers)
             return
         ans = self._run_swarm(req)
@@ -6022,7 +6254,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     self._event(chunk({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
                                                        "function": {"name": call["function"]["name"], "arguments": ""}}]}))
                     self._event(chunk({"tool_calls": [{"index": i, "function": {"arguments": call["function"]["arguments"]}}]}))
-        except OSError:
+        except BaseException:        # the client left, or anything else: the voters stop
             run.cancel()
             raise
         finish = _finish(ans.results[shown].finish_reason, []) if shown is not None else ans.finish_reason
@@ -7014,8 +7246,10 @@ class Federation:
     # --- requests between nodes -------------------------------------------
     def request(self, peer: Peer, method: str, path: str, payload: Optional[dict], timeout: float,
                 conns: Optional[list] = None) -> Any:
-        """One signed request to a peer; its reply must be signed too. The connection is put
-        in `conns` so that the caller can close it when its deadline passes."""
+        """One signed request to a peer; its reply must be signed too. The socket is put in
+        `conns` so that the caller can shut it down when its deadline passes: the socket itself,
+        since http.client lets go of it (conn.sock = None) once a reply says Connection: close,
+        and a peer trickling that reply's body would otherwise outlive every deadline."""
         body = json.dumps(payload).encode() if payload is not None else b""
         headers = {"Content-Type": "application/json", "Host": f"{peer.host}:{peer.port}"}
         nonce = secrets.token_hex(8)
@@ -7025,9 +7259,10 @@ class Federation:
                             "X-Localswarm-Node": peer.node_id,
                             "X-Localswarm-Signature": sign(self.token, ts, nonce, body, (method, path, peer.node_id))})
         conn = http.client.HTTPConnection(peer.host, peer.port, timeout=timeout)
-        if conns is not None:
-            conns.append(conn)
         try:
+            conn.connect()
+            if conns is not None:
+                conns.append(conn.sock)
             conn.request(method, path, body=body if payload is not None else None, headers=headers)
             resp = conn.getresponse()
             limit = self.cfg["server.max_body_bytes"]
@@ -7139,9 +7374,9 @@ class Federation:
                 t.join(max(0.0, deadline - time.monotonic()) if not req.cancel.is_set() else 0)
             got = dict(replies)            # what came in time
         finally:
-            for c in list(conns):          # one deadline for all: late peers' sockets are closed,
-                with contextlib.suppress(OSError, AttributeError):     # which also cancels their work
-                    c.sock.shutdown(socket.SHUT_RDWR)
+            for sock in list(conns):       # one deadline for all: late peers' sockets are shut,
+                with contextlib.suppress(OSError):     # which also cancels their work
+                    sock.shutdown(socket.SHUT_RDWR)
         remote, skipped = [], []
         for p in peers:
             r = got.get(p.node_id or p.url)
@@ -7198,6 +7433,7 @@ RPC_HANDSHAKE_TIMEOUT = 5.0     # seconds a connection has to prove itself, all 
 RPC_HEAD_LINE_MAX = 200         # bytes of a head's line (nonce, proof, command)
 RPC_REPLY_MAX = 4096            # bytes of a worker's greeting or reply (an info reply is the longest)
 RPC_PENDING_MAX = 16            # handshakes a relay runs at once; more connections are closed at once
+RPC_PENDING_PER_HOST = 4        # ... of which one source address may hold (one host cannot lock heads out)
 # Round trips ggml RPC makes per decode step for each worker (measured: BENCHMARKS.md, "Pooling").
 POOL_TRIPS_PER_WORKER = 2
 POOL_LOST_ENV = "LOCALSWARM_POOL_LOST"     # set across a restart: which worker was lost, and why
@@ -7392,7 +7628,7 @@ class RpcRelay:
         self.active: collections.Counter = collections.Counter()   # head address -> open connections
         self.bytes_in = self.bytes_out = 0
         self.lock = threading.Lock()
-        self.pending = threading.BoundedSemaphore(RPC_PENDING_MAX)
+        self.pending: collections.Counter = collections.Counter()   # source address -> handshakes running
         self.stopping = threading.Event()
         self.sock = listen_tcp(host, port)
         self.port = self.sock.getsockname()[1]
@@ -7425,8 +7661,23 @@ class RpcRelay:
             pass
         conn.close()
 
+    def _take_slot(self, host: str) -> bool:
+        """A handshake slot for host: at most RPC_PENDING_MAX in all and RPC_PENDING_PER_HOST from
+        one address, so that idle connections from one host cannot keep the real heads out."""
+        with self.lock:
+            if sum(self.pending.values()) >= RPC_PENDING_MAX or self.pending[host] >= RPC_PENDING_PER_HOST:
+                return False
+            self.pending[host] += 1
+            return True
+
+    def _free_slot(self, host: str) -> None:
+        with self.lock:
+            self.pending[host] -= 1
+            if not self.pending[host]:
+                del self.pending[host]
+
     def _serve(self, conn: socket.socket, host: str) -> None:
-        if not self.pending.acquire(blocking=False):
+        if not self._take_slot(host):
             return self._refuse(conn, host, "too_many_handshakes")
         try:
             cnonce, command, snonce = self._handshake(conn)
@@ -7435,7 +7686,7 @@ class RpcRelay:
         except (OSError, ConnectionError):
             return self._refuse(conn, host, "no_handshake")
         finally:
-            self.pending.release()
+            self._free_slot(host)
         proof = rpc_proof(self.token, "worker", snonce, cnonce)
         if command == "info":
             try:
@@ -7939,7 +8190,8 @@ class McpServer:
                     "serverInfo": {"name": "localswarm", "version": __version__},
                     "instructions": "A local swarm of coding models; generate_code returns the consensus answer."}
         if method == "notifications/cancelled":
-            running = self.calls.get(params.get("requestId"))
+            rid = params.get("requestId")       # a notification is never answered: a bad id is ignored
+            running = self.calls.get(rid) if isinstance(rid, (str, int)) else None
             if running:
                 running.cancel.set()
             return {}

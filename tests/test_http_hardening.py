@@ -268,3 +268,97 @@ def test_the_key_may_come_as_x_api_key_and_a_bug_is_a_500_in_openais_shape(bare,
     err = json.loads(body)["error"]
     assert status == 500 and headers["Content-Type"] == "application/json"
     assert err["type"] == "server_error" and err["message"] == "internal error: KeyError"   # no traceback, no detail
+
+
+# --- round 3 (issue 34) ------------------------------------------------------------------
+@pytest.mark.parametrize("method, path", [("GET", "/health"), ("GET", "/v1/models"),
+                                          ("OPTIONS", "/v1/chat/completions")])
+def test_a_body_nobody_reads_ends_the_connection(bare, method, path):
+    """A GET or OPTIONS with a body: the body must never be read as the next request (CL.0)."""
+    url, _ = bare
+    smuggled = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    t0 = time.monotonic()
+    out = exchange(url, b"%s %s HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n"
+                   % (method.encode(), path.encode(), len(smuggled)) + smuggled)
+    assert out.count(b"HTTP/1.1 ") == 1 and b"Connection: close" in out, out[:400]
+    assert b"localswarm_requests_total" not in out and time.monotonic() - t0 < 5
+
+
+def test_two_host_headers_are_refused(bare):
+    url, _ = bare
+    out = exchange(url, b"GET /health HTTP/1.1\r\nHost: localhost\r\nHost: evil.example\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 400") and b"more than one Host header" in out, out[:300]
+    out = exchange(url, b"GET /health HTTP/1.1\r\nHost: evil.example\r\nHost: localhost\r\n\r\n")
+    assert out.startswith(b"HTTP/1.1 400"), out[:300]
+
+
+@pytest.mark.cfg({"server.api_key": "sekrit"})
+def test_open_health_tells_only_the_status_when_a_key_is_set(bare):
+    url, app = bare
+    app.cfg.set("network.pool", True)
+    status, _, body = call(url, "/health")
+    assert status == 503 and json.loads(body) == {"status": "loading"}
+    status, _, body = call(url, "/health", headers={"Authorization": "Bearer sekrit"})
+    full = json.loads(body)
+    assert status == 503 and full["status"] == "loading" and "error" in full and "pool" in full
+
+
+def raw_chat(url, body: dict) -> bytes:
+    data = json.dumps(body).encode()
+    return exchange(url, b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data) + data,
+                    timeout=120)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+@pytest.mark.parametrize("model", ["x\r\nSet-Cookie: evil=1\r\nX-Injected: 1", "模型", "a\nb\x00\x85"],
+                         ids=["crlf", "not-latin-1", "controls"])
+def test_a_model_name_never_breaks_the_response_head(live_server, model, stream):
+    """The warning header carries the name made safe: no injected header, one status line."""
+    url, _ = live_server
+    out = raw_chat(url, dict(CHAT, model=model, stream=stream))
+    head, _, rest = out.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 200 OK" and out.count(b"HTTP/1.1 ") == 1, out[:600]
+    names = [l.split(b":", 1)[0].lower() for l in lines[1:]]
+    assert b"set-cookie" not in names and b"x-injected" not in names, head
+    warning = [l for l in lines if l.lower().startswith(b"x-localswarm-warning:")]
+    assert len(warning) == 1 and b"is not served here" in warning[0], head
+    if model == "模型":
+        assert b"\\u6a21\\u578b" in warning[0]
+    assert (b"[DONE]" in rest) if stream else b'"choices"' in rest
+
+
+def test_a_flood_of_tiny_json_values_is_refused_before_it_is_parsed(bare):
+    url, _ = bare
+    flood = b'{"messages": [{"role": "user", "content": "hi", "x": [' + b"{}," * 2_000_000 + b'{}]}]}'
+    t0 = time.monotonic()
+    out = exchange(url, b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n" % len(flood) + flood, timeout=60)
+    assert out.startswith(b"HTTP/1.1 413") and b"JSON values" in out, out[:300]
+    assert time.monotonic() - t0 < 10
+    assert ls.json_value_count(b'{"a": "x,y:{[", "b": [1, 2]}') == 7      # strings do not count
+    text = json.dumps({"messages": [{"role": "user", "content": "def f(a, b):\n    return {a: [b, 1]}\n" * 20000}]})
+    assert ls.json_value_count(text.encode()) < 20          # long code in a message is one value
+
+
+@pytest.mark.cfg({"server.max_pending_bytes": 4096})
+def test_request_bodies_held_at_once_are_bounded(bare):
+    """While bodies of max_pending_bytes are being served, another waits its turn (503)."""
+    url, app = bare
+    held = app.hold_body(4000)
+    try:
+        status, headers, body = call(url, "/v1/chat/completions", dict(CHAT, content="x" * 200))
+        assert status == 503 and headers.get("Retry-After") and b"max_pending_bytes" in body
+    finally:
+        app.release_body(held)
+    status, _, body = call(url, "/v1/chat/completions", CHAT)
+    assert status == 503 and b"loading" in body.lower()          # past the budget: only "no model yet"
+    assert app._held_bytes == 0
+
+
+def test_messages_keep_only_what_a_template_reads(live_server):
+    swarm = live_server[1].swarm
+    req = ls.parse_request({"messages": [{"role": "developer", "content": "be brief", "junk": [{}] * 1000},
+                                         {"role": "user", "content": "hi", "name": "me"}]}, True, swarm)
+    assert req.messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi", "name": "me"}]

@@ -3,13 +3,16 @@ makes calls well-formed — on the real llama.cpp and the starter model, through
 the HTTP API (opencode's own request and tools included)."""
 import json
 import os
+import random
+import subprocess
+import sys
 import threading
 import urllib.request
 
 import pytest
 
 import localswarm as ls
-from conftest import FIXTURES
+from conftest import FIXTURES, ROOT, free_port, node_log, start_node, wait_http
 
 pytest.importorskip("llama_cpp")
 
@@ -265,3 +268,135 @@ def test_opencode_request_gets_schema_valid_streamed_calls(opencode_server, choi
     assert finish == (["tool_calls"] if calls else ["stop"]) or finish == ["length"] and not calls
     if choice == "required":
         assert calls and finish == ["tool_calls"]
+
+
+# --- hostile schemas (hardening round 3, finding 1) ------------------------------------------
+def hostile_schemas() -> list:
+    """Schemas a client could send to make the grammar huge or deep; each must still give
+    llama.cpp a grammar it parses (the arguments are then checked after the fact)."""
+    deep_obj, deep_arr = {"type": "string"}, {"type": "string"}
+    for _ in range(500):
+        deep_obj = {"type": "object", "properties": {"a": deep_obj}, "required": ["a"]}
+        deep_arr = {"type": "array", "items": deep_arr, "minItems": 1}
+    node = {"$defs": {"n": {"type": "object", "properties": {"v": {"type": "integer"}, "next": {"$ref": "#/$defs/n"}}}},
+            "$ref": "#/$defs/n"}
+    big = 20000
+    out = [{"type": "string", "maxLength": big}, {"type": "string", "minLength": big},
+           {"type": "string", "minLength": 3, "maxLength": 10 ** 18}, {"type": "string", "maxLength": 5000},
+           {"type": "array", "items": {"type": "string"}, "maxItems": big},
+           {"type": "array", "items": {"type": "integer"}, "minItems": big},
+           {"type": "array", "items": {"type": "string", "maxLength": 60}, "minItems": 60, "maxItems": 64},
+           {"type": "string", "pattern": "^a{%d}$" % big}, {"type": "string", "pattern": "^a{0,%d}$" % big},
+           {"type": "string", "pattern": "^(a{50}){50}$"}, {"type": "string", "pattern": "^((ab{60}){60}){60}$"},
+           {"type": "string", "pattern": "x" * 100000}, {"type": "string", "pattern": "[" * 3000},
+           {"type": "string", "pattern": "(" * 3000 + "a" + ")" * 3000},
+           {"type": "string", "pattern": "a{2,1}"}, {"type": "string", "pattern": "\\"},
+           {"type": "string", "pattern": "(?P<x>a)(?=b)"}, {"type": "string", "pattern": "a**{3}"},
+           deep_obj, deep_arr, node, {"$ref": "#"}, {"$ref": "#/$defs/missing"},
+           {"type": "string", "enum": [f"value-{i}" for i in range(5000)]},
+           {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(5000)}},
+           {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(200)},
+            "required": [f"p{i}" for i in range(200)]},
+           {"anyOf": [{"const": i} for i in range(5000)]}, {"const": "x" * 300000},
+           {"type": ["string", "integer", "null"], "maxLength": big},
+           {"type": "object", "properties": [1, 2]}, {"type": "array", "items": 5, "maxItems": "many"},
+           {"type": "object", "required": "x", "additionalProperties": {"type": "string", "maxLength": big}},
+           {"oneOf": [{"type": "string", "maxLength": big}] * 3}, {"allOf": [deep_obj, deep_arr]}]
+    rng = random.Random(34)
+    for _ in range(150):                   # random mixtures of the same ingredients
+        s = rng.choice(out)
+        for _ in range(rng.randint(1, 4)):
+            s = rng.choice([{"type": "object", "properties": {"x": s, "y": rng.choice(out)}},
+                            {"type": "array", "items": s, "maxItems": rng.choice([3, 100, big])},
+                            {"anyOf": [s, rng.choice(out)]}])
+        out.append(s)
+    return out
+
+
+FUZZ_CHILD = r"""
+import ctypes, json, sys, threading
+import llama_cpp as L
+import localswarm as ls
+from test_tools import hostile_schemas
+mp = L.llama_model_default_params(); mp.vocab_only = True
+model = L.llama_model_load_from_file(ls.starter_model_path().encode(), mp)
+vocab = L.llama_model_get_vocab(model)
+report = {"schemas": 0, "grammars": 0, "parsed": 0, "largest": 0, "deepest": 0}
+def run():
+    for i, schema in enumerate(hostile_schemas()):
+        report["schemas"] += 1
+        tools = [{"type": "function", "function": {"name": f"t{i}", "parameters": {"type": "object",
+                  "properties": {"x": schema}, "required": ["x"]}}},
+                 {"type": "function", "function": {"name": "whole", "parameters": schema}}]
+        for fmt in ls.GRAMMAR_FORMATS:
+            for lazy in (False, True):
+                g = ls.tool_grammar(tools, fmt, lazy=lazy)
+                report["grammars"] += 1
+                report["largest"] = max(report["largest"], len(g.text))
+                report["deepest"] = max(report["deepest"], ls.grammar_depth(g.text))
+                if g.triggers:
+                    pats = (ctypes.c_char_p * len(g.triggers))(*[t.encode() for t in g.triggers])
+                    smpl = L.llama_sampler_init_grammar_lazy_patterns(vocab, g.text.encode(), b"root", pats,
+                                                                      len(g.triggers), None, 0)
+                else:
+                    smpl = L.llama_sampler_init_grammar(vocab, g.text.encode(), b"root")
+                if smpl:
+                    report["parsed"] += 1
+                    L.llama_sampler_free(smpl)
+                else:
+                    print("refused by llama.cpp:", i, fmt, lazy, file=sys.stderr)
+t = threading.Thread(target=run)      # the engine builds samplers on a thread of its own, too
+t.start(); t.join()
+print(json.dumps(report))
+"""
+
+
+def test_hostile_tool_schemas_never_crash_llama_cpps_grammar_parser():
+    """Run in a child: a stack overflow in llama.cpp must fail this test, not kill pytest."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+    proc = subprocess.run([sys.executable, "-c", FUZZ_CHILD], capture_output=True, text=True,
+                          env=env, timeout=900)
+    assert proc.returncode == 0, f"child died with {proc.returncode}: {proc.stderr[-2000:]}"
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(report)
+    assert report["schemas"] >= 180 and report["parsed"] == report["grammars"], proc.stderr[-2000:]
+    assert report["largest"] <= ls.GRAMMAR_MAX_BYTES + 1000 and report["deepest"] <= ls.GRAMMAR_MAX_DEPTH
+
+
+def test_bounded_schema_drops_only_the_bounds_the_grammar_cannot_hold():
+    s = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 20000, "minLength": 2,
+                                                "pattern": "^a{0,9000}$"},
+                                          "b": {"type": "array", "items": {"type": "integer"}, "maxItems": 8}},
+         "required": ["a"]}
+    assert ls.bounded_schema(s) == {"type": "object", "required": ["a"], "properties": {
+        "a": {"type": "string", "minLength": 2}, "b": {"type": "array", "items": {"type": "integer"}, "maxItems": 8}}}
+    assert ls.bounded_schema({"pattern": "^[0-9a-f]{8}-[0-9a-f]{4}$"}) == {"pattern": "^[0-9a-f]{8}-[0-9a-f]{4}$"}
+    assert ls.bounded_schema({"type": "object", "properties": {f"p{i}": {} for i in range(300)}}) == {"type": "object"}
+    assert ls.grammar_depth('a ::= ("(" ([a-z(] b)?)? "\\"("') == 2
+
+
+def test_the_request_that_crashed_the_server_is_answered_by_a_real_server(starter_path):
+    """A real server process: the request that killed it (SIGSEGV in the engine thread, no
+    log line) is answered, and the server still serves after it."""
+    port = free_port()
+    node = start_node(["--model-path", starter_path, "--voters", "2", "--ctx", "2048", "--port", str(port),
+                       "--yes", "-q"])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/health", timeout=120)
+        for key in ("maxLength", "pattern"):
+            text = {"type": "string", "maxLength": 100000} if key == "maxLength" else \
+                {"type": "string", "pattern": "^a{0,50000}$"}
+            tools = [{"type": "function", "function": {"name": "write", "parameters": {
+                "type": "object", "properties": {"text": text}, "required": ["text"]}}}]
+            body = {"messages": [{"role": "user", "content": "write hi"}], "tools": tools,
+                    "tool_choice": "required", "max_tokens": 24, "temperature": 0}
+            req = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=120) as r:
+                assert r.status == 200
+        assert wait_http(url + "/health", timeout=10)["status"] == "ok"
+        assert node.poll() is None, node_log(node)
+    finally:
+        node.terminate()
+        node.wait(30)

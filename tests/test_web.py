@@ -18,12 +18,23 @@ import localswarm as ls
 SHOTS = os.environ.get("LOCALSWARM_SCREENSHOTS")
 
 
+# Offline: no background traffic (updates, sync, metrics, first-run pages), and every name but
+# loopback fails to resolve, so the browser can never reach an outside host whatever it tries.
+OFFLINE_FLAGS = ("--disable-background-networking", "--disable-component-update", "--no-first-run",
+                 "--no-default-browser-check", "--disable-sync", "--disable-default-apps",
+                 "--disable-domain-reliability", "--disable-client-side-phishing-detection",
+                 "--metrics-recording-only", "--disable-features=Translate,OptimizationHints,MediaRouter",
+                 "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1")
+
+
 @pytest.fixture(scope="module")
 def browser():
     """Headless chromium; a machine without it fails here (./install.sh --test installs it)."""
+    os.environ["SE_OFFLINE"] = "true"       # Selenium Manager never downloads a driver or browser
     opts = webdriver.ChromeOptions()
     opts.binary_location = shutil.which("chromium") or "chromium"
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000",
+                *OFFLINE_FLAGS):
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(shutil.which("chromedriver") or "chromedriver"))
@@ -145,3 +156,12 @@ def test_a_phone_sized_screen_needs_no_sideways_scrolling(browser, live_server):
             browser.save_screenshot(os.path.join(SHOTS, "web-phone.png"))
     finally:
         browser.set_window_size(1280, 1000)
+
+
+def test_the_browser_cannot_reach_an_outside_host(browser):
+    """The tests' chromium resolves only loopback names: an outside page fails at once."""
+    t0 = time.monotonic()
+    browser.get("http://example.com/")
+    assert "ERR_NAME_NOT_RESOLVED" in browser.page_source or "example.com" not in browser.title
+    assert "Example Domain" not in browser.page_source
+    assert time.monotonic() - t0 < 20
