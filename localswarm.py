@@ -2499,7 +2499,7 @@ RAM_CACHE_MIN_TOKENS = 64     # shorter prompts are dropped, not copied to RAM, 
 DISK_CACHE_MIN_TOKENS = 1024  # shorter prompts are quick to decode again: not written to disk
 DISK_CACHE_MAGIC = b"LSWKV1\n"
 DISK_CACHE_NAME_RE = re.compile(r"[0-9a-f]{32}\.kv")               # what DiskCache._write names
-DISK_CACHE_TEMP_RE = re.compile(r"[0-9a-f]{32}\.kv\.[A-Za-z0-9_]+\.tmp")  # its mkstemp files
+DISK_CACHE_TEMP_RE = re.compile(r"[0-9a-f]{32}\.kv(\.[A-Za-z0-9_]+)?\.tmp")  # its mkstemp files (and 0.1's)
 
 
 def _regular_file(path: str) -> bool:
@@ -7258,7 +7258,7 @@ class Federation:
             headers.update({"X-Localswarm-Timestamp": ts, "X-Localswarm-Nonce": nonce,
                             "X-Localswarm-Node": peer.node_id,
                             "X-Localswarm-Signature": sign(self.token, ts, nonce, body, (method, path, peer.node_id))})
-        conn = http.client.HTTPConnection(peer.host, peer.port, timeout=timeout)
+        conn, resp = http.client.HTTPConnection(peer.host, peer.port, timeout=timeout), None
         try:
             conn.connect()
             if conns is not None:
@@ -7276,6 +7276,8 @@ class Federation:
                 raise ValueError("reply not signed with the federation token")
             return json.loads(data)
         finally:
+            if resp is not None:        # it holds the socket after Connection: close
+                resp.close()
             conn.close()
 
     def check_request(self, method: str, path: str, headers, host: str, body: bytes) -> None:

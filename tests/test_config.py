@@ -88,3 +88,19 @@ def test_strategy_and_instances_flags_reach_the_config():
     assert cfg["swarm.stream_mode"] == "fastest" and cfg.sources["swarm.voters"] == "command line"
     with pytest.raises(SystemExit):
         ls.build_parser().parse_args(["--strategy", "loudest"])
+
+
+def test_an_integer_too_long_to_read_is_one_line_and_exit_1(tmp_path):
+    """Python refuses ints of over 4,300 digits with a ValueError, not a JSONDecodeError."""
+    path = tmp_path / "big.json"
+    path.write_text('{"server": {"port": ' + "9" * 5000 + "}}")
+    with pytest.raises(ls.LocalswarmError, match="not valid JSON"):
+        ls.load_config(env={}, path=str(path))
+    r = run_cli("--config", str(path), "--print-config")
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr, r.stderr
+    r = run_cli("--print-config", env={"LOCALSWARM_VOTERS": "9" * 5000, "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and len(r.stderr) < 300, r.stderr
+    big = int("9" * 4000)
+    with pytest.raises(ls.LocalswarmError, match=r"must be between .*\.\.\.$"):
+        ls.coerce_setting(ls.SETTINGS_BY_KEY[("server", "port")], big, "test")
+    assert ls.shown(10 ** 5000) == "an integer of about 5001 digits"

@@ -630,3 +630,57 @@ def test_a_reply_for_another_request_is_not_a_vote(two_nodes, monkeypatch):
     _, ans = ask(a)
     (skipped,) = [n for n in ans.nodes if n.get("skipped")]
     assert "another request" in skipped["reason"]
+
+
+def test_a_trickling_peer_is_cut_off_at_the_deadline_and_leaks_nothing(engine):
+    """A peer that answers "Connection: close" and then sends its body a byte at a time, each
+    byte within the socket timeout: http.client has let go of the socket by then, so only
+    shutting the socket itself ends it. Six requests leave no thread and no socket behind."""
+    trickler = socket.socket()
+    trickler.bind(("127.0.0.1", 0))
+    trickler.listen(16)
+    port = trickler.getsockname()[1]
+    stop_evt = threading.Event()
+    cut_off = []
+
+    def serve(conn):
+        with conn:
+            conn.settimeout(30)
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 100000\r\n\r\n")
+            try:
+                while not stop_evt.is_set():
+                    conn.sendall(b" ")
+                    time.sleep(0.3)
+            except OSError:
+                cut_off.append(time.monotonic())
+
+    def accept():
+        while not stop_evt.is_set():
+            try:
+                conn, _ = trickler.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+    threading.Thread(target=accept, daemon=True).start()
+    b = fed(**{"network.peer_timeout": 1.5, "network.peers": [f"127.0.0.1:{port}"]})
+    b.app.swarm = ls.Swarm(engine, model_id="m")
+    peer = b.peers[f"static:127.0.0.1:{port}"]
+    peer.node_id, peer.voters = "trickler", 2
+    fds = len(os.listdir("/proc/self/fd"))
+    threads = threading.active_count()
+    for _ in range(6):
+        peer.last_seen = time.monotonic()
+        t0 = time.monotonic()
+        ans = b.answer(b.app.swarm, ls.ChatRequest(messages=[{"role": "user", "content": "hi"}],
+                                                   max_tokens_requested=4))
+        assert [n.get("skipped") for n in ans.nodes].count(True) == 1 and time.monotonic() - t0 < 15
+    deadline = time.monotonic() + 10
+    while (len(cut_off) < 6 or threading.active_count() > threads + 1) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stop_evt.set()
+    trickler.close()
+    assert len(cut_off) == 6, "the trickling replies were not cut off"
+    time.sleep(0.5)
+    assert threading.active_count() <= threads + 1          # + the accept loop, now ending
+    assert len(os.listdir("/proc/self/fd")) <= fds

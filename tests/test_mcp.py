@@ -208,3 +208,15 @@ def test_a_running_tool_call_can_be_cancelled_and_does_not_block_pings(engine):
         assert reply["id"] == 7 and time.monotonic() - t0 < 10
     finally:
         p.close()
+
+
+@pytest.mark.parametrize("rid", [[1, 2], {"a": 1}, None, 1.5])
+def test_a_cancel_for_an_id_that_cannot_be_a_request_is_ignored(rid):
+    server = mcp_server(ls.App(ls.load_config(env={}, read_file=False)))
+    p = Pipe(server)
+    try:
+        p.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": rid}})
+        p.send({"jsonrpc": "2.0", "id": 9, "method": "ping"})
+        assert p.next(10) == {"jsonrpc": "2.0", "id": 9, "result": {}}     # no reply to the notification
+    finally:
+        p.close()

@@ -378,3 +378,22 @@ def test_every_installer_builds_llama_cpp_with_the_rpc_backend():
             text = f.read()
         assert "-DGGML_RPC=on" in text, name
         assert "llama_supports_rpc" in text or "+rpc" in text, name      # an older build without it is rebuilt
+
+
+def test_one_host_holding_idle_handshakes_cannot_lock_the_heads_out(monkeypatch):
+    """16 idle connections from one address (renewed under the deadline, as an attacker would)
+    take that address's few slots; a real head from another address is still served."""
+    monkeypatch.setattr(ls, "RPC_HANDSHAKE_TIMEOUT", 3.0)
+    relay = ls.RpcRelay("tok", "127.0.0.1", 0, Echo().port, lambda: {"offer_bytes": 7})
+    relay.start()
+    hogs = [socket.create_connection(("127.0.0.1", relay.port), timeout=5, source_address=("127.0.0.2", 0))
+            for _ in range(ls.RPC_PENDING_MAX)]
+    time.sleep(0.3)
+    try:
+        assert ls.worker_info("127.0.0.1", relay.port, "tok").offer == 7
+        refused = relay.stats()["refused"]
+        assert refused.get("too_many_handshakes") == ls.RPC_PENDING_MAX - ls.RPC_PENDING_PER_HOST, refused
+    finally:
+        for h in hogs:
+            h.close()
+        relay.stop()

@@ -1,7 +1,10 @@
 """Engine: the prompt cache on the real llama.cpp and the starter model — many prompts kept at
 once (reserved sequences, host RAM, disk), interleaved conversations, restarts, and cache files
 that are damaged, foreign or cannot be written."""
+import array
+import hashlib
 import os
+import stat
 import threading
 import time
 
@@ -158,7 +161,7 @@ def _valid_cache_file(fresh, tmp_path) -> tuple:
 
 
 @pytest.mark.parametrize("damage", ["truncated", "flipped", "foreign", "junk", "tmp"])
-def test_damaged_or_foreign_cache_files_are_ignored_and_removed(fresh, tmp_path, damage, short_disk_min):
+def test_damaged_or_foreign_cache_files_are_ignored_and_ours_removed(fresh, tmp_path, damage, short_disk_min):
     disk, toks, text, model_dir, path = _valid_cache_file(fresh, tmp_path)
     data = open(path, "rb").read()
     if damage == "truncated":
@@ -173,10 +176,13 @@ def test_damaged_or_foreign_cache_files_are_ignored_and_removed(fresh, tmp_path,
         os.rename(path, path + ".tmp")
         path += ".tmp"
     eng = fresh(**disk)
-    if damage != "flipped":            # seen at start-up; a bad checksum when the file is read
+    removed = 0 if damage == "junk" else 1      # without our magic it is not ours: left alone, unused
+    if damage not in ("flipped", "junk"):       # seen at start-up; a bad checksum when the file is read
         assert not os.path.exists(path) and eng._disk.counters["files_removed"] == 1
+    if damage == "junk":
+        assert os.path.exists(path) and eng._disk.scan() == []
     g, text2 = answer(eng, toks)
-    assert eng._disk.counters["files_removed"] == 1
+    assert eng._disk.counters["files_removed"] == removed
     assert eng.counters["prompt_cache_restores_disk"] == 0 and g.cached_tokens == 0
     assert text2 == text
     eng._disk.flush()                  # written again, whole
@@ -280,4 +286,90 @@ def test_the_engine_thread_survives_a_failure_outside_a_step(fresh):
     with eng._cv:                                 # then the context reloads (503 meanwhile)
         eng._cv.wait_for(lambda: eng.healthy, timeout=60)
     assert eng._thread.is_alive()
+    assert answer(eng, toks, max_tokens=2)[0].results[0].completion_tokens == 2
+
+
+# --- the cache's files are private and only ours (hardening round 3) -------------------------
+def cache_name(tokens) -> str:
+    return hashlib.sha256(array.array("i", tokens).tobytes()).hexdigest()[:32] + ".kv"
+
+
+def disk_cache(root, budget=1 * ls.MiB):
+    return ls.DiskCache(str(root), "model-key", budget)
+
+
+def test_cache_directories_and_files_are_private(tmp_path):
+    old = os.umask(0o022)
+    try:
+        os.makedirs(tmp_path / "c" / "model-key", mode=0o755)      # as an older version left it
+        d = disk_cache(tmp_path / "c")
+        assert d.save([1, 2, 3], b"x" * 1000)
+        d.flush()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "c").st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(d.dir).st_mode) == 0o700
+    [(_, _, path)] = d.files()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_the_disk_budget_deletes_only_files_the_cache_wrote(tmp_path):
+    root = tmp_path / "c"
+    d = disk_cache(root, budget=3000)
+    mine = {root / "notes.kv": b"my notes", root / "model-key" / cache_name([7]): b"not a cache file" * 100,
+            root / "other" / "deep" / "x.kv": b"mine too" * 500}
+    for path, data in mine.items():
+        os.makedirs(path.parent, exist_ok=True)
+        path.write_bytes(data)
+    for i in range(4):
+        assert d.save([i] * 50, b"y" * 1000)
+        d.flush()
+    assert all(p.read_bytes() == data for p, data in mine.items())
+    assert len(d.files()) == 2 and d.counters["files_evicted"] == 2
+    assert d.scan() and all(p.exists() for p in mine)          # start-up leaves them alone too
+
+
+def test_a_fifo_or_a_link_under_a_cache_name_does_not_hang_start_up(tmp_path):
+    model_dir = tmp_path / "c" / "model-key"
+    os.makedirs(model_dir)
+    os.mkfifo(model_dir / cache_name([1]))
+    os.symlink(model_dir / cache_name([1]), model_dir / cache_name([2]))
+    os.symlink("/etc/passwd", model_dir / cache_name([3]))
+    found = []
+    t = threading.Thread(target=lambda: found.append(disk_cache(tmp_path / "c").scan()), daemon=True)
+    t.start()
+    t.join(10)
+    assert found == [[]], "scanning the cache dir hung on a FIFO"
+    assert os.path.exists(model_dir / cache_name([1])) and os.path.islink(model_dir / cache_name([3]))
+
+
+def test_a_link_planted_at_the_temp_name_is_never_written_through(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    d = disk_cache(tmp_path / "c")
+    name = cache_name([5, 6])
+    for planted in (name + ".tmp", name):           # the old fixed temp name, and the final name
+        os.symlink(victim, os.path.join(d.dir, planted))
+    assert d.save([5, 6], b"z" * 500)
+    d.flush()
+    assert victim.read_text() == "precious"
+    final = os.path.join(d.dir, name)
+    assert not os.path.islink(final) and d._read_header(final)[0] == [5, 6]
+    assert os.path.islink(os.path.join(d.dir, name + ".tmp"))         # someone else's: left alone
+
+
+def test_a_request_that_fails_while_being_admitted_is_answered_at_once(fresh):
+    """Out of the queue but not yet a run (a MemoryError copying cells or reading a cache file):
+    its client gets the 500 now, not at its timeout."""
+    eng = fresh()
+    real = eng._reuse_prefix
+    eng._reuse_prefix = lambda *a: (_ for _ in ()).throw(MemoryError("injected"))
+    toks = chat(eng, "Hello?")
+    t0 = time.monotonic()
+    with pytest.raises(ls.ApiError) as e:
+        answer(eng, toks, max_tokens=2)
+    assert e.value.status == 500 and "injected" in e.value.message and time.monotonic() - t0 < 20, time.monotonic() - t0
+    eng._reuse_prefix = real
+    with eng._cv:
+        eng._cv.wait_for(lambda: eng.healthy, timeout=60)
     assert answer(eng, toks, max_tokens=2)[0].results[0].completion_tokens == 2
