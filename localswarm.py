@@ -2031,6 +2031,7 @@ class VoterResult:
     ttft: float = 0.0                # seconds from submit to first token
     latency: float = 0.0             # seconds from submit to last token
     seed: int = 0
+    stop_sequence: str = ""          # the stop string that ended it (finish_reason stop), if one did
     finished: bool = False           # set last, by the engine thread: the fields above are final
 
     @property
@@ -2149,6 +2150,7 @@ def append_token_text(res: "VoterResult", stop: StopMatcher, piece: str, max_tok
     res.text += piece
     cut = stop.find(res.text, before)
     if cut >= 0:
+        res.stop_sequence = next((s for s in stop.stops if res.text.startswith(s, cut)), "")
         res.text = res.text[:cut]
         return "stop"
     return "length" if res.completion_tokens >= max_tokens else None
@@ -4333,6 +4335,7 @@ class ChatRequest:
     stream_voters: bool = False           # a stream also carries every voter's own text (the web page)
     stream: Optional["ConsensusStream"] = None   # live consensus streaming: what was sent
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])   # in logs, on every node asked
+    prompt_len: int = 0                   # the prompt's tokens, known once the swarm rendered it
 
     def offered_tool_defs(self) -> list:
         """The tools the model may call, after tool_choice (none: no tools; a name: that one)."""
@@ -4621,6 +4624,7 @@ class Swarm:
         remember() (federation: the winner may be a peer's)."""
         t0 = time.monotonic()
         tokens = self.prompt_tokens(req)
+        req.prompt_len = len(tokens)
         room = ContextLengthError.check(len(tokens), self.engine.ctx_limit)
         asked = req.max_tokens_requested
         params = dataclasses.replace(req.params, max_tokens=min(asked or DEFAULT_MAX_TOKENS, room),
@@ -5261,6 +5265,464 @@ def cross_vote(answers: list, threshold: float = AGREEMENT_THRESHOLD) -> Verdict
 
 
 ##############################################################################
+# API dialects: each API a client may speak is a parser into the one
+# ChatRequest and a writer from the one SwarmAnswer (OpenAI chat and
+# completions, Anthropic Messages). No request logic lives here: the HTTP
+# section frames, routes and streams; the Swarm answers.
+##############################################################################
+
+# Request fields: name -> (types, minimum, maximum). Unknown fields are ignored.
+_NUM = (int, float)
+REQUEST_FIELDS = {
+    "temperature": (_NUM, 0.0, 2.0), "top_p": (_NUM, 0.0, 1.0), "top_k": (int, 0, 10000),
+    "min_p": (_NUM, 0.0, 1.0), "repeat_penalty": (_NUM, 0.0, 10.0),
+    "presence_penalty": (_NUM, -2.0, 2.0), "frequency_penalty": (_NUM, -2.0, 2.0),
+    "max_tokens": (int, 1, 10 ** 7), "max_completion_tokens": (int, 1, 10 ** 7),
+    "seed": (int, -2 ** 63, 2 ** 64), "n": (int, 1, 64), "voters": (int, 1, 64),
+    "stream": (bool, None, None), "model": (str, None, None), "consensus": (str, None, None),
+    "stream_options": (dict, None, None), "tools": (list, None, None), "prompt": ((str, list), None, None),
+    "messages": (list, None, None), "stop": ((str, list), None, None),
+    "parallel_tool_calls": (bool, None, None), "tool_grammar": (bool, None, None),
+    "early_stop": ((bool, str), None, None), "stream_mode": (str, None, None), "stream_voters": (bool, None, None),
+}
+ROLES = ("system", "user", "assistant", "tool", "developer")
+MESSAGE_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content")
+
+
+def check_fields(body: dict) -> None:
+    """400 naming the first known field with a wrong type or range."""
+    for name, (types, lo, hi) in REQUEST_FIELDS.items():
+        if name not in body or body[name] is None:
+            continue
+        v = body[name]
+        bool_ok = types is bool or (isinstance(types, tuple) and bool in types)
+        if isinstance(v, bool) and not bool_ok or not isinstance(v, types):
+            raise ApiError(400, f"'{name}' has the wrong type", param=name, code="invalid_type")
+        if lo is not None and not (lo <= v <= hi):
+            raise ApiError(400, f"'{name}' must be between {lo} and {hi}", param=name, code="invalid_value")
+
+
+MAX_JSON_DEPTH = 64     # nesting of request values (tool schemas are the deepest legitimate part)
+def check_values(value: Any, param: str, depth: int = 0) -> None:
+    """400 for text that cannot be UTF-8 (a lone surrogate) or nesting deeper than MAX_JSON_DEPTH."""
+    if depth > MAX_JSON_DEPTH:
+        raise ApiError(400, f"'{param}' is nested too deeply (over {MAX_JSON_DEPTH} levels)", param=param)
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, f"'{param}' holds text that is not valid Unicode (a lone surrogate)",
+                           param=param) from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_values(k, param, depth + 1)
+            check_values(v, param, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            check_values(v, param, depth + 1)
+
+
+def check_message(i: int, m: Any) -> None:
+    """400 naming the first field of messages[i] with the wrong shape."""
+    where = f"messages[{i}]"
+    if not isinstance(m, dict) or m.get("role") not in ROLES:
+        raise ApiError(400, f"{where} needs a role of {', '.join(ROLES)}", param=where)
+    message_text(m.get("content"))
+    for key in ("name", "tool_call_id"):
+        if m.get(key) is not None and not isinstance(m[key], str):
+            raise ApiError(400, f"{where}.{key} must be a string", param=f"{where}.{key}")
+    calls = m.get("tool_calls")
+    if calls is None:
+        return
+    shape = (f"{where}.tool_calls must be an array of {{id, type: function, function: {{name, arguments}}}}")
+    if not isinstance(calls, list):
+        raise ApiError(400, shape, param=f"{where}.tool_calls")
+    for c in calls:
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not (isinstance(fn, dict) and isinstance(fn.get("name"), str)
+                and isinstance(fn.get("arguments", "{}"), (str, dict))
+                and isinstance(c.get("id", ""), (str, type(None)))):
+            raise ApiError(400, shape, param=f"{where}.tool_calls")
+
+
+def parse_request(body: Any, chat: bool, swarm: Swarm) -> ChatRequest:
+    """Validate an OpenAI request body into a ChatRequest."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    check_fields(body)
+    for key in ("messages", "prompt", "tools", "tool_choice", "stop"):
+        check_values(body.get(key), key)
+    req = ChatRequest(params=parse_sampling(body))
+    if chat:
+        req.messages = parse_messages(body.get("messages"))
+    else:
+        req.prompt = parse_prompt(body.get("prompt"))
+    req.max_tokens_requested = body.get("max_completion_tokens") or body.get("max_tokens")
+    req.n = body.get("n") or 1
+    req.voters = body.get("voters")
+    if req.voters and req.voters > swarm.max_voters:
+        raise ApiError(400, f"'voters' must be at most {swarm.max_voters} on this server", param="voters")
+    if req.n > (req.voters or swarm.voters):
+        raise ApiError(400, f"'n' must be at most the number of voters ({req.voters or swarm.voters})", param="n")
+    req.strategy = one_of(body, "consensus", STRATEGIES)
+    req.stream_mode = one_of(body, "stream_mode", STREAM_MODES)
+    req.tools, req.tool_choice = parse_tools(body.get("tools")), body.get("tool_choice", "auto")
+    check_tool_choice(req.tool_choice, req.tools)
+    if body.get("parallel_tool_calls") is not None:
+        req.parallel_tool_calls = body["parallel_tool_calls"]
+    req.tool_grammar = body.get("tool_grammar")
+    req.early_stop = body.get("early_stop") if isinstance(body.get("early_stop"), bool) else \
+        one_of(body, "early_stop", EARLY_STOP_RULES)
+    req.stream_voters = bool(body.get("stream_voters"))
+    return req
+
+
+def parse_messages(msgs: Any) -> list:
+    if not msgs:
+        raise ApiError(400, "'messages' must be a non-empty array", param="messages")
+    for i, m in enumerate(msgs):
+        check_message(i, m)
+    # only what a template reads is kept: anything else a client sent is not held while queued
+    return [{k: m[k] for k in MESSAGE_KEYS if k in m} | ({"role": "system"} if m["role"] == "developer" else {})
+            for m in msgs]
+
+
+def parse_prompt(prompt: Any) -> str:
+    if isinstance(prompt, list):
+        if len(prompt) != 1 or not isinstance(prompt[0], str):
+            raise ApiError(400, "'prompt' must be a string (or a list of one string)", param="prompt")
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise ApiError(400, "'prompt' is required", param="prompt")
+    return prompt
+
+
+def parse_sampling(body: dict) -> SamplingParams:
+    """Sampling fields (already range-checked by check_fields) and the stop strings."""
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not all(isinstance(s, str) and len(s) <= MAX_STOP_CHARS for s in stop) or len(stop) > MAX_STOP_STRINGS:
+        raise ApiError(400, f"'stop' must be a string or up to {MAX_STOP_STRINGS} strings of at most "
+                       f"{MAX_STOP_CHARS} characters", param="stop")
+    p = SamplingParams(stop=tuple(stop))
+    for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty",
+                 "frequency_penalty", "seed"):
+        if body.get(name) is not None:
+            setattr(p, name, body[name])
+    return p
+
+
+def one_of(body: dict, name: str, choices: tuple) -> Optional[str]:
+    value = body.get(name)
+    if value is not None and value not in choices:
+        raise ApiError(400, f"'{name}' must be one of {', '.join(choices)}", param=name)
+    return value
+
+
+MAX_TOOLS = 512      # per request (OpenAI allows 128; agents with many MCP servers send a few hundred)
+
+
+def parse_tools(tools: Any) -> Optional[list]:
+    if tools is not None and not isinstance(tools, list) or len(tools or []) > MAX_TOOLS:
+        raise ApiError(400, f"'tools' must be an array of at most {MAX_TOOLS} tools", param="tools")
+    for i, t in enumerate(tools or []):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or \
+                not isinstance(fn.get("parameters", {}), dict) or \
+                not isinstance(fn.get("description", ""), (str, type(None))):
+            raise ApiError(400, f"tools[{i}] must be {{type: function, function: {{name, parameters: "
+                           "{...}}}}", param=f"tools[{i}]")
+    return tools or None
+
+
+def check_tool_choice(choice: Any, tools: Optional[list]) -> None:
+    named = choice.get("function") if isinstance(choice, dict) else None
+    if not (choice in ("auto", "none", "required") or isinstance(named, dict) and isinstance(named.get("name"), str)):
+        raise ApiError(400, "'tool_choice' must be auto, none, required or a named function", param="tool_choice")
+    if named and named["name"] not in [t["function"]["name"] for t in tools or []]:
+        raise ApiError(400, f"tool_choice names '{named['name']}', which is not in 'tools'", param="tool_choice")
+
+
+def usage_json(ans: SwarmAnswer) -> dict:
+    return {"prompt_tokens": ans.prompt_tokens, "completion_tokens": ans.completion_tokens,
+            "total_tokens": ans.prompt_tokens + ans.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": ans.cached_tokens}}
+
+
+def completion_json(ans: SwarmAnswer, req: ChatRequest, chat: bool, rid: str) -> dict:
+    """The non-streaming response body: the consensus pick first, then distinct runners-up up to n."""
+    choices = []
+    for i, (content, calls, finish) in enumerate(ans.distinct_choices(req.n)):
+        if chat:
+            msg = {"role": "assistant", "content": content if content or not calls else None}
+            if calls:
+                msg["tool_calls"] = calls
+            choices.append({"index": i, "message": msg, "finish_reason": finish, "logprobs": None})
+        else:
+            choices.append({"index": i, "text": content, "finish_reason": finish, "logprobs": None})
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": ans.model, "choices": choices, "usage": usage_json(ans), "x_localswarm": ans.x_localswarm()}
+
+
+# --- Anthropic Messages (Claude Code, the anthropic SDK) ------------------------------------
+# POST /v1/messages and /v1/messages/count_tokens, translated onto the OpenAI chat body that
+# parse_request validates: one request type, one pipeline. Fields that do not apply here
+# (thinking, context_management, output_config, cache_control, defer_loading, metadata) are
+# ignored, as llama-server and Ollama do; server-side tools (web search, code execution) are
+# skipped. Anthropic counts input tokens without the cached ones, so usage says both.
+ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                         404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                         503: "overloaded_error"}
+ANTHROPIC_PASSED = ("model", "temperature", "top_p", "top_k", "stream", "voters", "consensus", "stream_mode",
+                    "early_stop", "tool_grammar", "stream_voters", "seed")   # same meaning in both bodies
+ANTHROPIC_IGNORED_BLOCKS = ("thinking", "redacted_thinking")
+
+
+def anthropic_error(exc: ApiError) -> dict:
+    """Anthropic's error JSON for any ApiError."""
+    kind = ANTHROPIC_ERROR_TYPES.get(exc.status, "api_error" if exc.status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": exc.message}}
+
+
+def _blocks(content: Any, where: str) -> list:
+    """A message's content as a list of blocks (a string is one text block)."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list) or not all(isinstance(b, dict) for b in content):
+        raise ApiError(400, f"{where}: content must be a string or an array of content blocks", param=where)
+    return content
+
+
+def _block_text(block: dict, where: str) -> str:
+    kind = block.get("type")
+    if kind in ("image", "document"):
+        raise ApiError(400, f"{where}: {kind} blocks need a model that reads them; this server's model reads "
+                       "text only", param=where)
+    if kind != "text" or not isinstance(block.get("text"), str):
+        raise ApiError(400, f"{where}: expected a text block with 'text', got type {shown(kind)}", param=where)
+    return block["text"]
+
+
+def _anthropic_system(system: Any) -> str:
+    if system is None:
+        return ""
+    return "\n\n".join(_block_text(b, f"system.{j}") for j, b in enumerate(_blocks(system, "system")))
+
+
+def _tool_result_text(block: dict, where: str) -> str:
+    content = block.get("content", "")
+    text = content if isinstance(content, str) else \
+        "\n".join(_block_text(b, f"{where}.content.{k}") for k, b in enumerate(_blocks(content, where)))
+    return ("Error: " + text) if block.get("is_error") else text
+
+
+def _anthropic_user(blocks: list, where: str, called: set) -> list:
+    """A user turn: its tool results (as tool messages, which must follow the calls), then its text."""
+    out, text = [], []
+    for j, b in enumerate(blocks):
+        at = f"{where}.content.{j}"
+        if b.get("type") == "tool_result":
+            rid = b.get("tool_use_id")
+            if rid not in called:
+                raise ApiError(400, f"{at}: tool_result for tool_use_id {shown(rid)}, which no tool_use in the "
+                               "previous assistant message has", param=at)
+            out.append({"role": "tool", "tool_call_id": rid, "content": _tool_result_text(b, at)})
+        elif b.get("type") not in ANTHROPIC_IGNORED_BLOCKS:
+            text.append(_block_text(b, at))
+    if text:
+        out.append({"role": "user", "content": "\n\n".join(text)})
+    return out
+
+
+def _anthropic_assistant(blocks: list, where: str) -> tuple:
+    """An assistant turn as one message with tool_calls, and the ids it called."""
+    text, calls = [], []
+    for j, b in enumerate(blocks):
+        at = f"{where}.content.{j}"
+        if b.get("type") == "tool_use":
+            if not isinstance(b.get("id"), str) or not isinstance(b.get("name"), str) \
+                    or not isinstance(b.get("input", {}), dict):
+                raise ApiError(400, f"{at}: tool_use needs id, name and an input object", param=at)
+            calls.append({"id": b["id"], "type": "function",
+                          "function": {"name": b["name"], "arguments": json.dumps(b.get("input", {}))}})
+        elif b.get("type") not in ANTHROPIC_IGNORED_BLOCKS:
+            text.append(_block_text(b, at))
+    msg = {"role": "assistant", "content": "".join(text) if text or not calls else None}
+    if calls:
+        msg["tool_calls"] = calls
+    return msg, {c["id"] for c in calls}
+
+
+def _anthropic_messages(body: dict) -> list:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise ApiError(400, "messages: must be a non-empty array", param="messages")
+    system = _anthropic_system(body.get("system"))
+    out, called = ([{"role": "system", "content": system}] if system else []), set()
+    for i, m in enumerate(msgs):
+        where = f"messages.{i}"
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in ("user", "assistant", "system"):
+            raise ApiError(400, f"{where}.role: must be user or assistant", param=f"{where}.role")
+        blocks = _blocks(m.get("content"), where)
+        if role == "assistant":
+            msg, called = _anthropic_assistant(blocks, where)
+            out.append(msg)
+            continue
+        if role == "system":         # Claude Code sends one after the user's turn
+            out.append({"role": "system", "content": "\n\n".join(_block_text(b, f"{where}.content.{j}")
+                                                                  for j, b in enumerate(blocks))})
+        else:
+            out += _anthropic_user(blocks, where, called)
+        called = set()
+    return out
+
+
+def _anthropic_tools(tools: Any) -> tuple:
+    """(OpenAI tools, names of the server-side tools skipped)."""
+    if tools is None:
+        return None, []
+    if not isinstance(tools, list):
+        raise ApiError(400, "tools: must be an array", param="tools")
+    out, skipped = [], []
+    for i, t in enumerate(tools):
+        if not isinstance(t, dict):
+            raise ApiError(400, f"tools.{i}: must be an object", param=f"tools.{i}")
+        if t.get("type") not in (None, "custom"):          # web_search_..., bash_..., text_editor_...
+            skipped.append(str(t.get("name") or t.get("type")))
+            continue
+        if not isinstance(t.get("name"), str) or not isinstance(t.get("input_schema"), dict):
+            raise ApiError(400, f"tools.{i}: needs a name and an input_schema object", param=f"tools.{i}")
+        out.append({"type": "function", "function": {"name": t["name"], "description": t.get("description") or "",
+                                                     "parameters": t["input_schema"]}})
+    return out, skipped
+
+
+def _anthropic_tool_choice(choice: Any) -> tuple:
+    """(OpenAI tool_choice, parallel calls allowed)."""
+    if choice is None:
+        return "auto", True
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    parallel = not (isinstance(choice, dict) and choice.get("disable_parallel_tool_use"))
+    if kind == "tool" and isinstance(choice.get("name"), str):
+        return {"type": "function", "function": {"name": choice["name"]}}, parallel
+    if kind in ("auto", "any", "none"):
+        return {"auto": "auto", "any": "required", "none": "none"}[kind], parallel
+    raise ApiError(400, "tool_choice: must be {type: auto | any | tool (with name) | none}", param="tool_choice")
+
+
+def anthropic_to_openai(body: Any, count_only: bool = False) -> dict:
+    """An Anthropic Messages body as the OpenAI chat body it means (parse_request checks the rest)."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    if not count_only and "max_tokens" not in body:
+        raise ApiError(400, "max_tokens: Field required", param="max_tokens")
+    out = {k: body[k] for k in ANTHROPIC_PASSED if k in body}
+    out["messages"] = _anthropic_messages(body)
+    out["tools"], _ = _anthropic_tools(body.get("tools"))
+    if not out["tools"]:
+        del out["tools"]
+    out["tool_choice"], out["parallel_tool_calls"] = _anthropic_tool_choice(body.get("tool_choice"))
+    if "tools" not in out and out["tool_choice"] != "none":
+        out["tool_choice"] = "auto"
+    if not count_only:
+        out["max_tokens"] = body["max_tokens"]
+    if body.get("stop_sequences") is not None:
+        out["stop"] = body["stop_sequences"]
+    if isinstance(out.get("temperature"), (int, float)) and not isinstance(out["temperature"], bool) \
+            and not 0 <= out["temperature"] <= 1:
+        raise ApiError(400, "temperature: must be between 0 and 1", param="temperature")
+    return out
+
+
+def anthropic_stop(ans: SwarmAnswer) -> tuple:
+    """(stop_reason, stop_sequence) of an answer."""
+    if ans.tool_calls:
+        return "tool_use", None
+    if ans.finish_reason == "length":
+        return "max_tokens", None
+    win = ans.results[ans.verdict.index] if ans.results and ans.cross is None else None
+    if win is not None and win.stop_sequence:
+        return "stop_sequence", win.stop_sequence
+    return "end_turn", None
+
+
+def anthropic_usage(ans: SwarmAnswer) -> dict:
+    return {"input_tokens": ans.prompt_tokens - ans.cached_tokens, "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": ans.cached_tokens, "output_tokens": ans.completion_tokens}
+
+
+def anthropic_tool_use(call: dict) -> dict:
+    try:
+        args = json.loads(call["function"]["arguments"] or "{}")
+    except ValueError:
+        args = {}
+    return {"type": "tool_use", "id": call["id"], "name": call["function"]["name"],
+            "input": args if isinstance(args, dict) else {}}
+
+
+def anthropic_json(ans: SwarmAnswer, mid: str) -> dict:
+    """The non-streaming Messages response."""
+    content = ([{"type": "text", "text": ans.text}] if ans.text or not ans.tool_calls else []) + \
+        [anthropic_tool_use(c) for c in ans.tool_calls]
+    reason, seq = anthropic_stop(ans)
+    return {"id": mid, "type": "message", "role": "assistant", "model": ans.model, "content": content,
+            "stop_reason": reason, "stop_sequence": seq, "usage": anthropic_usage(ans),
+            "x_localswarm": ans.x_localswarm()}
+
+
+class AnthropicStream:
+    """The Messages stream's events, in order, as (event name, data): a text block opened at the
+    first text, then one tool_use block per call, then message_delta and message_stop."""
+
+    def __init__(self, mid: str, model: str, prompt_tokens: int):
+        self.mid, self.model, self.prompt_tokens = mid, model, prompt_tokens
+        self.index, self.text_open = 0, False
+
+    def start(self) -> list:
+        return [("message_start", {"type": "message_start", "message": {
+            "id": self.mid, "type": "message", "role": "assistant", "model": self.model, "content": [],
+            "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": self.prompt_tokens, "output_tokens": 0}}}),
+            ("ping", {"type": "ping"})]
+
+    def text(self, text: str) -> list:
+        out = []
+        if not self.text_open:
+            self.text_open = True
+            out.append(("content_block_start", {"type": "content_block_start", "index": self.index,
+                                                "content_block": {"type": "text", "text": ""}}))
+        out.append(("content_block_delta", {"type": "content_block_delta", "index": self.index,
+                                            "delta": {"type": "text_delta", "text": text}}))
+        return out
+
+    def _close_text(self) -> list:
+        if not self.text_open:
+            return []
+        self.text_open = False
+        self.index += 1
+        return [("content_block_stop", {"type": "content_block_stop", "index": self.index - 1})]
+
+    def end(self, ans: SwarmAnswer) -> list:
+        out = self._close_text()
+        for call in ans.tool_calls:
+            block = anthropic_tool_use(call)
+            out += [("content_block_start", {"type": "content_block_start", "index": self.index,
+                                             "content_block": dict(block, input={})}),
+                    ("content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": {
+                        "type": "input_json_delta", "partial_json": json.dumps(block["input"])}}),
+                    ("content_block_stop", {"type": "content_block_stop", "index": self.index})]
+            self.index += 1
+        if self.index == 0:              # an empty answer still has its (empty) text block
+            out = self.text("") + self._close_text()
+        reason, seq = anthropic_stop(ans)
+        out += [("message_delta", {"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": seq},
+                                   "usage": anthropic_usage(ans), "x_localswarm": ans.x_localswarm()}),
+                ("message_stop", {"type": "message_stop"})]
+        return out
+
+
+##############################################################################
 # HTTP API: OpenAI-compatible endpoints on ThreadingHTTPServer (HTTP/1.1,
 # keep-alive, chunked SSE). App holds the state that handlers need (passed
 # in, never global); Metrics renders Prometheus text; every error leaves as
@@ -5271,7 +5733,8 @@ KEEPALIVE_INTERVAL = 2.0    # seconds between SSE comments while the voters work
 READ_TIMEOUT = 30.0         # seconds a client may take to send a whole request (line, headers, body),
                             # counted from when the connection is ready for it (nginx: 60 s per phase)
 DISCONNECT_POLL = 0.5       # seconds between checks that a waiting client is still there
-JSON_ROUTES = {"chat", "completions", "fed_vote"}
+JSON_ROUTES = {"chat", "completions", "messages", "count_tokens", "fed_vote"}
+ANTHROPIC_ROUTES = {"messages", "count_tokens"}     # their errors leave in Anthropic's shape
 FEDERATION_ROUTES = {"fed_health", "fed_info", "fed_vote"}
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -5536,38 +5999,6 @@ class App:
         return ans
 
 
-# Request fields: name -> (types, minimum, maximum). Unknown fields are ignored.
-_NUM = (int, float)
-REQUEST_FIELDS = {
-    "temperature": (_NUM, 0.0, 2.0), "top_p": (_NUM, 0.0, 1.0), "top_k": (int, 0, 10000),
-    "min_p": (_NUM, 0.0, 1.0), "repeat_penalty": (_NUM, 0.0, 10.0),
-    "presence_penalty": (_NUM, -2.0, 2.0), "frequency_penalty": (_NUM, -2.0, 2.0),
-    "max_tokens": (int, 1, 10 ** 7), "max_completion_tokens": (int, 1, 10 ** 7),
-    "seed": (int, -2 ** 63, 2 ** 64), "n": (int, 1, 64), "voters": (int, 1, 64),
-    "stream": (bool, None, None), "model": (str, None, None), "consensus": (str, None, None),
-    "stream_options": (dict, None, None), "tools": (list, None, None), "prompt": ((str, list), None, None),
-    "messages": (list, None, None), "stop": ((str, list), None, None),
-    "parallel_tool_calls": (bool, None, None), "tool_grammar": (bool, None, None),
-    "early_stop": ((bool, str), None, None), "stream_mode": (str, None, None), "stream_voters": (bool, None, None),
-}
-ROLES = ("system", "user", "assistant", "tool", "developer")
-MESSAGE_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content")
-
-
-def check_fields(body: dict) -> None:
-    """400 naming the first known field with a wrong type or range."""
-    for name, (types, lo, hi) in REQUEST_FIELDS.items():
-        if name not in body or body[name] is None:
-            continue
-        v = body[name]
-        bool_ok = types is bool or (isinstance(types, tuple) and bool in types)
-        if isinstance(v, bool) and not bool_ok or not isinstance(v, types):
-            raise ApiError(400, f"'{name}' has the wrong type", param=name, code="invalid_type")
-        if lo is not None and not (lo <= v <= hi):
-            raise ApiError(400, f"'{name}' must be between {lo} and {hi}", param=name, code="invalid_value")
-
-
-MAX_JSON_DEPTH = 64     # nesting of request values (tool schemas are the deepest legitimate part)
 # Values in one request body. A byte of JSON can cost ~25 bytes as Python objects ("{}," is a
 # dict): 8 MiB of them is ~200 MiB. A long agent request (Claude Code's ~50 KB) has a few
 # thousand; long text costs one value per string, whatever its length.
@@ -5580,146 +6011,6 @@ def json_value_count(raw: bytes) -> int:
     counted before parsing so that a flood of tiny values is refused before it costs memory."""
     bare = JSON_STRING_RE.sub(b"0", raw)
     return sum(bare.count(c) for c in (b"{", b"[", b",", b":")) + 1
-
-
-def check_values(value: Any, param: str, depth: int = 0) -> None:
-    """400 for text that cannot be UTF-8 (a lone surrogate) or nesting deeper than MAX_JSON_DEPTH."""
-    if depth > MAX_JSON_DEPTH:
-        raise ApiError(400, f"'{param}' is nested too deeply (over {MAX_JSON_DEPTH} levels)", param=param)
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ApiError(400, f"'{param}' holds text that is not valid Unicode (a lone surrogate)",
-                           param=param) from None
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            check_values(k, param, depth + 1)
-            check_values(v, param, depth + 1)
-    elif isinstance(value, list):
-        for v in value:
-            check_values(v, param, depth + 1)
-
-
-def check_message(i: int, m: Any) -> None:
-    """400 naming the first field of messages[i] with the wrong shape."""
-    where = f"messages[{i}]"
-    if not isinstance(m, dict) or m.get("role") not in ROLES:
-        raise ApiError(400, f"{where} needs a role of {', '.join(ROLES)}", param=where)
-    message_text(m.get("content"))
-    for key in ("name", "tool_call_id"):
-        if m.get(key) is not None and not isinstance(m[key], str):
-            raise ApiError(400, f"{where}.{key} must be a string", param=f"{where}.{key}")
-    calls = m.get("tool_calls")
-    if calls is None:
-        return
-    shape = (f"{where}.tool_calls must be an array of {{id, type: function, function: {{name, arguments}}}}")
-    if not isinstance(calls, list):
-        raise ApiError(400, shape, param=f"{where}.tool_calls")
-    for c in calls:
-        fn = c.get("function") if isinstance(c, dict) else None
-        if not (isinstance(fn, dict) and isinstance(fn.get("name"), str)
-                and isinstance(fn.get("arguments", "{}"), (str, dict))
-                and isinstance(c.get("id", ""), (str, type(None)))):
-            raise ApiError(400, shape, param=f"{where}.tool_calls")
-
-
-def parse_request(body: Any, chat: bool, swarm: Swarm) -> ChatRequest:
-    """Validate an OpenAI request body into a ChatRequest."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    check_fields(body)
-    for key in ("messages", "prompt", "tools", "tool_choice", "stop"):
-        check_values(body.get(key), key)
-    req = ChatRequest(params=parse_sampling(body))
-    if chat:
-        req.messages = parse_messages(body.get("messages"))
-    else:
-        req.prompt = parse_prompt(body.get("prompt"))
-    req.max_tokens_requested = body.get("max_completion_tokens") or body.get("max_tokens")
-    req.n = body.get("n") or 1
-    req.voters = body.get("voters")
-    if req.voters and req.voters > swarm.max_voters:
-        raise ApiError(400, f"'voters' must be at most {swarm.max_voters} on this server", param="voters")
-    if req.n > (req.voters or swarm.voters):
-        raise ApiError(400, f"'n' must be at most the number of voters ({req.voters or swarm.voters})", param="n")
-    req.strategy = one_of(body, "consensus", STRATEGIES)
-    req.stream_mode = one_of(body, "stream_mode", STREAM_MODES)
-    req.tools, req.tool_choice = parse_tools(body.get("tools")), body.get("tool_choice", "auto")
-    check_tool_choice(req.tool_choice, req.tools)
-    if body.get("parallel_tool_calls") is not None:
-        req.parallel_tool_calls = body["parallel_tool_calls"]
-    req.tool_grammar = body.get("tool_grammar")
-    req.early_stop = body.get("early_stop") if isinstance(body.get("early_stop"), bool) else \
-        one_of(body, "early_stop", EARLY_STOP_RULES)
-    req.stream_voters = bool(body.get("stream_voters"))
-    return req
-
-
-def parse_messages(msgs: Any) -> list:
-    if not msgs:
-        raise ApiError(400, "'messages' must be a non-empty array", param="messages")
-    for i, m in enumerate(msgs):
-        check_message(i, m)
-    # only what a template reads is kept: anything else a client sent is not held while queued
-    return [{k: m[k] for k in MESSAGE_KEYS if k in m} | ({"role": "system"} if m["role"] == "developer" else {})
-            for m in msgs]
-
-
-def parse_prompt(prompt: Any) -> str:
-    if isinstance(prompt, list):
-        if len(prompt) != 1 or not isinstance(prompt[0], str):
-            raise ApiError(400, "'prompt' must be a string (or a list of one string)", param="prompt")
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise ApiError(400, "'prompt' is required", param="prompt")
-    return prompt
-
-
-def parse_sampling(body: dict) -> SamplingParams:
-    """Sampling fields (already range-checked by check_fields) and the stop strings."""
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not all(isinstance(s, str) and len(s) <= MAX_STOP_CHARS for s in stop) or len(stop) > MAX_STOP_STRINGS:
-        raise ApiError(400, f"'stop' must be a string or up to {MAX_STOP_STRINGS} strings of at most "
-                       f"{MAX_STOP_CHARS} characters", param="stop")
-    p = SamplingParams(stop=tuple(stop))
-    for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty",
-                 "frequency_penalty", "seed"):
-        if body.get(name) is not None:
-            setattr(p, name, body[name])
-    return p
-
-
-def one_of(body: dict, name: str, choices: tuple) -> Optional[str]:
-    value = body.get(name)
-    if value is not None and value not in choices:
-        raise ApiError(400, f"'{name}' must be one of {', '.join(choices)}", param=name)
-    return value
-
-
-MAX_TOOLS = 512      # per request (OpenAI allows 128; agents with many MCP servers send a few hundred)
-
-
-def parse_tools(tools: Any) -> Optional[list]:
-    if tools is not None and not isinstance(tools, list) or len(tools or []) > MAX_TOOLS:
-        raise ApiError(400, f"'tools' must be an array of at most {MAX_TOOLS} tools", param="tools")
-    for i, t in enumerate(tools or []):
-        fn = t.get("function") if isinstance(t, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or \
-                not isinstance(fn.get("parameters", {}), dict) or \
-                not isinstance(fn.get("description", ""), (str, type(None))):
-            raise ApiError(400, f"tools[{i}] must be {{type: function, function: {{name, parameters: "
-                           "{...}}}}", param=f"tools[{i}]")
-    return tools or None
-
-
-def check_tool_choice(choice: Any, tools: Optional[list]) -> None:
-    named = choice.get("function") if isinstance(choice, dict) else None
-    if not (choice in ("auto", "none", "required") or isinstance(named, dict) and isinstance(named.get("name"), str)):
-        raise ApiError(400, "'tool_choice' must be auto, none, required or a named function", param="tool_choice")
-    if named and named["name"] not in [t["function"]["name"] for t in tools or []]:
-        raise ApiError(400, f"tool_choice names '{named['name']}', which is not in 'tools'", param="tool_choice")
 
 
 class SwarmRun:
@@ -5872,6 +6163,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     ROUTES = {
         ("GET", "/v1/models"): "models", ("GET", "/health"): "health", ("GET", "/metrics"): "metrics",
         ("POST", "/v1/chat/completions"): "chat", ("POST", "/v1/completions"): "completions",
+        ("POST", "/v1/messages"): "messages", ("POST", "/v1/messages/count_tokens"): "count_tokens",
         ("GET", "/v1/federation/health"): "fed_health", ("GET", "/v1/federation/info"): "fed_info",
         ("POST", "/v1/federation/vote"): "fed_vote", ("GET", "/"): "page", ("GET", "/v1/localswarm/status"): "status",
     }
@@ -5922,6 +6214,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._status = 200
         self._sse_started = False
         self._held = 0                  # body bytes counted against server.max_pending_bytes
+        self._error_body = anthropic_error if name in ANTHROPIC_ROUTES else ApiError.body
         self._body_pending = self._has_body()
         if not self._body_pending:
             self._request_read()
@@ -6039,10 +6332,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             pass
 
     def _error(self, exc: ApiError) -> None:
+        body = getattr(self, "_error_body", ApiError.body)(exc)
         if self._sse_started:        # headers are gone: report in the stream, then end it
             self._status = exc.status
             try:
-                self._chunk(b"data: " + json.dumps(exc.body()).encode() + b"\n\n")
+                named = b"event: error\n" if body.get("type") == "error" else b""
+                self._chunk(named + b"data: " + json.dumps(body).encode() + b"\n\n")
                 self._chunk(b"")
             except OSError:
                 pass
@@ -6051,7 +6346,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         headers = exc.headers
         if self._body_pending:       # the unread body must not be taken for the next request
             headers = dict(headers, Connection="close")
-        self._send_json(exc.status, exc.body(), headers)
+        self._send_json(exc.status, body, headers)
 
     def _send_json(self, status: int, obj: Any, headers: Optional[dict] = None) -> None:
         self._send(status, json.dumps(obj).encode(), "application/json", headers)
@@ -6201,8 +6496,37 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return "consensus"
         return mode
 
+    def _live_events(self, run: "SwarmRun", req: ChatRequest):
+        """What a stream shows, whatever its dialect: ("text", s) as the vote settles it,
+        ("voter", i, delta) with stream_voters, ("wait",) while the voters work, then
+        ("end", answer, streamed voter or None, characters sent live). The rest of the winner's
+        text comes as a last ("text", ...) before the end."""
+        sent = ""
+        # Tokens are written in the handler's thread: a client that stops reading stalls only
+        # itself, never the engine thread that produced them.
+        for out in run.live_text(KEEPALIVE_INTERVAL):
+            for kind, *what in out or ():
+                if kind == "content":
+                    sent += what[0]
+                    yield "text", what[0]
+                else:
+                    yield "voter", what[0], what[1]
+            if out is None:
+                yield ("wait",)
+        ans = run.result()
+        shown = req.shown_voter if run.mode == "fastest" else None
+        if shown is None:       # the winner's text after what was sent
+            consistent = ans.text.startswith(sent)
+            if not consistent:     # never expected (Ballot.pick): say so, and add nothing wrong
+                log.error("live stream sent text the answer does not start with")
+            rest = ans.text[len(sent):] if consistent else ""
+            if rest:
+                yield "text", rest
+        yield "end", ans, shown, len(sent)
+
     def _stream(self, req: ChatRequest, chat: bool, rid: str, include_usage: bool,
                 headers: Optional[dict] = None) -> None:
+        """An OpenAI stream (chat.completion.chunk or text_completion events)."""
         run = self._run_swarm(req, stream=self._stream_mode(req))      # raises before any header is sent
         created = int(time.time())
         model = self.app.swarm.model_id
@@ -6228,43 +6552,73 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self._event(chunk({"role": "assistant", "content": ""}))
             else:
                 self._chunk(b": localswarm is voting\n\n")
-            # Tokens are written here, in the handler's thread: a client that stops reading
-            # stalls only itself, never the engine thread that produced them.
-            sent = ""
-            for out in run.live_text(KEEPALIVE_INTERVAL):
-                for kind, *what in out or ():
-                    if kind == "content":
-                        self._event(chunk({"content": what[0]}) if chat else chunk(text=what[0]))
-                        sent += what[0]
-                    else:          # a voter's own text (stream_voters), as a chunk without choices
-                        self._event(dict(chunk(), choices=[], x_localswarm_voter={
-                            "voter": what[0], "delta": what[1] or "", "done": what[1] is None}))
-                if out is None:
+            for kind, *what in self._live_events(run, req):
+                if kind == "text":
+                    self._event(chunk({"content": what[0]}) if chat else chunk(text=what[0]))
+                elif kind == "voter":    # a voter's own text (stream_voters), as a chunk without choices
+                    self._event(dict(chunk(), choices=[], x_localswarm_voter={
+                        "voter": what[0], "delta": what[1] or "", "done": what[1] is None}))
+                elif kind == "wait":
                     self._chunk(b": voters working\n\n")
-            ans = run.result()
-            shown = req.shown_voter if run.mode == "fastest" else None
-            if shown is None:       # the winner's text after what was sent, then its calls
-                consistent = ans.text.startswith(sent)
-                if not consistent:     # never expected (Ballot.pick): say so, and add nothing wrong
-                    log.error("live stream sent text the answer does not start with")
-                rest = ans.text[len(sent):] if consistent else ""
-                if rest:
-                    self._event(chunk({"content": rest}) if chat else chunk(text=rest))
-                for i, call in enumerate(ans.tool_calls if chat else []):
-                    self._event(chunk({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
-                                                       "function": {"name": call["function"]["name"], "arguments": ""}}]}))
-                    self._event(chunk({"tool_calls": [{"index": i, "function": {"arguments": call["function"]["arguments"]}}]}))
+                else:
+                    ans, shown, live = what
+            for i, call in enumerate(ans.tool_calls if chat and shown is None else []):
+                self._event(chunk({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
+                                                   "function": {"name": call["function"]["name"], "arguments": ""}}]}))
+                self._event(chunk({"tool_calls": [{"index": i, "function": {"arguments": call["function"]["arguments"]}}]}))
         except BaseException:        # the client left, or anything else: the voters stop
             run.cancel()
             raise
         finish = _finish(ans.results[shown].finish_reason, []) if shown is not None else ans.finish_reason
         self._event(chunk({}, finish, extra={"x_localswarm": dict(
             ans.x_localswarm(), stream_mode=run.mode, streamed_voter=ans.verdict.index if shown is None else shown,
-            streamed_live_chars=len(sent))}))
+            streamed_live_chars=live)}))
         if include_usage:
             self._event(chunk(usage=usage_json(ans)))
         self._event(b"[DONE]")
         self._chunk(b"")
+
+    # --- Anthropic Messages ---------------------------------------------------
+    def route_messages(self) -> None:
+        body = self._read_json()
+        swarm = self.app.ready_swarm()
+        req = parse_request(anthropic_to_openai(body), True, swarm)
+        warning = self.app.check_model(body.get("model"))
+        headers = {"X-Localswarm-Warning": warning} if warning else {}
+        mid, stream = "msg_" + req.request_id, bool(body.get("stream"))
+        del body
+        if not stream:
+            ans = self._run_swarm(req)
+            self._send_json(200, anthropic_json(ans, mid),
+                            dict(headers, **{"X-Localswarm-Confidence": f"{ans.confidence:.3f}"}))
+            return
+        run = self._run_swarm(req, stream=self._stream_mode(req))
+        writer = AnthropicStream(mid, swarm.model_id, req.prompt_len)
+        try:
+            self._start_sse(headers)
+            self._named_events(writer.start())
+            for kind, *what in self._live_events(run, req):
+                if kind == "text" and what[0]:
+                    self._named_events(writer.text(what[0]))
+                elif kind == "wait":
+                    self._named_events([("ping", {"type": "ping"})])
+                elif kind == "end":
+                    self._named_events(writer.end(what[0]))
+        except BaseException:        # the client left, or anything else: the voters stop
+            run.cancel()
+            raise
+        self._chunk(b"")
+
+    def route_count_tokens(self) -> None:
+        body = self._read_json()
+        swarm = self.app.ready_swarm()
+        req = parse_request(anthropic_to_openai(body, count_only=True), True, swarm)
+        self._send_json(200, {"input_tokens": len(swarm.prompt_tokens(req))})
+
+    def _named_events(self, events: list) -> None:
+        """Server-sent events with names (Anthropic's shape: event: NAME, then data: JSON)."""
+        for name, data in events:
+            self._chunk(f"event: {name}\ndata: ".encode() + json.dumps(data).encode() + b"\n\n")
 
     def route_fed_health(self) -> None:
         fed = self._federation()
@@ -6306,27 +6660,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, fmt, *args):
         log.debug("%s - %s", self.address_string(), fmt % args)
-
-
-def usage_json(ans: SwarmAnswer) -> dict:
-    return {"prompt_tokens": ans.prompt_tokens, "completion_tokens": ans.completion_tokens,
-            "total_tokens": ans.prompt_tokens + ans.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": ans.cached_tokens}}
-
-
-def completion_json(ans: SwarmAnswer, req: ChatRequest, chat: bool, rid: str) -> dict:
-    """The non-streaming response body: the consensus pick first, then distinct runners-up up to n."""
-    choices = []
-    for i, (content, calls, finish) in enumerate(ans.distinct_choices(req.n)):
-        if chat:
-            msg = {"role": "assistant", "content": content if content or not calls else None}
-            if calls:
-                msg["tool_calls"] = calls
-            choices.append({"index": i, "message": msg, "finish_reason": finish, "logprobs": None})
-        else:
-            choices.append({"index": i, "text": content, "finish_reason": finish, "logprobs": None})
-    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": ans.model, "choices": choices, "usage": usage_json(ans), "x_localswarm": ans.x_localswarm()}
 
 
 class Server(http.server.ThreadingHTTPServer):

@@ -74,14 +74,14 @@ def exchange(url, data: bytes, timeout=10.0) -> bytes:
         return out
 
 
-def leave_while_voting(url, app, body: dict, until: bytes = b"") -> float:
+def leave_while_voting(url, app, body: dict, until: bytes = b"", path: str = "/v1/chat/completions") -> float:
     """POST body, wait until the voters work (and the response holds `until`), hang up;
     returns how many seconds the voters took to stop after that (30 at most)."""
     data = json.dumps(body).encode()
     host, port = url.split("//")[1].split(":")
     s = socket.create_connection((host, int(port)), timeout=60)
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-              b"Content-Length: %d\r\n\r\n" % len(data) + data)
+    s.sendall(b"POST %s HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+              b"Content-Length: %d\r\n\r\n" % (path.encode(), len(data)) + data)
     deadline = time.monotonic() + 60
     while app.swarm.status()["busy_voters"] == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
