@@ -150,8 +150,13 @@ if [ "$MODE" = test ]; then
       (cd .cache/opencode && npm install --silent --no-audit --no-fund opencode-ai@1.18.33 >/dev/null) \
         || echo "warning: npm install opencode-ai failed; the opencode test will skip"
     fi
+    if [ ! -x .cache/claude-code/node_modules/.bin/claude ]; then
+      mkdir -p .cache/claude-code
+      (cd .cache/claude-code && npm install --silent --no-audit --no-fund @anthropic-ai/claude-code@2.1.332 >/dev/null) \
+        || echo "warning: npm install @anthropic-ai/claude-code failed; the Claude Code test will skip"
+    fi
   else
-    echo "warning: npm missing; the opencode test will skip"
+    echo "warning: npm missing; the opencode and Claude Code tests will skip"
   fi
   step "Tests"
   LOCALSWARM_NO_SKIPS=1 exec "$VPY" -m pytest -q tests "$@"
