@@ -5722,6 +5722,208 @@ class AnthropicStream:
         return out
 
 
+# --- OpenAI Responses (Codex, the openai SDK's responses.*) ---------------------------------
+# POST /v1/responses and /v1/responses/input_tokens, translated onto the chat body like the
+# Anthropic dialect. Codex sends store: false and the whole history each time, so nothing is
+# stored (previous_response_id is refused); tools of other types than function (namespace,
+# web_search, ...) are skipped and listed in x_localswarm.skipped_tools, never a failure.
+RESPONSES_PASSED = ("model", "temperature", "top_p", "stream", "voters", "consensus", "stream_mode",
+                    "early_stop", "tool_grammar", "parallel_tool_calls", "seed", "top_k")
+
+
+def _response_text(content: Any, where: str) -> str:
+    """A message item's content (a string, or input_text / output_text parts) as text."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ApiError(400, f"{where}.content must be a string or an array of parts", param=where)
+    out = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("input_text", "output_text", "text", "summary_text") and isinstance(part.get("text"), str):
+            out.append(part["text"])
+        elif kind in ("input_image", "input_file", "input_audio"):
+            raise ApiError(400, f"{where}.content[{j}]: {kind} needs a model that reads it; this server's model "
+                           "reads text only", param=f"{where}.content[{j}]")
+        elif kind != "refusal":
+            raise ApiError(400, f"{where}.content[{j}]: unknown content part type {shown(kind)}",
+                           param=f"{where}.content[{j}]")
+    return "".join(out)
+
+
+def _responses_input(body: dict) -> list:
+    """instructions and input items as chat messages: consecutive function_call items become one
+    assistant message with tool_calls, and each function_call_output a tool message."""
+    items = body.get("input")
+    items = [{"role": "user", "content": items}] if isinstance(items, str) else items
+    if not isinstance(items, list) or not items:
+        raise ApiError(400, "'input' must be a string or a non-empty array of items", param="input")
+    out = [{"role": "system", "content": body["instructions"]}] if isinstance(body.get("instructions"), str) \
+        and body["instructions"] else []
+    called: set = set()
+    for i, item in enumerate(items):
+        where = f"input[{i}]"
+        kind = item.get("type", "message") if isinstance(item, dict) else None
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "assistant", "system", "developer"):
+                raise ApiError(400, f"{where}.role must be user, assistant, system or developer", param=where)
+            out.append({"role": "system" if role == "developer" else role,
+                        "content": _response_text(item.get("content"), where)})
+        elif kind == "function_call":
+            if not isinstance(item.get("call_id"), str) or not isinstance(item.get("name"), str):
+                raise ApiError(400, f"{where}: a function_call needs call_id and name", param=where)
+            call = {"id": item["call_id"], "type": "function",
+                    "function": {"name": item["name"], "arguments": str(item.get("arguments") or "{}")}}
+            last = out[-1] if out else None
+            if last and last["role"] == "assistant" and last.get("tool_calls") is not None:
+                last["tool_calls"].append(call)
+            else:
+                out.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            called.add(item["call_id"])
+        elif kind == "function_call_output":
+            if item.get("call_id") not in called:
+                raise ApiError(400, f"{where}: no function_call with call_id {shown(item.get('call_id'))} comes "
+                               "before this output", param=where)
+            output = item.get("output", "")
+            out.append({"role": "tool", "tool_call_id": item["call_id"],
+                        "content": output if isinstance(output, str) else _response_text(output, where)})
+        elif kind not in ("reasoning", "item_reference"):
+            raise ApiError(400, f"{where}: unknown item type {shown(kind)}", param=where)
+    return out
+
+
+def _responses_tools(tools: Any) -> tuple:
+    """(chat tools, names of the tools skipped: other types than function)."""
+    if tools is None:
+        return [], []
+    if not isinstance(tools, list):
+        raise ApiError(400, "'tools' must be an array", param="tools")
+    out, skipped = [], []
+    for i, t in enumerate(tools):
+        if not isinstance(t, dict):
+            raise ApiError(400, f"tools[{i}] must be an object", param=f"tools[{i}]")
+        if t.get("type") != "function":
+            skipped.append(str(t.get("name") or t.get("type")))
+            continue
+        if not isinstance(t.get("name"), str) or not isinstance(t.get("parameters", {}), dict):
+            raise ApiError(400, f"tools[{i}] needs a name and a parameters object", param=f"tools[{i}]")
+        out.append({"type": "function", "function": {"name": t["name"], "description": t.get("description") or "",
+                                                     "parameters": t.get("parameters") or {"type": "object"}}})
+    return out, skipped
+
+
+def responses_to_openai(body: Any, count_only: bool = False) -> tuple:
+    """A Responses body as (the chat body it means, the tools skipped)."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    if body.get("previous_response_id"):
+        raise ApiError(400, "previous_response_id is not supported: responses are not stored here; send "
+                       "the whole conversation in 'input' (as Codex does with store: false)", param="previous_response_id")
+    out = {k: body[k] for k in RESPONSES_PASSED if k in body}
+    out["messages"] = _responses_input(body)
+    tools, skipped = _responses_tools(body.get("tools"))
+    choice = body.get("tool_choice", "auto")
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
+        choice = {"type": "function", "function": {"name": choice["name"]}}
+    elif isinstance(choice, dict):          # allowed_tools, a hosted tool: the model chooses
+        choice = "auto"
+    if tools:
+        out["tools"], out["tool_choice"] = tools, choice
+    if body.get("max_output_tokens") is not None and not count_only:
+        out["max_tokens"] = body["max_output_tokens"]
+    return out, skipped
+
+
+def responses_stream_error(exc: ApiError) -> dict:
+    """A marker for Handler._error: OpenAI's error JSON, or the stream's error event."""
+    return {"type": "response_error"}
+
+
+def _response_items(ans: SwarmAnswer, rid: str) -> list:
+    items = []
+    if ans.text or not ans.tool_calls:
+        items.append({"type": "message", "id": "msg_" + rid, "status": "completed", "role": "assistant",
+                      "content": [{"type": "output_text", "text": ans.text, "annotations": []}]})
+    for c in ans.tool_calls:
+        items.append({"type": "function_call", "id": "fc_" + c["id"], "call_id": c["id"], "status": "completed",
+                      "name": c["function"]["name"], "arguments": c["function"]["arguments"]})
+    return items
+
+
+def response_json(ans: Optional[SwarmAnswer], rid: str, model: str, skipped: list, created: int) -> dict:
+    """The Response object (ans None: the one that is still in progress, for the stream's start)."""
+    done = ans is not None
+    cut = done and ans.finish_reason == "length" and not ans.tool_calls
+    r = {"id": "resp_" + rid, "object": "response", "created_at": created, "model": model,
+         "status": ("incomplete" if cut else "completed") if done else "in_progress",
+         "incomplete_details": {"reason": "max_output_tokens"} if cut else None, "error": None,
+         "output": _response_items(ans, rid) if done else [], "parallel_tool_calls": True, "store": False,
+         "usage": None}
+    if done:
+        r["usage"] = {"input_tokens": ans.prompt_tokens, "input_tokens_details": {"cached_tokens": ans.cached_tokens},
+                      "output_tokens": ans.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                      "total_tokens": ans.prompt_tokens + ans.completion_tokens}
+        r["x_localswarm"] = dict(ans.x_localswarm(), skipped_tools=skipped)
+    return r
+
+
+class ResponsesStream:
+    """The Responses stream's events as (event name, data), each numbered: created and
+    in_progress, a message item whose text grows by deltas, then one function_call item per call,
+    then completed with the whole response."""
+
+    def __init__(self, rid: str, model: str, skipped: list):
+        self.rid, self.model, self.skipped = rid, model, skipped
+        self.created, self.seq, self.text_open, self.text, self.index = int(time.time()), 0, False, "", 0
+
+    def _ev(self, name: str, **data) -> tuple:
+        self.seq += 1
+        return name, dict(type=name, sequence_number=self.seq - 1, **data)
+
+    def start(self) -> list:
+        r = response_json(None, self.rid, self.model, self.skipped, self.created)
+        return [self._ev("response.created", response=r), self._ev("response.in_progress", response=r)]
+
+    def delta(self, text: str) -> list:
+        out, mid = [], "msg_" + self.rid
+        if not self.text_open:
+            self.text_open = True
+            out += [self._ev("response.output_item.added", output_index=0, item={
+                        "type": "message", "id": mid, "status": "in_progress", "role": "assistant", "content": []}),
+                    self._ev("response.content_part.added", item_id=mid, output_index=0, content_index=0,
+                             part={"type": "output_text", "text": "", "annotations": []})]
+        self.text += text
+        return out + [self._ev("response.output_text.delta", item_id=mid, output_index=0, content_index=0,
+                               delta=text)]
+
+    def end(self, ans: SwarmAnswer) -> list:
+        items = _response_items(ans, self.rid)
+        out = []
+        if items[0]["type"] == "message":
+            out += self.delta("") if not self.text_open else []
+            part = items[0]["content"][0]
+            out += [self._ev("response.output_text.done", item_id=items[0]["id"], output_index=0, content_index=0,
+                             text=part["text"]),
+                    self._ev("response.content_part.done", item_id=items[0]["id"], output_index=0, content_index=0,
+                             part=part),
+                    self._ev("response.output_item.done", output_index=0, item=items[0])]
+        for i, item in enumerate(items):
+            if item["type"] != "function_call":
+                continue
+            out += [self._ev("response.output_item.added", output_index=i, item=dict(item, arguments="",
+                                                                                      status="in_progress")),
+                    self._ev("response.function_call_arguments.delta", item_id=item["id"], output_index=i,
+                             delta=item["arguments"]),
+                    self._ev("response.function_call_arguments.done", item_id=item["id"], output_index=i,
+                             arguments=item["arguments"]),
+                    self._ev("response.output_item.done", output_index=i, item=item)]
+        # response.completed even when cut off (status incomplete in it), as llama-server does:
+        # the SDKs' stream helpers wait for that event alone
+        return out + [self._ev("response.completed",
+                               response=response_json(ans, self.rid, self.model, self.skipped, self.created))]
+
+
 ##############################################################################
 # HTTP API: OpenAI-compatible endpoints on ThreadingHTTPServer (HTTP/1.1,
 # keep-alive, chunked SSE). App holds the state that handlers need (passed
@@ -5733,7 +5935,7 @@ KEEPALIVE_INTERVAL = 2.0    # seconds between SSE comments while the voters work
 READ_TIMEOUT = 30.0         # seconds a client may take to send a whole request (line, headers, body),
                             # counted from when the connection is ready for it (nginx: 60 s per phase)
 DISCONNECT_POLL = 0.5       # seconds between checks that a waiting client is still there
-JSON_ROUTES = {"chat", "completions", "messages", "count_tokens", "fed_vote"}
+JSON_ROUTES = {"chat", "completions", "messages", "count_tokens", "responses", "input_tokens", "fed_vote"}
 ANTHROPIC_ROUTES = {"messages", "count_tokens"}     # their errors leave in Anthropic's shape
 FEDERATION_ROUTES = {"fed_health", "fed_info", "fed_vote"}
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -6164,6 +6366,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         ("GET", "/v1/models"): "models", ("GET", "/health"): "health", ("GET", "/metrics"): "metrics",
         ("POST", "/v1/chat/completions"): "chat", ("POST", "/v1/completions"): "completions",
         ("POST", "/v1/messages"): "messages", ("POST", "/v1/messages/count_tokens"): "count_tokens",
+        ("POST", "/v1/responses"): "responses", ("POST", "/v1/responses/input_tokens"): "input_tokens",
         ("GET", "/v1/federation/health"): "fed_health", ("GET", "/v1/federation/info"): "fed_info",
         ("POST", "/v1/federation/vote"): "fed_vote", ("GET", "/"): "page", ("GET", "/v1/localswarm/status"): "status",
     }
@@ -6214,7 +6417,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._status = 200
         self._sse_started = False
         self._held = 0                  # body bytes counted against server.max_pending_bytes
-        self._error_body = anthropic_error if name in ANTHROPIC_ROUTES else ApiError.body
+        self._error_body = anthropic_error if name in ANTHROPIC_ROUTES else \
+            responses_stream_error if name == "responses" else ApiError.body
         self._body_pending = self._has_body()
         if not self._body_pending:
             self._request_read()
@@ -6333,6 +6537,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _error(self, exc: ApiError) -> None:
         body = getattr(self, "_error_body", ApiError.body)(exc)
+        if body.get("type") == "response_error":       # Responses: OpenAI's shape, an error event when streamed
+            body = {"type": "error", "code": exc.code, "message": exc.message, "param": exc.param} \
+                if self._sse_started else exc.body()
         if self._sse_started:        # headers are gone: report in the stream, then end it
             self._status = exc.status
             try:
@@ -6608,6 +6815,44 @@ class Handler(http.server.BaseHTTPRequestHandler):
             run.cancel()
             raise
         self._chunk(b"")
+
+    # --- OpenAI Responses -----------------------------------------------------
+    def route_responses(self) -> None:
+        body = self._read_json()
+        swarm = self.app.ready_swarm()
+        chat_body, skipped = responses_to_openai(body)
+        req = parse_request(chat_body, True, swarm)
+        warning = self.app.check_model(body.get("model"))
+        headers = {"X-Localswarm-Warning": warning} if warning else {}
+        stream = bool(body.get("stream"))
+        del body, chat_body
+        if not stream:
+            ans = self._run_swarm(req)
+            self._send_json(200, response_json(ans, req.request_id, swarm.model_id, skipped, int(time.time())),
+                            dict(headers, **{"X-Localswarm-Confidence": f"{ans.confidence:.3f}"}))
+            return
+        run = self._run_swarm(req, stream=self._stream_mode(req))
+        writer = ResponsesStream(req.request_id, swarm.model_id, skipped)
+        try:
+            self._start_sse(headers)
+            self._named_events(writer.start())
+            for kind, *what in self._live_events(run, req):
+                if kind == "text" and what[0]:
+                    self._named_events(writer.delta(what[0]))
+                elif kind == "wait":
+                    self._chunk(b": voters working\n\n")
+                elif kind == "end":
+                    self._named_events(writer.end(what[0]))
+        except BaseException:        # the client left, or anything else: the voters stop
+            run.cancel()
+            raise
+        self._chunk(b"")
+
+    def route_input_tokens(self) -> None:
+        body = self._read_json()
+        swarm = self.app.ready_swarm()
+        req = parse_request(responses_to_openai(body, count_only=True)[0], True, swarm)
+        self._send_json(200, {"object": "response.input_tokens", "input_tokens": len(swarm.prompt_tokens(req))})
 
     def route_count_tokens(self) -> None:
         body = self._read_json()

@@ -251,3 +251,96 @@ def test_claude_code_answers_headless(claude_server):
     out = json.loads(run.stdout)
     assert out["is_error"] is False and out["result"].strip(), out
     assert out["usage"]["output_tokens"] > 0
+
+
+# --- OpenAI Responses ------------------------------------------------------------------------
+SHELL = {"type": "function", "name": "exec_command", "description": "Run a shell command.",
+         "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}, "required": ["cmd"]}}
+
+
+def test_a_codex_shaped_request_becomes_one_openai_chat_body():
+    body = {"model": "gpt-5-codex", "instructions": "You are Codex.", "store": False, "stream": True,
+            "include": ["reasoning.encrypted_content"], "prompt_cache_key": "k", "client_metadata": {"a": 1},
+            "reasoning": {"effort": "low"}, "tool_choice": "auto", "parallel_tool_calls": False,
+            "tools": [SHELL, {"type": "web_search"}, {"type": "namespace", "name": "mcp__x", "tools": []}],
+            "input": [
+                {"type": "message", "role": "developer", "content": [{"type": "input_text", "text": "Sandbox: on."}]},
+                {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "List files."}]},
+                {"type": "reasoning", "summary": [], "encrypted_content": "x"},
+                {"type": "function_call", "call_id": "c1", "name": "exec_command", "arguments": '{"cmd": "ls"}'},
+                {"type": "function_call_output", "call_id": "c1", "output": "a.py\nb.py"},
+                {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Two files."}]}]}
+    out, skipped = ls.responses_to_openai(body)
+    assert skipped == ["web_search", "mcp__x"]
+    assert out["messages"] == [
+        {"role": "system", "content": "You are Codex."}, {"role": "system", "content": "Sandbox: on."},
+        {"role": "user", "content": "List files."},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "exec_command", "arguments": '{"cmd": "ls"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "a.py\nb.py"},
+        {"role": "assistant", "content": "Two files."}]
+    assert [t["function"]["name"] for t in out["tools"]] == ["exec_command"] and out["parallel_tool_calls"] is False
+
+
+@pytest.mark.parametrize("body, match", [
+    ({"input": []}, "'input' must be a string or a non-empty array"),
+    ({"input": [{"type": "function_call_output", "call_id": "x", "output": "y"}]}, "no function_call with call_id"),
+    ({"input": [{"type": "mystery"}]}, "unknown item type"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "reads text only"),
+    ({"input": "hi", "previous_response_id": "resp_1"}, "not stored here"),
+])
+def test_bad_responses_requests_name_the_field(body, match):
+    with pytest.raises(ls.ApiError, match=match) as e:
+        ls.responses_to_openai(body)
+    assert e.value.status == 400
+
+
+@pytest.fixture(scope="module")
+def oai(live_server):
+    openai = pytest.importorskip("openai")
+    url, _ = live_server
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+
+
+def test_responses_create_and_stream_answer_with_the_vote(oai):
+    r = oai.responses.create(model="x", input="Say hi", max_output_tokens=16)
+    assert r.status in ("completed", "incomplete") and r.output_text and r.usage.output_tokens > 0
+    assert r.model_extra["x_localswarm"]["voters"] == 4
+    with oai.responses.stream(model="x", input="Say hi", max_output_tokens=12) as s:
+        kinds = [ev.type for ev in s]
+        final = s.get_final_response()
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] in ("response.completed",)
+
+    assert "response.output_text.delta" in kinds and final.output_text
+    assert oai.post("/responses/input_tokens", body={"model": "x", "input": "Say hi"},
+                    cast_to=object)["input_tokens"] == r.usage.input_tokens
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_a_function_call_round_trip_through_responses(oai, stream):
+    ask = dict(model="x", input=[{"role": "user", "content": "List the files here."}], max_output_tokens=48,
+               tools=[SHELL, {"type": "web_search"}], tool_choice="required")
+    if stream:
+        with oai.responses.stream(**ask) as s:
+            kinds = [ev.type for ev in s]
+            first = s.get_final_response()
+        assert "response.function_call_arguments.delta" in kinds
+    else:
+        first = oai.responses.create(**ask)
+    calls = [o for o in first.output if o.type == "function_call"]
+    assert calls and calls[0].name == "exec_command" and isinstance(json.loads(calls[0].arguments)["cmd"], str)
+    assert first.model_extra["x_localswarm"]["skipped_tools"] == ["web_search"]
+    follow = oai.responses.create(model="x", max_output_tokens=12, tools=[SHELL], input=ask["input"] + [
+        {"type": "function_call", "call_id": calls[0].call_id, "name": "exec_command", "arguments": calls[0].arguments},
+        {"type": "function_call_output", "call_id": calls[0].call_id, "output": "a.py"}])
+    assert follow.usage.input_tokens_details.cached_tokens >= first.usage.input_tokens - 2
+
+
+def test_responses_errors_are_openais_shape(live_server):
+    url, _ = live_server
+    req = urllib.request.Request(url + "/v1/responses", json.dumps({"input": [{"type": "mystery"}]}).encode(),
+                                 {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=30)
+    body = json.loads(e.value.read())
+    assert e.value.code == 400 and body["error"]["type"] == "invalid_request_error" and "mystery" in body["error"]["message"]
