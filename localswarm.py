@@ -2689,13 +2689,15 @@ class DiskCache:
             self._thread.start()
 
     def _prepare(self) -> bool:
-        """Make the directories private (0700: cached prompts are the user's code and chats),
-        also ones an older version left open, and check that files can be written there."""
+        """Make the model's directory private (0700: cached prompts are the user's code and
+        chats), also one an older version left open, and check that files can be written there.
+        The root is created private but an existing one is left as it is: it may be a folder
+        the user shares (its mode is theirs), and the private directory below it is enough."""
         try:
-            for d in (self.root, self.dir):
-                os.makedirs(d, mode=0o700, exist_ok=True)
-                if os.name == "posix" and os.stat(d).st_uid == os.getuid():
-                    os.chmod(d, 0o700)
+            os.makedirs(self.root, mode=0o700, exist_ok=True)
+            os.makedirs(self.dir, mode=0o700, exist_ok=True)
+            if os.name == "posix" and os.stat(self.dir).st_uid == os.getuid():
+                os.chmod(self.dir, 0o700)
             fd, probe = tempfile.mkstemp(dir=self.dir, prefix=".write-test-")
             os.close(fd)
             os.remove(probe)
@@ -5580,7 +5582,7 @@ def _anthropic_user(blocks: list, where: str, called: set) -> list:
         at = f"{where}.content.{j}"
         if b.get("type") == "tool_result":
             rid = b.get("tool_use_id")
-            if rid not in called:
+            if not isinstance(rid, str) or rid not in called:
                 raise ApiError(400, f"{at}: tool_result for tool_use_id {shown(rid)}, which no tool_use in the "
                                "previous assistant message has", param=at)
             out.append({"role": "tool", "tool_call_id": rid, "content": _tool_result_text(b, at)})
@@ -5811,6 +5813,11 @@ def _response_text(content: Any, where: str) -> str:
     return "".join(out)
 
 
+def _arguments_text(args: Any) -> str:
+    """A call's arguments as the JSON text chat messages carry (some clients send an object)."""
+    return args if isinstance(args, str) and args else json.dumps(args) if args else "{}"
+
+
 def _responses_input(body: dict) -> list:
     """instructions and input items as chat messages: consecutive function_call items become one
     assistant message with tool_calls, and each function_call_output a tool message."""
@@ -5834,7 +5841,7 @@ def _responses_input(body: dict) -> list:
             if not isinstance(item.get("call_id"), str) or not isinstance(item.get("name"), str):
                 raise ApiError(400, f"{where}: a function_call needs call_id and name", param=where)
             call = {"id": item["call_id"], "type": "function",
-                    "function": {"name": item["name"], "arguments": str(item.get("arguments") or "{}")}}
+                    "function": {"name": item["name"], "arguments": _arguments_text(item.get("arguments"))}}
             last = out[-1] if out else None
             if last and last["role"] == "assistant" and last.get("tool_calls") is not None:
                 last["tool_calls"].append(call)
@@ -5842,7 +5849,7 @@ def _responses_input(body: dict) -> list:
                 out.append({"role": "assistant", "content": None, "tool_calls": [call]})
             called.add(item["call_id"])
         elif kind == "function_call_output":
-            if item.get("call_id") not in called:
+            if not isinstance(item.get("call_id"), str) or item["call_id"] not in called:
                 raise ApiError(400, f"{where}: no function_call with call_id {shown(item.get('call_id'))} comes "
                                "before this output", param=where)
             output = item.get("output", "")
@@ -6573,7 +6580,10 @@ class App:
 # dict): 8 MiB of them is ~200 MiB. A long agent request (Claude Code's ~50 KB) has a few
 # thousand; long text costs one value per string, whatever its length.
 MAX_JSON_VALUES = 200_000
-JSON_STRING_RE = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+# A string, or what is left of an unclosed one: it matches at every quote it starts from, so the
+# scan is linear (a pattern that can fail, like "(?:[^"\\]|\\.)*", retries from every escaped
+# quote of an unclosed string: quadratic, and it holds the GIL).
+JSON_STRING_RE = re.compile(rb'"[^"\\]*(?:\\.?[^"\\]*)*"?', re.S)
 
 
 def json_value_count(raw: bytes) -> int:
@@ -6836,6 +6846,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         and no Transfer-Encoding. Anything else could make us and a proxy disagree on where the
         next request starts."""
         lengths = self.headers.get_all("Content-Length") or []
+        asked, self.close_connection = self.close_connection, True    # until the framing is known sound
         if "Transfer-Encoding" in self.headers:
             raise ApiError(411, "Transfer-Encoding is not supported; send the body with Content-Length",
                            code="length_required")
@@ -6845,6 +6856,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             raise ApiError(400, "more than one Host header", code="bad_framing")
         if lengths and not re.fullmatch(r"[0-9]{1,18}", lengths[0].strip()):
             raise ApiError(400, "bad Content-Length (plain digits only)", code="bad_framing")
+        self.close_connection = asked
 
     def _check_browser(self) -> None:
         """Refuse what a web page could make the user's browser send: a foreign Host (DNS
@@ -6942,6 +6954,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         never be taken for the next request."""
         if getattr(self, "_body_pending", False):      # unset when the request line was unreadable
             self.close_connection = True
+        if self.close_connection:                       # said, so the client does not wait on it
             headers = dict(headers, Connection="close")
         lines = [(k, header_value(v)) for k, v in headers.items()]
         self.send_response(status)
@@ -6959,14 +6972,27 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if n > limit:
             raise ApiError(413, f"request body of {n} bytes is over the limit of {limit}",
                            code="request_too_large")
-        self._held = self.app.hold_body(n)       # given back when the request ends (_dispatch)
-        raw = self.rfile.read(n)
+        raw = self._read_counted(n)
         if len(raw) < n:
             self.close_connection = True
             raise ApiError(400, "request body shorter than Content-Length")
         self._body_pending = False
         self._request_read()
         return raw
+
+    def _read_counted(self, n: int) -> bytes:
+        """Up to n body bytes, each counted against server.max_pending_bytes once it has arrived
+        (given back when the request ends, in _dispatch): a client that announces a big body
+        and sends none holds nothing."""
+        parts, got = [], 0
+        while got < n:
+            part = self.rfile.read1(min(n - got, MiB))
+            if not part:
+                break
+            self._held += self.app.hold_body(len(part))
+            parts.append(part)
+            got += len(part)
+        return b"".join(parts)
 
     def _read_json(self) -> Any:
         raw = self._read_raw()
@@ -7191,7 +7217,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._send_json(200, d.write(ans, req, context, swarm.model_id),
                             dict(headers, **{"X-Localswarm-Confidence": f"{ans.confidence:.3f}"}))
             return
-        run = self._run_swarm(req, stream=self._stream_mode(req))      # raises before any header is sent
+        # fastest (one voter's text, though the vote may pick another) is OpenAI's alone: these
+        # writers end with the winner's answer, so they stream what the vote settles (live)
+        mode = self._stream_mode(req)
+        run = self._run_swarm(req, stream="live" if mode == "fastest" else mode)   # raises before any header
         writer = d.stream(req, context, swarm.model_id)
         try:
             self._start_sse(headers, "application/x-ndjson" if d.ndjson else "text/event-stream")
@@ -8023,6 +8052,32 @@ class Peer:
         return f"http://{self.host}:{self.port}"
 
 
+class PeerSockets:
+    """The sockets of one request's peers, shut together when its deadline passes; one that
+    connects after that (a peer thread that was late to start) is shut as it joins."""
+
+    def __init__(self):
+        self.lock, self.socks, self.closed = threading.Lock(), [], False
+
+    def add(self, sock: socket.socket) -> None:
+        with self.lock:
+            self.socks.append(sock)
+            if not self.closed:
+                return
+        self._shut(sock)
+
+    def shut(self) -> None:
+        with self.lock:
+            self.closed, socks = True, list(self.socks)
+        for sock in socks:
+            self._shut(sock)
+
+    @staticmethod
+    def _shut(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
 class Federation:
     """Discovery (announce + listen), the peer table, signed requests and the cross-swarm flow."""
 
@@ -8219,9 +8274,9 @@ class Federation:
 
     # --- requests between nodes -------------------------------------------
     def request(self, peer: Peer, method: str, path: str, payload: Optional[dict], timeout: float,
-                conns: Optional[list] = None) -> Any:
-        """One signed request to a peer; its reply must be signed too. The socket is put in
-        `conns` so that the caller can shut it down when its deadline passes: the socket itself,
+                conns: Optional["PeerSockets"] = None) -> Any:
+        """One signed request to a peer; its reply must be signed too. The socket joins `conns`
+        so that the caller can shut it down when its deadline passes: the socket itself,
         since http.client lets go of it (conn.sock = None) once a reply says Connection: close,
         and a peer trickling that reply's body would otherwise outlive every deadline."""
         body = json.dumps(payload).encode() if payload is not None else b""
@@ -8236,7 +8291,7 @@ class Federation:
         try:
             conn.connect()
             if conns is not None:
-                conns.append(conn.sock)
+                conns.add(conn.sock)
             conn.request(method, path, body=body if payload is not None else None, headers=headers)
             resp = conn.getresponse()
             limit = self.cfg["server.max_body_bytes"]
@@ -8328,7 +8383,7 @@ class Federation:
         payload = {k: v for k, v in payload.items() if v is not None}
         timeout = self.cfg["network.peer_timeout"]
         deadline = time.monotonic() + timeout
-        conns, replies = [], {}
+        conns, replies = PeerSockets(), {}
 
         def ask(p: Peer) -> None:
             try:
@@ -8350,9 +8405,8 @@ class Federation:
                 t.join(max(0.0, deadline - time.monotonic()) if not req.cancel.is_set() else 0)
             got = dict(replies)            # what came in time
         finally:
-            for sock in list(conns):       # one deadline for all: late peers' sockets are shut,
-                with contextlib.suppress(OSError):     # which also cancels their work
-                    sock.shutdown(socket.SHUT_RDWR)
+            conns.shut()                   # one deadline for all: late peers' sockets are shut,
+                                           # which also cancels their work
         remote, skipped = [], []
         for p in peers:
             r = got.get(p.node_id or p.url)
@@ -8637,9 +8691,22 @@ class RpcRelay:
             pass
         conn.close()
 
+    @staticmethod
+    def _source(host: str) -> str:
+        """Who a connection is from, for the slots: its address, or its /64 over IPv6, where one
+        host may hold a whole /64 of addresses."""
+        try:
+            ip = ipaddress.ip_address(host.split("%")[0])
+        except ValueError:
+            return host
+        if ip.version == 6:
+            return str(ip.ipv4_mapped) if ip.ipv4_mapped else str(ipaddress.ip_network(f"{ip}/64", strict=False))
+        return str(ip)
+
     def _take_slot(self, host: str) -> bool:
         """A handshake slot for host: at most RPC_PENDING_MAX in all and RPC_PENDING_PER_HOST from
-        one address, so that idle connections from one host cannot keep the real heads out."""
+        one source, so that idle connections from one host cannot keep the real heads out."""
+        host = self._source(host)
         with self.lock:
             if sum(self.pending.values()) >= RPC_PENDING_MAX or self.pending[host] >= RPC_PENDING_PER_HOST:
                 return False
@@ -8647,6 +8714,7 @@ class RpcRelay:
             return True
 
     def _free_slot(self, host: str) -> None:
+        host = self._source(host)
         with self.lock:
             self.pending[host] -= 1
             if not self.pending[host]:

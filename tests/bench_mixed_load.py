@@ -238,6 +238,7 @@ def tool(name: str, params: dict) -> dict:
 
 TOOLS = {
     "plain": [tool("get_weather", {"city": {"type": "string"}})],
+    "24-level nesting": [tool("deep", {"root": nested_object(24)})],
     "maxLength 100000": [tool("write", {"text": {"type": "string", "maxLength": 100000}})],
     "maxItems 50000": [tool("many", {"xs": {"type": "array", "items": {"type": "integer"}, "maxItems": 50000}})],
     "minItems 50000": [tool("more", {"xs": {"type": "array", "items": {"type": "string"}, "minItems": 50000}})],
@@ -250,6 +251,30 @@ TOOLS = {
                     tool("deep", {"root": nested_object(40)}),
                     tool("pick", {"v": {"enum": [f"value-{i}" for i in range(2000)]}})],
 }
+# What the server is meant to answer each schema: never a 5xx, a crash or a hang. A schema too big
+# for a grammar still gets a 200 (a looser grammar, or none and the call checked afterwards); one
+# the request cannot hold gets a clean 400 naming why: 40 levels of nesting put the schema's leaf
+# past MAX_JSON_DEPTH (64) once wrapped in the request ("nested too deeply"), and 2000 enum values
+# spelled out in the tool prompt outgrow --ctx 4096 (context_length_exceeded; a 200 with a bigger
+# context). 24 levels (depth 56) are within the limit and must be served. {status: what the 400's
+# error message or code must say}; a status not listed is a failed check.
+TOOL_EXPECT = {name: {200: None} for name in TOOLS}
+TOOL_EXPECT["40-level nesting"] = {400: "nested too deeply"}
+TOOL_EXPECT["2000 enum values"] = {200: None, 400: "context_length_exceeded"}
+TOOL_EXPECT["all at once"] = {400: "nested too deeply"}
+
+
+def error_problem(out: bytes, says) -> str:
+    """What is wrong with a 4xx's body: not an OpenAI error object, or not saying `says`."""
+    try:
+        err = json.loads(out).get("error")
+    except (ValueError, AttributeError):
+        err = None
+    if not isinstance(err, dict) or not isinstance(err.get("message"), str):
+        return f"not an OpenAI error body: {out[:200]!r}"
+    if says and says not in err["message"] and says != err.get("code"):
+        return f"the error does not say {says!r}: {out[:200]!r}"
+    return ""
 
 
 def big_bodies() -> dict:
@@ -388,11 +413,13 @@ class Load:
         body = {"messages": [{"role": "user", "content": "Call the tool with some arguments."}],
                 "tools": TOOLS[name], "tool_choice": choice, "max_tokens": 24, "stream": stream}
         status, headers, out = post(self.url, json.dumps(body).encode(), stream=stream)
-        problem = ""
-        if status == 200:
+        problem, expect = "", TOOL_EXPECT[name]
+        if isinstance(status, int) and status not in expect and status != 503:
+            problem = f"status {status} (expected {sorted(expect)}): {out[:200]!r}"
+        elif status == 200:
             problem = sse_problem(out) if stream else ("" if b'"choices"' in out else "no choices")
-        elif status != 503:
-            problem = f"status {status}: {out[:200]!r}" if isinstance(status, int) else ""
+        elif isinstance(status, int) and 400 <= status < 500:
+            problem = error_problem(out, expect[status])
         self.kinds["tool schemas"].record(f"{name}, {choice}{', stream' if stream else ''}", status, headers, problem)
 
     def big(self, i: int) -> None:

@@ -101,6 +101,15 @@ def test_bad_anthropic_requests_name_the_field(body, match):
     assert ls.anthropic_error(e.value)["error"]["type"] == "invalid_request_error"
 
 
+def test_a_tool_result_with_an_unhashable_id_is_a_400():
+    body = {"max_tokens": 4, "messages": [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": ["t1"], "content": "x"}]}]}
+    with pytest.raises(ls.ApiError, match="tool_use_id") as e:
+        ls.anthropic_to_openai(body)
+    assert e.value.status == 400
+
+
 def test_errors_take_anthropics_types():
     assert ls.anthropic_error(ls.ApiError(401, "no"))["error"]["type"] == "authentication_error"
     assert ls.anthropic_error(ls.BusyError())["error"]["type"] == "overloaded_error"
@@ -288,11 +297,28 @@ def test_a_codex_shaped_request_becomes_one_openai_chat_body():
     ({"input": [{"type": "mystery"}]}, "unknown item type"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "reads text only"),
     ({"input": "hi", "previous_response_id": "resp_1"}, "not stored here"),
+    ({"input": [{"type": "function_call", "call_id": "c", "name": "f"},
+                {"type": "function_call_output", "call_id": {"a": 1}, "output": "y"}]}, "no function_call"),
 ])
 def test_bad_responses_requests_name_the_field(body, match):
     with pytest.raises(ls.ApiError, match=match) as e:
         ls.responses_to_openai(body)
     assert e.value.status == 400
+
+
+def test_call_arguments_sent_as_an_object_stay_json():
+    out, _ = ls.responses_to_openai({"input": [{"type": "function_call", "call_id": "c", "name": "f",
+                                                "arguments": {"path": "a.py"}}]})
+    assert json.loads(out["messages"][0]["tool_calls"][0]["function"]["arguments"]) == {"path": "a.py"}
+
+
+def test_fastest_streams_in_other_dialects_show_the_answer_they_end_with(oai):
+    """fastest would show one voter and end with the vote's pick; these dialects stream live."""
+    with oai.responses.stream(model="x", input="Tell me a joke", max_output_tokens=24,
+                              extra_body={"stream_mode": "fastest", "temperature": 1.0}) as s:
+        deltas = "".join(ev.delta for ev in s if ev.type == "response.output_text.delta")
+        final = s.get_final_response()
+    assert deltas == final.output_text and final.model_extra["x_localswarm"]["voters"] == 4
 
 
 @pytest.fixture(scope="module")

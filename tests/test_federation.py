@@ -684,3 +684,19 @@ def test_a_trickling_peer_is_cut_off_at_the_deadline_and_leaks_nothing(engine):
     time.sleep(0.5)
     assert threading.active_count() <= threads + 1          # + the accept loop, now ending
     assert len(os.listdir("/proc/self/fd")) <= fds
+
+
+def test_a_peer_socket_that_connects_after_the_deadline_is_shut_at_once():
+    """The deadline shuts every peer's socket; a peer thread late to connect finds it passed."""
+    group = ls.PeerSockets()
+    early_a, early_b = socket.socketpair()
+    group.add(early_a)
+    group.shut()
+    late_a, late_b = socket.socketpair()
+    group.add(late_a)
+    try:
+        for sock, peer in ((early_a, early_b), (late_a, late_b)):
+            assert sock.recv(1) == b"" and peer.recv(1) == b""      # shut both ways
+    finally:
+        for s in (early_a, early_b, late_a, late_b):
+            s.close()

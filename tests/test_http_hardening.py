@@ -290,6 +290,7 @@ def test_two_host_headers_are_refused(bare):
     assert out.startswith(b"HTTP/1.1 400") and b"more than one Host header" in out, out[:300]
     out = exchange(url, b"GET /health HTTP/1.1\r\nHost: evil.example\r\nHost: localhost\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 400"), out[:300]
+    assert b"Connection: close" in out           # bad framing ends the connection, and says so
 
 
 @pytest.mark.cfg({"server.api_key": "sekrit"})
@@ -340,6 +341,44 @@ def test_a_flood_of_tiny_json_values_is_refused_before_it_is_parsed(bare):
     assert ls.json_value_count(b'{"a": "x,y:{[", "b": [1, 2]}') == 7      # strings do not count
     text = json.dumps({"messages": [{"role": "user", "content": "def f(a, b):\n    return {a: [b, 1]}\n" * 20000}]})
     assert ls.json_value_count(text.encode()) < 20          # long code in a message is one value
+
+
+def test_an_unclosed_string_of_escaped_quotes_is_counted_in_linear_time(bare):
+    """A pattern that can fail retries from every escaped quote (quadratic, holding the GIL:
+    40 KB froze every thread for 9 s); the count must stay linear even at the body limit."""
+    evil = b'"' + b'\\"' * 4_000_000
+    t0 = time.monotonic()
+    assert ls.json_value_count(evil) == 1
+    assert time.monotonic() - t0 < 10           # quadratic: hours
+    assert ls.json_value_count(b'["a\\"b", "c\\\\", {"d": 1}]') == 6 and ls.json_value_count(b'"\\') == 1
+    url, _ = bare
+    out = exchange(url, b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n" % len(evil[:400_001]) + evil[:400_001], timeout=60)
+    assert out.startswith(b"HTTP/1.1 400") and b"invalid JSON" in out, out[:300]
+
+
+@pytest.mark.cfg({"server.max_pending_bytes": 4 * 2 ** 20})
+def test_bodies_announced_but_not_sent_hold_nothing(bare):
+    """Bytes count once they arrive: connections that announce 8 MiB and send one byte do not
+    lock out the requests that do send their bodies."""
+    url, app = bare
+    host, port = url.split("//")[1].split(":")
+    idle = []
+    for _ in range(8):
+        s = socket.create_connection((host, int(port)), timeout=30)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 8388608\r\n\r\n{")
+        idle.append(s)
+    try:
+        deadline = time.monotonic() + 10
+        while app._held_bytes < 8 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert app._held_bytes == 8
+        status, _, body = call(url, "/v1/chat/completions", CHAT)
+        assert status == 503 and b"loading" in body.lower()      # served as far as a bare server goes
+    finally:
+        for s in idle:
+            s.close()
 
 
 @pytest.mark.cfg({"server.max_pending_bytes": 4096})

@@ -397,3 +397,11 @@ def test_one_host_holding_idle_handshakes_cannot_lock_the_heads_out(monkeypatch)
         for h in hogs:
             h.close()
         relay.stop()
+
+
+def test_handshake_slots_count_an_ipv6_host_by_its_64():
+    """One IPv6 host may hold a whole /64: its addresses share the per-source slots."""
+    src = ls.RpcRelay._source
+    assert src("2001:db8::1") == src("2001:db8::ffff:1") == "2001:db8::/64" != src("2001:db8:0:1::1")
+    assert src("10.0.0.5") == "10.0.0.5" != src("10.0.0.6") and src("::ffff:10.0.0.5") == "10.0.0.5"
+    assert src("fe80::1%eth0") == "fe80::/64" and src("not-an-ip") == "not-an-ip"

@@ -307,10 +307,23 @@ def test_cache_directories_and_files_are_private(tmp_path):
         d.flush()
     finally:
         os.umask(old)
-    assert stat.S_IMODE(os.stat(tmp_path / "c").st_mode) == 0o700
     assert stat.S_IMODE(os.stat(d.dir).st_mode) == 0o700
     [(_, _, path)] = d.files()
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    fresh = disk_cache(tmp_path / "new")
+    assert stat.S_IMODE(os.stat(tmp_path / "new").st_mode) == 0o700 and fresh.enabled      # a root it made
+
+
+def test_a_shared_folder_chosen_as_the_cache_root_keeps_its_mode(tmp_path):
+    """Only the model's own directory is made private; the user's folder above it is theirs."""
+    shared = tmp_path / "team"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    d = disk_cache(shared)
+    assert d.save([1, 2], b"x" * 100)
+    d.flush()
+    assert stat.S_IMODE(os.stat(shared).st_mode) == 0o1777
+    assert stat.S_IMODE(os.stat(d.dir).st_mode) == 0o700
 
 
 def test_the_disk_budget_deletes_only_files_the_cache_wrote(tmp_path):
