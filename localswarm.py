@@ -9899,6 +9899,35 @@ def opencode_snippet(url: str, model_id: str, api_key: str = "", ctx: int = 3276
         "model": f"localswarm/{model_id}", "small_model": f"localswarm/{model_id}"}
 
 
+def claude_code_lines(url: str, model_id: str, api_key: str = "") -> list:
+    """The shell lines that point Claude Code at this server (Anthropic Messages on /v1/messages).
+    The key is never printed: the token is read from the variable that holds it."""
+    env = SETTINGS_BY_KEY[("server", "api_key")].env
+    return [f"export ANTHROPIC_BASE_URL={url}",
+            f"export ANTHROPIC_AUTH_TOKEN={'$' + env if api_key else 'none'}",
+            f"export ANTHROPIC_MODEL={model_id} ANTHROPIC_DEFAULT_HAIKU_MODEL={model_id}",
+            "export CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1",
+            "claude"]
+
+
+def codex_config(url: str, model_id: str, ctx: int, api_key: str = "") -> str:
+    """A ~/.codex/config.toml for Codex (the Responses API on /v1/responses). model_context_window
+    saves Codex from guessing the window of a model it does not know."""
+    env = SETTINGS_BY_KEY[("server", "api_key")].env
+    return "\n".join([f'model = "{model_id}"', 'model_provider = "localswarm"', f"model_context_window = {ctx}", "",
+                      "[model_providers.localswarm]", 'name = "localswarm"', f'base_url = "{url}/v1"',
+                      'wire_api = "responses"', *([f'env_key = "{env}"'] if api_key else [])])
+
+
+def client_setup(url: str, model_id: str, ctx: int, api_key: str = "") -> list:
+    """What the start-up summary and --print-config tell each coding agent, ready to paste."""
+    return ["  opencode.json:", json.dumps(opencode_snippet(url, model_id, api_key, ctx), indent=2),
+            "  Claude Code (shell):", *("    " + line for line in claude_code_lines(url, model_id, api_key)),
+            "  Codex (~/.codex/config.toml):",
+            *("    " + line if line else "" for line in codex_config(url, model_id, ctx, api_key).splitlines()),
+            f"  Ollama clients (Copilot, Zed, Open WebUI, Continue): {url} as the Ollama address"]
+
+
 # --- the interactive menu ----------------------------------------------------
 
 def fitting_plans(registry: list, budget: Budget, min_voters: int = 2, max_voters: int = 8,
@@ -10016,7 +10045,6 @@ def startup_summary(app: App, url: str, budget: Budget, p: Plan) -> str:
     cfg = app.cfg
     key = cfg["server.api_key"]
     fed = "on" if cfg["network.enabled"] else "off (--federate to join peers)"
-    snippet = json.dumps(opencode_snippet(url, served_model_id(p.variant), key, p.ctx), indent=2)
     return "\n".join([
         f"localswarm {__version__}",
         f"  hardware:   {app.hardware.cpu_model if app.hardware else '?'}; {budget.rule}",
@@ -10025,7 +10053,7 @@ def startup_summary(app: App, url: str, budget: Budget, p: Plan) -> str:
         f"  api key:    {'required (opencode reads it from ' + SETTINGS_BY_KEY[('server', 'api_key')].env + ')' if key else 'none (anyone who can reach the port can use it)'}",
         f"  federation: {fed}",
         *(["  pool:       " + "\n              ".join(pool_lines(p))] if p.pool else []),
-        "  opencode.json:", snippet])
+        *client_setup(url, served_model_id(p.variant), p.ctx, key)])
 
 
 def status_line(app: App) -> str:
@@ -10287,7 +10315,12 @@ def main(argv: Optional[list] = None) -> int:
     try:
         cfg = load_config(cli_overrides(args), path=args.config)
         if args.print_config:
-            print(format_config(cfg))
+            host = cfg["server.host"] if cfg["server.host"] not in ("0.0.0.0", "::", "") else "127.0.0.1"
+            # the model is chosen when the server starts: "localswarm" names whatever it serves, and
+            # a window no larger than the one served is safe to tell a client
+            print(format_config(cfg), "", "clients (the start-up summary prints the same for the model chosen):",
+                  *client_setup(f"http://{host}:{cfg['server.port']}", "localswarm", cfg["swarm.ctx"] or MIN_CTX,
+                                cfg["server.api_key"]), sep="\n")
             return 0
         hw = read_hardware(args)
         budget = memory_budget(hw, fractions(cfg), cfg["hardware.budget_mib"] * MiB)

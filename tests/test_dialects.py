@@ -262,6 +262,28 @@ def test_claude_code_answers_headless(claude_server):
     assert out["usage"]["output_tokens"] > 0
 
 
+CODEX = os.path.join(ROOT, ".cache", "codex", "node_modules", ".bin", "codex")
+
+
+@pytest.mark.skipif(not os.path.exists(CODEX), reason="Codex is not installed; ./install.sh --test installs it "
+                    "into .cache/codex")
+def test_codex_exec_answers_over_the_responses_api(claude_server):
+    """Codex as a user runs it against a provider of its config: its ~41 KB request (instructions
+    as developer messages, 9 tools of which web_search and the namespaces are skipped), streamed."""
+    url, node = claude_server
+    home = tempfile.mkdtemp(prefix="codex-home-")
+    provider = f'model_providers.ls={{name="ls",base_url="{url}/v1",env_key="LS_KEY",wire_api="responses"}}'
+    run = subprocess.run([CODEX, "exec", "--skip-git-repo-check", "-m", "smollm2-135m-q4_1", "-c", "model_provider=ls",
+                          "-c", provider, "-c", "model_context_window=8192", "Reply with one word: hello"],
+                         cwd=home, env=dict(os.environ, HOME=home, LS_KEY="unused"), capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:] + node_log(node)
+    assert "tokens used" in run.stderr and "ERROR" not in run.stderr, run.stderr[-3000:]
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        metrics = r.read().decode()
+    assert 'endpoint="responses",status="200"' in metrics.replace(" ", ""), metrics[-2000:]
+
+
 # --- OpenAI Responses ------------------------------------------------------------------------
 SHELL = {"type": "function", "name": "exec_command", "description": "Run a shell command.",
          "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}, "required": ["cmd"]}}
