@@ -6632,8 +6632,9 @@ JSON_STRING_RE = re.compile(rb'"[^"\\]*(?:\\.?[^"\\]*)*"?', re.S)
 
 
 def json_value_count(raw: bytes) -> int:
-    """About how many values a JSON text holds (containers, commas and colons outside strings),
-    counted before parsing so that a flood of tiny values is refused before it costs memory."""
+    """About how many values a UTF-8 JSON text holds (containers, commas and colons outside
+    strings), counted before parsing so that a flood of tiny values is refused before it costs
+    memory. (In UTF-8 every byte of a multi-byte character is >= 0x80, so a quote is a quote.)"""
     bare = JSON_STRING_RE.sub(b"0", raw)
     return sum(bare.count(c) for c in (b"{", b"[", b",", b":")) + 1
 
@@ -6848,7 +6849,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._status = 200
         self._sse_started = False
         self._held = 0                  # body bytes counted against server.max_pending_bytes
-        self._dialect = ROUTE_DIALECTS.get(name)     # errors leave in the shape of the API asked
+        # errors leave in the shape of the API asked (any /api/ path: Ollama's)
+        self._dialect = ROUTE_DIALECTS.get(name) or (OLLAMA_CHAT if path.startswith("/api/") else None)
         self._body_pending = self._has_body()
         if not self._body_pending:
             self._request_read()
@@ -7043,10 +7045,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _read_json(self) -> Any:
         raw = self._read_raw()
+        try:      # UTF-8 only (RFC 8259 8.1): in UTF-16 a character's byte can pass for a quote and
+            text = raw.decode("utf-8-sig")      # hide values from the count below
+        except UnicodeDecodeError:
+            raise ApiError(400, "invalid JSON body: not UTF-8", code="invalid_json") from None
         if json_value_count(raw) > MAX_JSON_VALUES:
             raise ApiError(413, f"request body holds over {MAX_JSON_VALUES} JSON values", code="request_too_large")
         try:
-            return json.loads(raw)
+            return json.loads(text)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ApiError(400, f"invalid JSON body: {exc}", code="invalid_json") from None
         except RecursionError:
@@ -7297,7 +7303,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         body = self._read_json()
         swarm = self.app.ready_swarm()
         if ollama_is_load(body, chat):     # a warm-up: the model is always loaded here
-            self._send_json(200, ollama_load_json(body.get("model") or swarm.model_id, chat))
+            model = body.get("model")
+            self.app.check_model(model)        # 404 under server.strict_model, as any request
+            self._send_json(200, ollama_load_json(model if isinstance(model, str) and model else swarm.model_id, chat))
             return
         self._serve_dialect(body)
 
@@ -10372,6 +10380,7 @@ def main(argv: Optional[list] = None) -> int:
         cfg = load_config(cli_overrides(args), path=args.config)
         if args.print_config:
             host = cfg["server.host"] if cfg["server.host"] not in ("0.0.0.0", "::", "") else "127.0.0.1"
+            host = f"[{host}]" if ":" in host else host
             # the model is chosen when the server starts: "localswarm" names whatever it serves, and
             # a window no larger than the one served is safe to tell a client
             print(format_config(cfg), "", "clients (the start-up summary prints the same for the model chosen):",

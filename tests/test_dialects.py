@@ -586,6 +586,10 @@ def test_ollama_errors_have_ollamas_shape(live_server):
     assert status == 400 and "embeddings" in json.loads(raw)["error"]
     status, _, raw = post(url, "/api/show", {})
     assert status == 400 and json.loads(raw) == {"error": "model is required"}
+    status, _, raw = post(url, "/api/nothing-here", {})
+    assert status == 404 and "no route" in json.loads(raw)["error"]
+    status, _, raw = post(url, "/api/tags", {})
+    assert status == 405 and "not allowed" in json.loads(raw)["error"]
     status, _, raw = post(url, "/api/generate", {"model": "m", "prompt": "x", "format": "json", "stream": False})
     assert status == 400 and "format" in json.loads(raw)["error"]
 

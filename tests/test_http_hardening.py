@@ -39,8 +39,8 @@ def bare(request):
     server.server_close()
 
 
-def call(url, path, body=None, headers=None, method=None):
-    data = json.dumps(body).encode() if body is not None else None
+def call(url, path, body=None, headers=None, method=None, raw=None):
+    data = raw if raw is not None else json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url + path, data=data, method=method,
                                  headers={"Content-Type": "application/json", **(headers or {})})
     try:
@@ -355,6 +355,19 @@ def test_an_unclosed_string_of_escaped_quotes_is_counted_in_linear_time(bare):
     out = exchange(url, b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                         b"Content-Length: %d\r\n\r\n" % len(evil[:400_001]) + evil[:400_001], timeout=60)
     assert out.startswith(b"HTTP/1.1 400") and b"invalid JSON" in out, out[:300]
+
+
+def test_a_utf16_body_cannot_hide_values_from_the_count(bare):
+    """In UTF-16 the byte 0x22 of a character like U+0122 passed for a quote, so the rest of the
+    body went uncounted (1.4 M values in 8 MiB), and json.loads(bytes) parsed it as UTF-16 anyway.
+    Bodies are read as UTF-8 (RFC 8259), so such a body is a 400."""
+    url, _ = bare
+    text = '{"x": "\u0122", "messages": [{"role": "user", "content": "hi"}], "pad": [' + ",".join(["[]"] * 300000) + ']}'
+    for raw in (text.encode("utf-16-le"), text.encode("utf-16")):
+        status, _, body = call(url, "/v1/chat/completions", raw=raw)
+        assert status == 400 and b"invalid_json" in body, body[:200]        # never parsed as UTF-16
+    status, _, body = call(url, "/v1/chat/completions", raw=text.encode())
+    assert status == 413 and b"JSON values" in body
 
 
 @pytest.mark.cfg({"server.max_pending_bytes": 4 * 2 ** 20})
