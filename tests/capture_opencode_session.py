@@ -14,13 +14,13 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from benchlib import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPENCODE = os.path.join(ROOT, ".cache", "opencode", "node_modules", ".bin", "opencode")
@@ -67,12 +67,6 @@ def offline_home(base: str) -> dict:
                  "EXTERNAL_SKILLS"):
         env[f"OPENCODE_DISABLE_{flag}"] = "1"
     return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- the recording stub ---

@@ -71,15 +71,6 @@ def test_only_stdlib_at_module_top():
     assert names <= set(sys.stdlib_module_names) | {"__future__"}, names - set(sys.stdlib_module_names)
 
 
-def test_sections_are_in_data_flow_order():
-    with open(os.path.join(ROOT, "localswarm.py"), encoding="utf-8") as f:
-        text = f.read()
-    order = ["# Helpers and errors:", "# Config:", "# Hardware:", "# Registry and planner:", "# Download:",
-             "# Engine:", "# Tool calls:", "# Swarm:", "# Consensus:", "# HTTP API:", "# Federation:", "# MCP:", "# CLI and main:"]
-    positions = [text.index(b) for b in order]
-    assert positions == sorted(positions)
-
-
 def test_runs_as_a_script_under_isolated_mode(tmp_path):
     """python -I (and PYTHONSAFEPATH) leave the script's directory off sys.path: models.json is
     still found beside it."""
