@@ -3225,8 +3225,9 @@ class LlamaAdapter:
 # with the voters) while there is room; when the KV cache fills or the slots
 # run out, the least recently used moves to host RAM within a budget; long
 # ones are also written to disk (private files, only its own names) so that
-# a new process restores them. The scheduler calls PromptCache and
-# DiskCache; only the engine thread touches them. Tests:
+# a new process finds them (DiskCache.read). The scheduler calls PromptCache
+# and DiskCache and copies a found prefix into the KV cache itself
+# (LlamaCppEngine._restore); only the engine thread touches them. Tests:
 # tests/test_prompt_cache.py.
 ##############################################################################
 
@@ -3579,7 +3580,8 @@ class DiskCache:
 # decoded once and shared, then every live sequence of every running
 # request gets one token per decode step (continuous batching). One thread
 # (LlamaCppEngine._loop) owns the context: it admits queued requests while
-# sequences are free, asks the prompt cache what is already decoded, and
+# sequences are free, asks the prompt cache what is already decoded and
+# restores it from RAM or disk into reserved sequences (_restore), and
 # publishes an EngineView for the other threads. Tests: tests/test_engine.py.
 ##############################################################################
 
@@ -4857,8 +4859,8 @@ class Swarm:
 # model and no I/O: vote() for one swarm's voters, cross_vote() for several
 # swarms' winners. Similarity is difflib on normalised code tokens (prose
 # words for prose); a quality gate first drops answers that are cut off,
-# empty, unparsable, placeholders or refusals.
-# Tests: tests/test_consensus.py.
+# empty, unparsable, placeholders or refusals; the winner is chosen in _vote
+# (text) or _vote_tool_calls (calls). Tests: tests/test_consensus.py.
 ##############################################################################
 
 FENCE_RE = re.compile(r"```[ \t]*([\w+#.-]*)[^\n]*\n(.*?)(?:\n[ \t]*```|\Z)", re.S)
@@ -5721,7 +5723,9 @@ OPENAI_COMPLETIONS = dataclasses.replace(
 # API dialects, agents: Anthropic Messages (Claude Code, the anthropic SDK)
 # and OpenAI Responses (Codex, the openai SDK's responses.*). Each is a
 # translator onto the OpenAI chat body that parse_request checks, and a
-# writer (JSON and stream events) from the SwarmAnswer. Tests:
+# writer (JSON and stream events) from the SwarmAnswer. Writers return
+# (event, data) pairs that the HTTP section sends; tool calls go out whole
+# at the end (AnthropicStream.end), once the vote has chosen them. Tests:
 # tests/test_dialects.py.
 ##############################################################################
 

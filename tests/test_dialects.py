@@ -232,7 +232,7 @@ def test_metrics_count_requests_per_api(live_server):
 @pytest.fixture(scope="module")
 def claude_server(starter_path):
     port = free_port()
-    node = start_node(["--model-path", starter_path, "--voters", "2", "--ctx", "8192", "--port", str(port),
+    node = start_node(["--model-path", starter_path, "--voters", "4", "--ctx", "8192", "--port", str(port),
                        "--yes", "-q"])
     url = f"http://127.0.0.1:{port}"
     try:
