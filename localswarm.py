@@ -207,22 +207,46 @@ class StopMatcher:
     only at the end of the text (at most the longest stop string), so its cost does not grow
     with the text generated so far."""
 
-    def __init__(self, stops: Iterable[str]):
+    def __init__(self, stops: Iterable[str], min_indent: int = 0):
         self.stops = [s for s in stops if s]
+        # min_indent (llama-server's n_indent, for code completion): the text also ends at a line
+        # break whose next line starts with fewer than this many spaces or tabs (the code has
+        # left the block being completed). The first line, the cursor's, is never judged.
+        self.min_indent = min_indent
         # ends[s][c]: lengths k (ascending) of the proper prefixes s[:k] that end with character c
         self.ends = [{c: [k for k in range(1, len(s)) if s[k - 1] == c] for c in set(s)} for s in self.stops]
 
     def find(self, text: str, start: int) -> int:
-        """Index of the earliest stop string ending at or after `start`, or -1."""
+        """Index of the earliest stop string (or dedented line's break) ending at or after `start`, or -1."""
         hits = [i for s in self.stops for i in [text.find(s, max(0, start - len(s) + 1))] if i >= 0]
+        if self.min_indent:
+            hits += [i for i in [self._dedent(text, start)] if i >= 0]
         return min(hits) if hits else -1
+
+    def _dedent(self, text: str, start: int) -> int:
+        """The first line break (of the lines touched since `start`) followed by a line that has
+        begun with less than min_indent indentation, or -1."""
+        nl = text.rfind("\n", 0, start)
+        nl = nl if nl >= 0 else text.find("\n", start)
+        while nl >= 0:
+            line = text[nl + 1:]
+            body = line.lstrip(" \t")
+            if body and body[0] != "\n" and len(line) - len(body) < self.min_indent:
+                return nl
+            nl = text.find("\n", nl + 1)
+        return -1
 
     def safe_length(self, text: str) -> int:
         """How much of text can be emitted without splitting a possible stop string: the text
-        minus its longest ending that begins some stop string."""
+        minus its longest ending that begins some stop string (or a new line whose indentation
+        is not known yet)."""
         if not text:
             return 0
         held = 0
+        if self.min_indent:
+            nl = text.rfind("\n")
+            if nl >= 0 and not text[nl + 1:].strip(" \t"):
+                held = len(text) - nl
         for s, ends in zip(self.stops, self.ends):
             ks = ends.get(text[-1], ())
             for i in range(bisect.bisect_right(ks, len(text)) - 1, -1, -1):
@@ -293,6 +317,8 @@ SETTINGS = [
        "caught) or off (it costs ~0.5 HumanEval points; BENCHMARKS)", choices=EARLY_STOP_RULES),
     _s("swarm", "greedy_spread", float, GREEDY_SPREAD, "a temperature-0 request runs one greedy voter (0), "
        "or keeps voter 0 greedy and samples the others at this temperature", minimum=0.0, maximum=2.0),
+    _s("swarm", "fim_voters", int, 1, "voters per fill-in-the-middle (autocomplete) request, which waits on "
+       "latency (a request's own 'voters' overrides)", minimum=1, maximum=64),
     _s("swarm", "timeout", float, 600.0, "seconds a request may run", minimum=1),
     _s("swarm", "ctx", int, 0, "context tokens per request (0: the plan's choice)", minimum=0),
     _s("swarm", "parallel", int, 2, "requests decoded at once (continuous batching)", minimum=1, maximum=16),
@@ -1354,6 +1380,7 @@ class Variant:
     n_heads: int = 0              # query heads (0: unknown, taken as 4 x n_kv_heads)
     params: int = 0               # parameter count (0: from the file size and the quant's bits per weight)
     backend: str = "llama.cpp"    # "mlx": an MLX build (a hub repo of safetensors), for Apple Silicon
+    fim: str = ""                 # trained for fill-in-the-middle, in this order (FIM_ORDERS); "": not
 
     @property
     def id(self) -> str:
@@ -1389,10 +1416,15 @@ def load_registry(text: Optional[str] = None) -> list:
                     size["head_dim"], size["n_ctx_train"], size.get("n_vocab", 152064), fam["template"], size["license"],
                     size.get("commercial_use", True), q.get("estimated", False),
                     size.get("revision"), q.get("pip"), fam.get("auto", True), fam.get("tool_format", ""),
-                    size.get("n_heads", 0), size.get("params", 0), q.get("backend", "llama.cpp")))
+                    size.get("n_heads", 0), size.get("params", 0), q.get("backend", "llama.cpp"), fam.get("fim", "")))
             if size.get("mlx"):
                 variants[-1] = dataclasses.replace(variants[-1], repo=size["mlx"]["repo"], revision=None)
     return variants
+
+
+def fim_families(registry: list) -> str:
+    """The families trained for fill-in-the-middle, for the error a model without it gets."""
+    return ", ".join(dict.fromkeys(f"{v.family} ({v.family_name})" for v in registry if v.fim))
 
 
 def served_model_id(v: Variant) -> str:
@@ -1868,6 +1900,7 @@ class ModelCard:
     context_length: int           # what this server serves, not what the model was trained for
     template: str                 # the chat template the prompts are rendered with
     facts: dict = field(default_factory=dict)   # <arch>.* numbers from the file (layers, widths, heads)
+    fim: bool = False             # it has fill-in-the-middle tokens (autocomplete with a suffix)
 
 
 def parameter_size(n: int) -> str:
@@ -2681,6 +2714,112 @@ class ChatFormatter:
 
 
 ##############################################################################
+# Fill in the middle: an editor's autocomplete prompt (the code before and
+# after the cursor, and chunks of other files) laid out with the model's own
+# FIM tokens, which llama.cpp reads from the GGUF (llama_vocab_fim_*), in the
+# order its family was trained on (models.json "fim"); and the stops that end
+# a middle. Pure functions on token ids: the Swarm hands in its engine's
+# tokenizer. The dialects (/infill, suffix on /v1/completions and on
+# /api/generate) fill in a FimInput. Tests: tests/test_fim.py.
+##############################################################################
+
+FIM_ORDERS = ("psm", "spm")    # prefix-suffix-middle (most families) or suffix-prefix-middle
+FIM_SUFFIX_SHARE = 4           # the suffix gets at most 1/4 of the prompt's room; the prefix comes first
+FIM_TRIM_STEP = 256            # a prefix too long for the room loses its start in steps of this many tokens,
+                               # so the start stays put while the user types and the prompt cache matches
+FIM_REPEAT_MIN_CHARS = 4       # shorter suffix lines ("}", "):") are too common to mean the model repeats
+FIM_REPO_NAME = "project"      # repo-level models (a repo-name token) read the chunks as one project
+FIM_FILE_NAME = "file"         # the edited file's name when the client gives none
+FIM_CHUNK_HEADER = "\n\n--- {name} ---\n"   # between other files' chunks where the model has no file token
+FIM_DEFAULT_TOKENS = 256       # a middle's length when the request names none (autocomplete is short)
+MAX_FIM_CHUNKS = 256           # other files' chunks per request (llama.vim and llama.vscode send up to 16)
+
+
+@dataclass(frozen=True)
+class FimTokens:
+    """A vocabulary's fill-in-the-middle tokens (-1: it has none): the prefix, suffix and middle
+    markers, the pad, repo-name and file-separator tokens some families add, and the BOS
+    token a prompt starts with (-1 where the vocabulary adds none)."""
+    pre: int = -1
+    suf: int = -1
+    mid: int = -1
+    pad: int = -1
+    rep: int = -1
+    sep: int = -1
+    bos: int = -1
+
+    @property
+    def usable(self) -> bool:
+        return min(self.pre, self.suf, self.mid) >= 0
+
+    def ends(self) -> tuple:
+        """Tokens that end a middle: every FIM marker (a model that writes one has left it)."""
+        return tuple(t for t in (self.pre, self.suf, self.mid, self.pad, self.rep, self.sep) if t >= 0)
+
+
+@dataclass(frozen=True)
+class FimInput:
+    """One fill-in-the-middle request, whatever API it came through."""
+    prefix: str
+    suffix: str = ""
+    extra: tuple = ()             # (filename, text) chunks of other files, the most relevant last
+    filename: str = ""            # the edited file (repo-level models read its name)
+    single_line: bool = False     # complete the cursor's line only
+    indent: int = 0               # end at a new line indented less than this (llama-server's n_indent)
+    max_prompt_ms: int = 0        # the prompt must be read within this, else no answer (0: no limit)
+    max_predict_ms: int = 0       # once a line is written, decoding ends after this (0: no limit)
+
+
+def fim_prompt(fim: FimTokens, order: str, inp: FimInput, tokenize: Callable[[str], list],
+               room: int) -> tuple:
+    """(the prompt's tokens, whether anything was cut to fit `room` tokens). tokenize(text) gives
+    a text's tokens as text (a control token's spelling stays text). Layout: BOS, the repo name
+    and other files' chunks (with file separators where the vocabulary has them), then the
+    prefix and suffix in the family's order, then the middle marker. What does not fit goes
+    in this order: the oldest chunks, the suffix's end beyond its share, the prefix's start."""
+    if order not in FIM_ORDERS:
+        raise LocalswarmError(f"fill-in-the-middle order must be one of {', '.join(FIM_ORDERS)}, not {order!r}")
+    files = fim.sep >= 0
+    head = [fim.bos] if fim.bos >= 0 else []
+    if files and fim.rep >= 0:
+        head += [fim.rep] + tokenize(FIM_REPO_NAME + "\n")
+    current = [fim.sep] + tokenize((inp.filename or FIM_FILE_NAME) + "\n") if files else []
+    pre = tokenize(inp.prefix)
+    suf = tokenize(inp.suffix) if inp.suffix else []
+    left = room - len(head) - len(current) - 3
+    if left < 1:
+        raise ApiError(400, f"the context ({room} tokens for the prompt) is too small for a fill-in-the-middle "
+                       "prompt")
+    cut = len(suf) > left // FIM_SUFFIX_SHARE
+    suf = suf[:left // FIM_SUFFIX_SHARE] if cut else suf
+    over = len(pre) - (left - len(suf))
+    if over > 0:
+        pre, cut = pre[min(len(pre), -(-over // FIM_TRIM_STEP) * FIM_TRIM_STEP):], True
+    chunks, spare = [], left - len(pre) - len(suf)
+    for name, text in reversed(inp.extra):
+        chunk = ([fim.sep] + tokenize(name + "\n") if files else tokenize(FIM_CHUNK_HEADER.format(name=name)))
+        chunk += tokenize(text)
+        if len(chunk) > spare:
+            cut = True
+            break
+        chunks.insert(0, chunk)
+        spare -= len(chunk)
+    first, second = ([fim.pre] + pre, [fim.suf] + suf) if order == "psm" else ([fim.suf] + suf, [fim.pre] + pre)
+    return head + [t for c in chunks for t in c] + current + first + second + [fim.mid], cut
+
+
+def fim_stops(inp: FimInput) -> tuple:
+    """Stop strings that end a middle: the line's end when only the cursor's line is wanted, and
+    the suffix's first line (a line of substance) written again, where the model has begun to
+    repeat the code after the cursor."""
+    stops = ["\n"] if inp.single_line else []
+    line = next((ln for ln in inp.suffix.split("\n") if ln.strip()), "").rstrip()
+    if len(line.strip()) >= FIM_REPEAT_MIN_CHARS:
+        stops.append("\n" + line)
+    return tuple(stops)
+
+
+##############################################################################
 # Engine contract: what the Swarm hands an engine and gets back. The
 # request (GenRequest: prompt tokens, SamplingParams, voters), each voter's
 # VoterResult, the stop-string matcher every engine shares, WorkerStats,
@@ -2704,6 +2843,11 @@ class SamplingParams:
     seed: Optional[int] = None
     max_tokens: int = 512
     stop: tuple = ()
+    stop_tokens: tuple = ()                 # tokens that end an answer besides end-of-generation (FIM's)
+    min_indent: int = 0                     # end at a new line indented less (StopMatcher)
+    max_predict_s: float = 0.0              # once a line is written, end after this long decoding (0: no limit)
+    max_prompt_s: float = 0.0               # read the prompt within this, else end with no answer (0: no limit;
+                                            # LlamaCppEngine, which keeps what was read in its prompt cache)
     grammar: Optional["Grammar"] = None     # constrains every voter's output (tool calls)
     # Voters after the first sample at no less than this temperature, so that a greedy request
     # (temperature 0) still has voters that can differ (swarm.greedy_spread).
@@ -2758,6 +2902,9 @@ class GenRequest:
         self.early_stop: Optional[str] = None   # why the outstanding voters were stopped
         self.submitted = time.monotonic()
         self.admitted_at: Optional[float] = None   # when the engine took it off the queue
+        # the prompt must be read by then, else the request ends with no answer (FIM's
+        # t_max_prompt_ms); what was read stays in the prompt cache for the next keystroke
+        self.prompt_deadline = self.submitted + params.max_prompt_s if params.max_prompt_s else None
         self.voter_ended = threading.Event()   # set by the engine when a voter ends
         self._cancel = threading.Event()
         self._done = threading.Event()
@@ -2801,10 +2948,12 @@ def note_token_time(res: "VoterResult", elapsed: float) -> None:
     res.latency = elapsed
 
 
-def append_token_text(res: "VoterResult", stop: StopMatcher, piece: str, max_tokens: int) -> Optional[str]:
+def append_token_text(res: "VoterResult", stop: StopMatcher, piece: str, max_tokens: int,
+                      max_predict_s: float = 0.0) -> Optional[str]:
     """Add one token's text to a voter's answer. Returns why the answer ends here ("stop" at
-    a stop string, which is cut off; "length" at max_tokens) or None to go on. Both engines
-    use it, so stop strings and limits behave the same on llama.cpp and on MLX."""
+    a stop string, which is cut off; "length" at max_tokens, or past max_predict_s of decoding
+    once a whole line is written, as llama-server's t_max_predict_ms) or None to go on. Both
+    engines use it, so stop strings and limits behave the same on llama.cpp and on MLX."""
     res.completion_tokens += 1
     before = len(res.text)
     res.text += piece
@@ -2813,6 +2962,8 @@ def append_token_text(res: "VoterResult", stop: StopMatcher, piece: str, max_tok
         res.stop_sequence = next((s for s in stop.stops if res.text.startswith(s, cut)), "")
         res.text = res.text[:cut]
         return "stop"
+    if max_predict_s and res.latency - res.ttft > max_predict_s and "\n" in res.text:
+        return "length"
     return "length" if res.completion_tokens >= max_tokens else None
 
 
@@ -2859,7 +3010,9 @@ class Engine(Protocol):
 
     def tokenize(self, text: str) -> list: ...
     def tokenize_parts(self, parts: list) -> list: ...     # [(text, parse_special)], see SpecialGuard
+    def tokenize_text(self, text: str) -> list: ...        # text alone: no BOS, control spellings stay text
     def special_texts(self) -> list: ...  # control tokens' texts, which user text must not spell
+    def fim_tokens(self) -> FimTokens: ...  # the vocabulary's fill-in-the-middle tokens
 
     def generate(self, prompt_tokens: list, params: SamplingParams, voters: Optional[int] = None,
                  on_token=None, timeout: Optional[float] = None, cancel: Optional[threading.Event] = None,
@@ -3068,6 +3221,14 @@ class LlamaAdapter:
 
     def is_eog(self, token: int) -> bool:
         return bool(self.L.llama_vocab_is_eog(self.vocab, token))
+
+    def fim_tokens(self) -> FimTokens:
+        """The vocabulary's fill-in-the-middle tokens: from the GGUF's tokenizer.ggml.fim_*_token_id,
+        else the ones llama.cpp recognises by their spelling when it loads the vocabulary."""
+        L, v = self.L, self.vocab
+        bos = L.llama_vocab_bos(v) if L.llama_vocab_get_add_bos(v) else -1
+        return FimTokens(L.llama_vocab_fim_pre(v), L.llama_vocab_fim_suf(v), L.llama_vocab_fim_mid(v),
+                         L.llama_vocab_fim_pad(v), L.llama_vocab_fim_rep(v), L.llama_vocab_fim_sep(v), bos)
 
     def special_text(self, which: str) -> str:
         tok = {"bos": self.L.llama_vocab_bos, "eos": self.L.llama_vocab_eos}[which](self.vocab)
@@ -3686,6 +3847,12 @@ class LlamaCppEngine:
     def tokenize(self, text: str) -> list:
         return self.llm.tokenize(text)
 
+    def tokenize_text(self, text: str) -> list:
+        return self.llm.tokenize(text, add_special=False, parse_special=False)
+
+    def fim_tokens(self) -> FimTokens:
+        return self.llm.fim_tokens()
+
     @property
     def alive(self) -> bool:
         """Whether the engine thread runs (it survives any error; /health says so if it did not)."""
@@ -4027,10 +4194,14 @@ class LlamaCppEngine:
         batch = []       # (token, pos, seq, want_logits, run, owner): owner gets the logits index
         for run in list(self._runs):
             if run.req.cancelled or (run.req.early_stop and not run.prefilling):
+                self._keep_read_part(run)
                 self._end_run(run, "cancelled" if run.req.cancelled else "early_stop")
                 continue
             if run.prefilling:
                 if run.prompt_logits_idx < 0:
+                    if run.req.prompt_deadline and time.monotonic() > run.req.prompt_deadline:
+                        self._keep_read_part(run)
+                        self._end_run(run, "length")     # no answer: the time to read the prompt ran out
                     continue
                 self._start_voters(run)
             for v in run.voters:
@@ -4083,6 +4254,15 @@ class LlamaCppEngine:
             batch = [b for b in batch if b[4] is not newest]
         return batch
 
+    def _keep_read_part(self, run: _Run) -> None:
+        """A prompt abandoned while it was read (the client left, an editor's next keystroke
+        cancelled it, its time ran out): keep the part decoded so far in the prompt cache, as
+        the next request most likely starts the same way (llama-server keeps it in its slot)."""
+        if run.prefilling and run.prefill_pos >= RAM_CACHE_MIN_TOKENS and run.prefill_pos > run.req.cached_tokens:
+            part = run.req.prompt_tokens[:run.prefill_pos]
+            self._cache_prompt(part, run.seqs[0], len(part))
+            self.counters["prompt_parts_kept"] += 1
+
     def _start_voters(self, run: _Run) -> None:
         """Prompt done: share its cells with every voter's sequence and make their samplers."""
         req, n = run.req, len(run.req.prompt_tokens)
@@ -4097,7 +4277,7 @@ class LlamaCppEngine:
                 log.warning("llama.cpp refused the tool-call grammar; voter %d samples without it", i)
             run.voters.append(_Voter(seq, res, self.llm.new_sampler(req.params.for_voter(i), req.seeds[i]),
                                      codecs.getincrementaldecoder("utf-8")("replace"),
-                                     StopMatcher(req.params.stop), grammar, pos=n,
+                                     StopMatcher(req.params.stop, req.params.min_indent), grammar, pos=n,
                                      logits_idx=run.prompt_logits_idx))
             if i < len(self.workers):
                 self.workers[i].busy = True
@@ -4106,11 +4286,12 @@ class LlamaCppEngine:
         """Take a sampled token; returns False when the voter is finished."""
         res, req = v.result, run.req
         note_token_time(res, time.monotonic() - req.submitted)
-        if self.llm.is_eog(tok):
+        if self.llm.is_eog(tok) or tok in req.params.stop_tokens:
             self._finish_voter(run, v, "stop")
             return False
         self.counters["completion_tokens"] += 1
-        ended = append_token_text(res, v.stop, v.decoder.decode(self.llm.piece(tok)), req.params.max_tokens)
+        ended = append_token_text(res, v.stop, v.decoder.decode(self.llm.piece(tok)), req.params.max_tokens,
+                                  req.params.max_predict_s)
         if ended:
             self._finish_voter(run, v, ended)
             return False
@@ -4280,19 +4461,22 @@ def mlx_sampling(p: SamplingParams) -> dict:
 def run_voter_stream(pieces: Iterable, result: VoterResult, params: SamplingParams, started: float,
                      on_token=None, cancel: Optional[threading.Event] = None,
                      deadline: float = math.inf) -> VoterResult:
-    """Fill result from a stream of (text piece, finish_reason or None); stop strings and
-    max_tokens as LlamaCppEngine applies them; cut off ("length") at the deadline. Pure: the
-    stream is any iterable."""
-    stop, emitted = StopMatcher(params.stop), 0
+    """Fill result from a stream of (text piece, finish_reason or None[, token id]); stop strings,
+    stop tokens and max_tokens as LlamaCppEngine applies them; cut off ("length") at the
+    deadline. Pure: the stream is any iterable."""
+    stop, emitted = StopMatcher(params.stop, params.min_indent), 0
     result.finish_reason = "length"
-    for text, finish in pieces:
+    for text, finish, *token in pieces:
         if cancel is not None and cancel.is_set():
             result.finish_reason = "cancelled"
             break
         if time.monotonic() > deadline:
             break
         note_token_time(result, time.monotonic() - started)
-        ended = append_token_text(result, stop, text, params.max_tokens)
+        if token and token[0] in params.stop_tokens:
+            result.finish_reason = "stop"
+            break
+        ended = append_token_text(result, stop, text, params.max_tokens, params.max_predict_s)
         if ended or finish:
             result.finish_reason = ended or ("length" if finish == "length" else "stop")
             break
@@ -4303,6 +4487,16 @@ def run_voter_stream(pieces: Iterable, result: VoterResult, params: SamplingPara
     if on_token and len(result.text) > emitted:
         on_token(result.index, result.text[emitted:])
     return result
+
+
+# FIM tokens by spelling (prefix, suffix, middle, pad, repo name, file separator), the
+# families' own: Qwen2.5-Coder and CodeGemma, StarCoder, DeepSeek-Coder, CodeLlama.
+MLX_FIM_SPELLINGS = (
+    ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"),
+    ("<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<fim_pad>", "<repo_name>", "<file_sep>"),
+    ("<\uff5cfim\u2581begin\uff5c>", "<\uff5cfim\u2581hole\uff5c>", "<\uff5cfim\u2581end\uff5c>", "", "", ""),
+    ("\u2581<PRE>", "\u2581<SUF>", "\u2581<MID>", "\u2581<EOT>", "", ""),
+)
 
 
 class MLXEngine:
@@ -4348,6 +4542,23 @@ class MLXEngine:
 
     def special_texts(self) -> list:
         return list(getattr(self.tokenizer, "all_special_tokens", []) or [])
+
+    def tokenize_text(self, text: str) -> list:
+        try:
+            return list(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+        except TypeError:            # an older tokenizer: no such option
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def fim_tokens(self) -> FimTokens:
+        """The FIM tokens of the first family whose spellings the vocabulary has (llama.cpp finds
+        them itself; a Hugging Face tokenizer has no such notion)."""
+        vocab = self.tokenizer.get_vocab() if hasattr(self.tokenizer, "get_vocab") else {}
+        for spelled in MLX_FIM_SPELLINGS:
+            ids = [vocab.get(t, -1) if t else -1 for t in spelled]
+            if min(ids[:3]) >= 0:
+                bos = getattr(self.tokenizer, "bos_token_id", None)
+                return FimTokens(*ids, bos=bos if bos is not None and self.tokenize_parts([("", True)]) else -1)
+        return FimTokens()
 
     def remember(self, req: GenRequest, index: int) -> None:
         """No prompt cache across requests here (README: "Prompt cache"): nothing to keep."""
@@ -4415,7 +4626,7 @@ class MLXEngine:
                 w = self.workers[res.index] if res.index < len(self.workers) else WorkerStats(res.index)
                 w.busy = True
                 try:
-                    run_voter_stream(((r.text, r.finish_reason) for r in stream), res, params, req.submitted,
+                    run_voter_stream(((r.text, r.finish_reason, r.token) for r in stream), res, params, req.submitted,
                                      on_token, cancel, deadline)
                     req.timed_out = time.monotonic() > deadline
                     res.finished = True
@@ -4466,6 +4677,10 @@ class ChatRequest:
     stream: Optional["ConsensusStream"] = None   # live consensus streaming: what was sent
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])   # in logs, on every node asked
     prompt_len: int = 0                   # the prompt's tokens, known once the swarm rendered it
+    fim: Optional[FimInput] = None        # fill in the middle (an editor's autocomplete), not chat or prompt
+    truncated: bool = False               # FIM: part of the input was cut to fit the context
+    client: str = ""                      # who asked (address, user agent): an editor's next FIM request
+                                          # cancels its last one (App.answer)
 
     def offered_tool_defs(self) -> list:
         """The tools the model may call, after tool_choice (none: no tools; a name: that one)."""
@@ -4485,7 +4700,10 @@ class ChatRequest:
         return bool(self.offered_tool_defs()) and (self.tool_choice == "required" or isinstance(self.tool_choice, dict))
 
     def question(self) -> str:
-        """The text the vote reads as the question (the last user message, or the prompt)."""
+        """The text the vote reads as the question (the last user message, the prompt, or the
+        code before the cursor)."""
+        if self.fim is not None:
+            return self.fim.prefix
         if self.prompt is not None:
             return self.prompt
         for m in reversed(self.messages or []):
@@ -4715,8 +4933,9 @@ class Swarm:
 
     def __init__(self, engine, strategy: str = "similarity", timeout: float = 600.0,
                  model_id: Optional[str] = None, tool_grammar: bool = True, early_stop: str = "off",
-                 greedy_spread: float = GREEDY_SPREAD):
+                 greedy_spread: float = GREEDY_SPREAD, fim_order: str = "psm", fim_voters: int = 1):
         self.engine, self.strategy, self.timeout = engine, strategy, timeout
+        self.fim_order, self.fim_voters = fim_order, fim_voters
         self.tool_grammar, self.early_stop, self.greedy_spread = tool_grammar, early_stop, greedy_spread
         self.model_id = model_id or engine.model_id
         self.last_confidence: Optional[float] = None
@@ -4731,6 +4950,11 @@ class Swarm:
     def max_voters(self) -> int:
         return self.engine.max_voters
 
+    def voters_for(self, req: ChatRequest) -> int:
+        """The voters a request gets: its own number, else the server's (fim_voters for FIM,
+        which is latency-bound: one by default)."""
+        return req.voters or (self.fim_voters if req.fim is not None else self.voters)
+
     def prompt_text(self, req: ChatRequest) -> str:
         if req.prompt is not None:
             return req.prompt
@@ -4739,7 +4963,13 @@ class Swarm:
 
     def prompt_tokens(self, req: ChatRequest) -> list:
         """The prompt's tokens. A plain completion's prompt is the client's own template text;
-        in chat, control tokens come from the template only (SpecialGuard)."""
+        in chat, control tokens come from the template only (SpecialGuard); FIM's come from
+        the vocabulary (fim_prompt)."""
+        if req.fim is not None:
+            room = self.engine.ctx_limit - (req.max_tokens_requested or FIM_DEFAULT_TOKENS)
+            tokens, req.truncated = fim_prompt(self.fim_tokens(), self.fim_order, req.fim,
+                                               self.engine.tokenize_text, room)
+            return tokens
         if req.prompt is not None:
             return self.engine.tokenize(self.prompt_text(req))
         guard = SpecialGuard(self.engine.special_texts())
@@ -4759,7 +4989,9 @@ class Swarm:
         asked = req.max_tokens_requested
         params = dataclasses.replace(req.params, max_tokens=min(asked or DEFAULT_MAX_TOKENS, room),
                                      grammar=self.call_grammar(req))
-        voters, greedy = self.greedy_voters(req.voters or self.voters, params)
+        if req.fim is not None:
+            params = self.fim_params(req.fim, dataclasses.replace(params, max_tokens=min(asked or FIM_DEFAULT_TOKENS, room)))
+        voters, greedy = self.greedy_voters(self.voters_for(req), params)
         ballot = Ballot(req, self.strategy, self.early_stop_rule(req))
         if req.stream:
             req.stream.begin(voters)
@@ -4782,6 +5014,23 @@ class Swarm:
         if remember:
             self.remember(ans, req.shown_voter)
         return ans
+
+    def fim_tokens(self) -> FimTokens:
+        """The model's FIM tokens; a 400 naming the families trained for it when it has none."""
+        fim = self.engine.fim_tokens()
+        if not fim.usable:
+            raise ApiError(400, f"{self.model_id} has no fill-in-the-middle tokens, so it cannot complete code "
+                           f"between a prefix and a suffix; models trained for it: {fim_families(load_registry())}",
+                           code="fim_not_supported")
+        return fim
+
+    def fim_params(self, inp: FimInput, params: SamplingParams) -> SamplingParams:
+        """A middle ends at a FIM token, at the stops of fim_stops, at a dedented line (indent)
+        and, once a line is written, when its decoding time runs out; the prompt must be read
+        within max_prompt_ms."""
+        return dataclasses.replace(params, stop=params.stop + fim_stops(inp), stop_tokens=self.fim_tokens().ends(),
+                                   min_indent=inp.indent, max_predict_s=inp.max_predict_ms / 1000,
+                                   max_prompt_s=inp.max_prompt_ms / 1000)
 
     def remember(self, ans: SwarmAnswer, shown: Optional[int] = None) -> None:
         """Keep the answer the client got (the winner, or the voter it was shown) in the prompt
@@ -5417,6 +5666,10 @@ REQUEST_FIELDS = {
     "messages": (list, None, None), "stop": ((str, list), None, None),
     "parallel_tool_calls": (bool, None, None), "tool_grammar": (bool, None, None),
     "early_stop": ((bool, str), None, None), "stream_mode": (str, None, None), "stream_voters": (bool, None, None),
+    # fill in the middle, on completions (llama-server's names where it has them; parse_fim)
+    "suffix": (str, None, None), "fim": (bool, None, None), "input_extra": (list, None, None),
+    "single_line": (bool, None, None), "n_indent": (int, 0, 10000),
+    "t_max_prompt_ms": (int, 0, 10 ** 9), "t_max_predict_ms": (int, 0, 10 ** 9),
 }
 ROLES = ("system", "user", "assistant", "tool", "developer")
 MESSAGE_KEYS = ("role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content")
@@ -5483,20 +5736,22 @@ def parse_request(body: Any, chat: bool, swarm: Swarm) -> ChatRequest:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     check_fields(body)
-    for key in ("messages", "prompt", "tools", "tool_choice", "stop"):
+    for key in ("messages", "prompt", "tools", "tool_choice", "stop", "suffix", "input_extra"):
         check_values(body.get(key), key)
     req = ChatRequest(params=parse_sampling(body))
     if chat:
         req.messages = parse_messages(body.get("messages"))
     else:
         req.prompt = parse_prompt(body.get("prompt"))
+        if body.get("suffix") or body.get("fim"):
+            req.fim, req.prompt = parse_fim(body, req.prompt), None
     req.max_tokens_requested = body.get("max_completion_tokens") or body.get("max_tokens")
     req.n = body.get("n") or 1
     req.voters = body.get("voters")
     if req.voters and req.voters > swarm.max_voters:
         raise ApiError(400, f"'voters' must be at most {swarm.max_voters} on this server", param="voters")
-    if req.n > (req.voters or swarm.voters):
-        raise ApiError(400, f"'n' must be at most the number of voters ({req.voters or swarm.voters})", param="n")
+    if req.n > swarm.voters_for(req):
+        raise ApiError(400, f"'n' must be at most the number of voters ({swarm.voters_for(req)})", param="n")
     req.strategy = one_of(body, "consensus", STRATEGIES)
     req.stream_mode = one_of(body, "stream_mode", STREAM_MODES)
     req.tools, req.tool_choice = parse_tools(body.get("tools")), body.get("tool_choice", "auto")
@@ -5518,6 +5773,23 @@ def parse_messages(msgs: Any) -> list:
     # only what a template reads is kept: anything else a client sent is not held while queued
     return [{k: m[k] for k in MESSAGE_KEYS if k in m} | ({"role": "system"} if m["role"] == "developer" else {})
             for m in msgs]
+
+
+def parse_fim(body: dict, prefix: str) -> FimInput:
+    """A completion with a suffix (or fim: true) fills in the middle: prompt is the code before
+    the cursor, suffix the code after; input_extra, single_line, n_indent and the time limits
+    are llama-server's /infill fields (already type-checked by check_fields)."""
+    extra = body.get("input_extra") or []
+    if not isinstance(extra, list) or len(extra) > MAX_FIM_CHUNKS or not all(
+            isinstance(c, dict) and isinstance(c.get("text"), str) and isinstance(c.get("filename") or "", str)
+            for c in extra):
+        raise ApiError(400, f"input_extra must be an array of at most {MAX_FIM_CHUNKS} {{\"filename\": string, "
+                       "\"text\": string}", param="input_extra")
+    if body.get("tools"):
+        raise ApiError(400, "a fill-in-the-middle completion cannot call tools", param="tools")
+    return FimInput(prefix, body.get("suffix") or "", tuple((c.get("filename") or "tmp", c["text"]) for c in extra),
+                    single_line=bool(body.get("single_line")), indent=body.get("n_indent") or 0,
+                    max_prompt_ms=body.get("t_max_prompt_ms") or 0, max_predict_ms=body.get("t_max_predict_ms") or 0)
 
 
 def parse_prompt(prompt: Any) -> str:
@@ -6240,6 +6512,12 @@ OLLAMA_NO_MODEL_MANAGEMENT = ("localswarm does not pull, push, create, copy or d
                               "--download-only and --model / --model-path)")
 
 
+# How /api/show tells that suffix works: Ollama's own templates read .Suffix, and clients look for
+# it there (Continue offers autocomplete only then); the chat template follows in the else branch.
+OLLAMA_FIM_TEMPLATE = ("{{{{- if .Suffix }}}}{{{{ .Prompt }}}} [the middle, with the model's own FIM tokens] "
+                       "{{{{ .Suffix }}}}{{{{- else }}}}{}{{{{- end }}}}")
+
+
 def ollama_error(exc: ApiError) -> dict:
     return {"error": exc.message}
 
@@ -6274,8 +6552,6 @@ def _ollama_unserved(body: dict) -> None:
     if body.get("format") not in (None, ""):
         raise ApiError(400, "format (JSON output) is not supported by localswarm: ask for JSON in the prompt, "
                        "or give the model a tool", param="format")
-    if body.get("suffix"):
-        raise ApiError(400, "suffix (fill-in-the-middle) is not supported yet", param="suffix")
     if body.get("images"):
         raise ApiError(400, "images need a model that reads them; this server's model reads text only",
                        param="images")
@@ -6363,6 +6639,11 @@ def ollama_generate_to_openai(body: Any) -> tuple:
     if system is not None and not isinstance(system, str):
         raise ApiError(400, "system must be a string", param="system")
     out = _ollama_common(body)
+    suffix = body.get("suffix")
+    if suffix is not None and not isinstance(suffix, str):
+        raise ApiError(400, "suffix must be a string", param="suffix")
+    if suffix:                # fill in the middle: the model's FIM tokens, not a template (parse_fim)
+        return dict(out, prompt=prompt, suffix=suffix), False, body.get("model")
     if body.get("raw"):
         return dict(out, prompt=prompt), False, body.get("model")
     out["messages"] = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -6457,9 +6738,11 @@ def ollama_show(card: ModelCard) -> dict:
     info = dict(card.facts, **{"general.architecture": card.architecture, "general.basename": card.name,
                                "general.parameter_count": card.parameter_count,
                                f"{card.architecture}.context_length": card.context_length})
+    template = OLLAMA_FIM_TEMPLATE.format(card.template) if card.fim else card.template
     return {"modelfile": f"# served by localswarm\nFROM {card.name}\n", "parameters": f"num_ctx {card.context_length}",
-            "template": card.template, "details": ollama_details(card), "model_info": info,
-            "capabilities": ["completion", "tools"], "modified_at": ollama_time(card.modified)}
+            "template": template, "details": ollama_details(card), "model_info": info,
+            "capabilities": ["completion", "tools"] + (["insert"] if card.fim else []),
+            "modified_at": ollama_time(card.modified)}
 
 
 def ollama_ps(card: ModelCard, size: int, vram: int) -> dict:
@@ -6479,6 +6762,138 @@ OLLAMA_GENERATE = dataclasses.replace(
     OLLAMA_CHAT, to_openai=ollama_generate_to_openai,
     write=lambda ans, req, named, model: ollama_json(ans, named or model, False),
     stream=lambda req, named, model: OllamaStream(named or model, False))
+
+
+##############################################################################
+# API dialects, editors: llama-server's POST /infill, which llama.vscode and
+# llama.vim call for autocomplete (fill in the middle; suffix on
+# /v1/completions and on /api/generate are read by their own dialects). The
+# body becomes the OpenAI completions body with suffix and the FIM fields
+# parse_request reads (parse_fim), and the answer goes back in llama-server's
+# shape: content, stop_type, timings, tokens_cached, response_fields.
+# Tests: tests/test_fim.py.
+##############################################################################
+
+INFILL_PASSED = ("model", "stream", "temperature", "top_k", "top_p", "min_p", "seed", "stop", "repeat_penalty",
+                 "presence_penalty", "frequency_penalty", "n_indent", "t_max_prompt_ms", "t_max_predict_ms",
+                 "single_line", "voters", "consensus", "stream_mode")    # same meaning in the OpenAI body
+
+
+@dataclass(frozen=True)
+class InfillAsk:
+    """What the /infill writers need from the request beyond the ChatRequest."""
+    prefill_only: bool            # n_predict 0: read the prompt into the cache, write nothing
+    fields: Optional[list]        # response_fields: the paths to answer with, flat ("timings/prompt_n")
+    n_predict: int
+
+
+def infill_to_openai(body: Any) -> tuple:
+    """/infill's body as (the OpenAI completions body with the FIM fields, chat: False, InfillAsk)."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    for key in ("input_prefix", "input_suffix", "prompt"):
+        if not isinstance(body.get(key, ""), str):
+            raise ApiError(400, f"\"{key}\" must be a string", param=key)
+    if not isinstance(body.get("input_prefix"), str):
+        raise ApiError(400, "\"input_prefix\" is required", param="input_prefix")
+    n = body.get("n_predict", FIM_DEFAULT_TOKENS)
+    if not isinstance(n, int) or isinstance(n, bool) or n < -1:
+        raise ApiError(400, "\"n_predict\" must be an integer (-1: as many as fit)", param="n_predict")
+    fields = body.get("response_fields")
+    if fields is not None and not (isinstance(fields, list) and all(isinstance(f, str) for f in fields)):
+        raise ApiError(400, "\"response_fields\" must be an array of strings", param="response_fields")
+    out = {k: body[k] for k in INFILL_PASSED if body.get(k) is not None}
+    out.update(prompt=body["input_prefix"] + body.get("prompt", ""), suffix=body.get("input_suffix", ""),
+               fim=True, input_extra=body.get("input_extra"))
+    if n != 0:
+        out["max_tokens"] = n if n > 0 else DEFAULT_MAX_TOKENS    # -1: as many as fit
+    else:
+        out["max_tokens"] = 1           # the prompt is read and cached; the one token is not written
+    return out, False, InfillAsk(n == 0, fields, n)
+
+
+def infill_stop_type(ans: SwarmAnswer) -> tuple:
+    """(stop_type, stopping_word) as llama-server names why a completion ended."""
+    win = ans.results[ans.verdict.index] if ans.results else None
+    if win is None or win.finish_reason in ("cancelled", "error"):
+        return "none", ""
+    if win.finish_reason == "length":
+        return "limit", ""
+    return ("word", win.stop_sequence) if win.stop_sequence else ("eos", "")
+
+
+def infill_timings(ans: SwarmAnswer) -> dict:
+    """llama-server's timings, from the answer's voter (prompt: what was decoded, not reused)."""
+    win = ans.results[ans.verdict.index] if ans.results else None
+    prompt_n, prompt_ms = ans.prompt_tokens - ans.cached_tokens, (win.ttft if win else ans.latency) * 1000
+    predicted_n = ans.completion_tokens
+    predicted_ms = max(0.0, (win.latency - win.ttft) * 1000) if win else 0.0
+    per = lambda n, ms: (ms / n if n else 0.0, n / ms * 1000 if ms else 0.0)
+    (ppt, pps), (dpt, dps) = per(prompt_n, prompt_ms), per(predicted_n, predicted_ms)
+    return {"prompt_n": prompt_n, "prompt_ms": round(prompt_ms, 3), "prompt_per_token_ms": round(ppt, 3),
+            "prompt_per_second": round(pps, 3), "predicted_n": predicted_n, "predicted_ms": round(predicted_ms, 3),
+            "predicted_per_token_ms": round(dpt, 3), "predicted_per_second": round(dps, 3)}
+
+
+def pick_fields(value: dict, paths: list) -> dict:
+    """llama-server's response_fields: each path ("timings/prompt_n") walked into value, answered
+    under its whole path as a flat key; paths that lead nowhere are left out."""
+    out = {}
+    for path in paths:
+        v: Any = value
+        for key in path.split("/"):
+            v = v.get(key, pick_fields) if isinstance(v, dict) else pick_fields
+        if v is not pick_fields and path:
+            out[path] = v
+    return out
+
+
+def infill_json(ans: SwarmAnswer, req: ChatRequest, ask: InfillAsk, model: str, content: Optional[str] = None) -> dict:
+    """The whole /infill answer (and the last event of a stream, with the text already sent)."""
+    text = "" if ask.prefill_only else ans.text
+    stop_type, word = infill_stop_type(ans)
+    p = req.params
+    out = {"index": 0, "content": text if content is None else content, "tokens": [], "id_slot": 0, "stop": True,
+           "model": model, "tokens_predicted": 0 if ask.prefill_only else ans.completion_tokens,
+           "tokens_evaluated": ans.prompt_tokens, "has_new_line": "\n" in text, "truncated": req.truncated,
+           "stop_type": stop_type, "stopping_word": word,
+           "tokens_cached": ans.prompt_tokens + (0 if ask.prefill_only else ans.completion_tokens),
+           "generation_settings": {"n_predict": ask.n_predict, "temperature": p.temperature, "top_k": p.top_k,
+                                   "top_p": p.top_p, "min_p": p.min_p, "seed": p.seed, "stop": list(p.stop),
+                                   "n_indent": req.fim.indent if req.fim else 0},
+           "timings": infill_timings(ans), "x_localswarm": ans.x_localswarm()}
+    return pick_fields(out, ask.fields) if ask.fields is not None else out
+
+
+class InfillStream(StreamWriter):
+    """llama-server's /infill stream: a data event per piece of text ({content, stop: false}),
+    then the whole answer's fields with stop: true and no text (it was sent); no [DONE]."""
+
+    def __init__(self, req: ChatRequest, ask: InfillAsk, model: str):
+        self.req, self.ask, self.model = req, ask, model
+
+    def text(self, text: str) -> list:
+        if self.ask.prefill_only:
+            return []
+        return [(None, {"index": 0, "content": text, "tokens": [], "stop": False, "id_slot": 0})]
+
+    def wait(self) -> list:
+        return [(None, "voters working")]
+
+    def end(self, ans: SwarmAnswer, live: LiveFacts) -> list:
+        return [(None, infill_json(ans, self.req, self.ask, self.model, content=""))]
+
+
+def infill_error(exc: ApiError) -> dict:
+    """llama-server's error body."""
+    return {"error": {"code": exc.status, "message": exc.message, "type": exc.type}}
+
+
+INFILL = Dialect(
+    "infill", infill_to_openai,
+    write=lambda ans, req, ask, model: infill_json(ans, req, ask, model),
+    stream=lambda req, ask, model: InfillStream(req, ask, model),
+    error=infill_error, stream_error=lambda exc: [(None, infill_error(exc))])
 
 
 ##############################################################################
@@ -6938,6 +7353,7 @@ ENGINE_METRICS = [
     ("prompt_cache_restores_ram_total", "prompt_cache_restores_ram", "cached prompts restored from host RAM"),
     ("prompt_cache_restores_disk_total", "prompt_cache_restores_disk", "cached prompts restored from disk"),
     ("prompt_cache_to_ram_total", "prompt_cache_to_ram", "cached prompts moved from the KV cache to RAM"),
+    ("prompt_parts_kept_total", "prompt_parts_kept", "prompts abandoned while read whose read part was cached"),
 ]
 
 
@@ -6952,6 +7368,7 @@ class Metrics:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.last_tokens_per_s = 0.0
+        self.fim_superseded = 0                      # FIM requests cancelled by their client's next one
 
     def request_count(self) -> int:
         with self.lock:
@@ -6994,6 +7411,8 @@ class Metrics:
                    [f"localswarm_tokens_per_second {self.last_tokens_per_s:.3f}"])
             metric("consensus_confidence", "histogram", "confidence of the consensus pick",
                    self.confidence.lines("localswarm_consensus_confidence"))
+            metric("fim_superseded_total", "counter", "fill-in-the-middle requests cancelled by the same "
+                   "client's next one", [f"localswarm_fim_superseded_total {self.fim_superseded}"])
         counters = app.swarm.engine_counters() if app.swarm else {}
         for name, key, help in ENGINE_METRICS:
             metric(name, "counter", help, [f"localswarm_{name} {counters.get(key, 0)}"])
@@ -7040,6 +7459,7 @@ class App:
         self.started = time.time()
         self.aliases: set = set()     # other ids clients may use: the planned model's, when another is served
         self._held_bytes, self._held_lock = 0, threading.Lock()     # hold_body
+        self._fim_latest, self._fim_lock = {}, threading.Lock()     # client -> its running FIM request
         reserve = cfg["hardware.memory_reserve_mib"]
         self.memory = None if reserve < 0 else MemoryWatch(reserve * MiB, cfg["hardware.swap_growth_mib"] * MiB)
         if self.memory:
@@ -7083,7 +7503,8 @@ class App:
                                        self.plan.variant if self.plan else None)
             except (OSError, LocalswarmError) as exc:
                 raise ApiError(500, f"cannot read the model's file: {exc}", type="server_error") from None
-            self._card = (swarm, dataclasses.replace(card, name=swarm.model_id))   # the name clients send back
+            self._card = (swarm, dataclasses.replace(card, name=swarm.model_id,     # the name clients send back
+                                                     fim=swarm.engine.fim_tokens().usable))
         return self._card[1]
 
     def check_model(self, model: Any) -> Optional[str]:
@@ -7161,11 +7582,29 @@ class App:
             raise ApiError(503, self.not_ready()[1], type="unavailable_error", headers={"Retry-After": "5"})
         return self.swarm
 
+    def answer_fim(self, swarm: Swarm, req: ChatRequest, on_token=None) -> SwarmAnswer:
+        """A FIM request cancels the same client's FIM request still running: an editor asks
+        again at each keystroke and wants only the newest (the part of the old prompt already
+        read stays in the prompt cache, LlamaCppEngine._keep_read_part)."""
+        with self._fim_lock:
+            old = self._fim_latest.pop(req.client, None)
+            self._fim_latest[req.client] = req
+        if old is not None:
+            old.cancel.set()
+            with self.metrics.lock:
+                self.metrics.fim_superseded += 1
+        try:
+            return swarm.answer(req, on_token)
+        finally:
+            with self._fim_lock:
+                if self._fim_latest.get(req.client) is req:
+                    del self._fim_latest[req.client]
+
     def admit_voters(self, req: ChatRequest, swarm: Swarm) -> str:
         """Fewer voters under memory pressure (503 when critical): why they were cut, or ""."""
         if self.memory is None:
             return ""
-        wanted = req.voters or swarm.voters
+        wanted = swarm.voters_for(req)
         allowed = max(self.memory.voters(wanted), req.n)
         if allowed >= wanted:
             return ""
@@ -7176,9 +7615,12 @@ class App:
         """The consensus answer: local, or federated when peers are live (and federate)."""
         swarm = self.ready_swarm()
         cut = self.admit_voters(req, swarm)
-        peers = self.federation.voting_peers() if federate and self.federation else []
+        # FIM is answered here: a peer's round trip would cost more than the completion itself
+        peers = self.federation.voting_peers() if federate and self.federation and req.fim is None else []
         if peers:
             ans = self.federation.answer(swarm, req, on_token, peers)
+        elif req.fim is not None:
+            ans = self.answer_fim(swarm, req, on_token)
         else:
             ans = swarm.answer(req, on_token)
         ans.memory_pressure = cut
@@ -7294,11 +7736,11 @@ DISCONNECT_POLL = 0.5       # seconds between checks that a waiting client is st
 # Routes whose body must say it is JSON (so a browser's form post cannot reach them without a
 # CORS preflight). Ollama's are not among them: its clients and docs (curl -d) send no
 # Content-Type, and the Origin check still stops a browser page that is not allowed.
-JSON_ROUTES = {"chat", "completions", "messages", "count_tokens", "responses", "input_tokens", "fed_vote"}
+JSON_ROUTES = {"chat", "completions", "messages", "count_tokens", "responses", "input_tokens", "fed_vote", "infill"}
 ROUTE_DIALECTS = {"chat": OPENAI_CHAT, "completions": OPENAI_COMPLETIONS, "messages": ANTHROPIC, "count_tokens": ANTHROPIC, "responses": RESPONSES,
                   "ollama_chat": OLLAMA_CHAT, "ollama_generate": OLLAMA_GENERATE, "ollama_tags": OLLAMA_CHAT,
                   "ollama_show": OLLAMA_CHAT, "ollama_ps": OLLAMA_CHAT, "ollama_version": OLLAMA_CHAT,
-                  "ollama_models": OLLAMA_CHAT}
+                  "ollama_models": OLLAMA_CHAT, "infill": INFILL}
 FEDERATION_ROUTES = {"fed_health", "fed_info", "fed_vote"}
 # Values in one request body. A byte of JSON can cost ~25 bytes as Python objects ("{}," is a
 # dict): 8 MiB of them is ~200 MiB. A long agent request (Claude Code's ~50 KB) has a few
@@ -7384,6 +7826,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         ("GET", "/api/version"): "ollama_version", ("GET", "/api/tags"): "ollama_tags",
         ("POST", "/api/show"): "ollama_show", ("GET", "/api/ps"): "ollama_ps",
         ("POST", "/api/chat"): "ollama_chat", ("POST", "/api/generate"): "ollama_generate",
+        ("POST", "/infill"): "infill",
         **{(m, "/api/" + what): "ollama_models" for m, what in (
             ("POST", "pull"), ("POST", "push"), ("POST", "create"), ("POST", "copy"), ("DELETE", "delete"),
             ("POST", "embed"), ("POST", "embeddings"))},
@@ -7771,6 +8214,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def route_responses(self) -> None:
         self._serve_dialect(self._read_json())
 
+    def route_infill(self) -> None:
+        self._serve_dialect(self._read_json())
+
     def _serve_dialect(self, body: Any) -> None:
         """A request in the route's dialect (self._dialect): read as the OpenAI body, answered by
         the one pipeline, written back in that API's shape, whole or streamed."""
@@ -7778,6 +8224,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         swarm = self.app.ready_swarm()
         openai_body, chat, context = d.to_openai(body)
         req = parse_request(openai_body, chat, swarm)
+        req.client = f"{self.client_address[0]} {self.headers.get('User-Agent', '')}"    # FIM: App.answer_fim
         warning = self.app.check_model(body.get("model"))
         headers = {"X-Localswarm-Warning": warning} if warning else {}
         if warning:
@@ -9590,16 +10037,33 @@ BENCH_SHAPE = {"n_embd": 2048, "n_layers": 22, "n_head": 32, "n_head_kv": 4, "n_
 BENCH_PROMPT = "Write a Python function that parses a CSV file and returns the rows as dictionaries."
 
 
-def copy_tokenizer(gguf, src, w) -> None:
-    """Every tokenizer.* field of the GGUF that src reads into the writer w, as it is there."""
+# FIM tokens a test or benchmark GGUF declares (StarCoder's spellings, which the starter model's
+# vocabulary, StarCoder-like, lacks): spare control tokens renamed, and their ids in the metadata.
+BENCH_FIM_TOKENS = {"pre": (7, "<fim_prefix>"), "suf": (8, "<fim_suffix>"), "mid": (9, "<fim_middle>"),
+                    "pad": (10, "<fim_pad>"), "rep": (3, "<repo_name>"), "sep": (5, "<file_sep>")}
+
+
+def copy_tokenizer(gguf, src, w, fim: bool = False) -> None:
+    """Every tokenizer.* field of the GGUF that src reads into the writer w, as it is there;
+    with fim, BENCH_FIM_TOKENS spelled and declared (tokenizer.ggml.fim_*_token_id)."""
+    copy_fields(gguf, src, w, lambda key: key.startswith("tokenizer."), BENCH_FIM_TOKENS if fim else {})
+    for name, (tok, _) in (BENCH_FIM_TOKENS.items() if fim else ()):
+        w.add_uint32(f"tokenizer.ggml.fim_{name}_token_id", tok)
+
+
+def copy_fields(gguf, src, w, wanted: Callable[[str], bool], respell: Optional[dict] = None) -> None:
+    """The metadata fields of src that wanted(key) names, into w; respell: {name: (token id,
+    new spelling)} renames those tokens of tokenizer.ggml.tokens."""
     for key, f in src.fields.items():
-        if not key.startswith("tokenizer."):
+        if not wanted(key):
             continue
         vtype = gguf.GGUFValueType(f.types[0])
         if vtype == gguf.GGUFValueType.ARRAY:
             sub = gguf.GGUFValueType(f.types[1])
             vals = [bytes(f.parts[i]).decode("utf-8", "replace") if sub == gguf.GGUFValueType.STRING
                     else int(f.parts[i][0]) for i in f.data]
+            for tok, spelling in (respell or {}).values() if key == "tokenizer.ggml.tokens" else ():
+                vals[tok] = spelling
             w.add_array(key, vals)
         elif vtype == gguf.GGUFValueType.STRING:
             w.add_string(key, bytes(f.parts[f.data[0]]).decode("utf-8", "replace"))
@@ -9607,9 +10071,31 @@ def copy_tokenizer(gguf, src, w) -> None:
             w.add_key_value(key, f.parts[f.data[0]][0].item(), vtype)
 
 
-def make_bench_model(path: str, tokenizer_from: str, seed: int = 1234) -> str:
-    """Write the random-weight ~1B Q8_0 benchmark GGUF to path (atomically) and return it.
-    It reads as the GGUF recipe, top to bottom: metadata, tokenizer, then each tensor."""
+def make_fim_model(path: str, src_path: str) -> str:
+    """A copy of the GGUF at src_path (the starter model: real weights) whose vocabulary has
+    FIM tokens (BENCH_FIM_TOKENS), for the FIM tests and benchmark. The weights were not
+    trained for FIM, so its middles are plausible text, not good completions."""
+    gguf = require("gguf")
+    src = gguf.GGUFReader(src_path)
+    arch = bytes(src.fields["general.architecture"].parts[-1]).decode()
+    tmp = path + ".partial"
+    w = gguf.GGUFWriter(tmp, arch)
+    copy_fields(gguf, src, w, lambda key: not key.startswith(("GGUF.", "general.architecture", "tokenizer.")))
+    copy_tokenizer(gguf, src, w, fim=True)
+    for t in src.tensors:
+        w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, path)
+    return path
+
+
+def make_bench_model(path: str, tokenizer_from: str, seed: int = 1234, fim: bool = False) -> str:
+    """Write the random-weight ~1B Q8_0 benchmark GGUF to path (atomically) and return it; fim:
+    its vocabulary declares FIM tokens (BENCH_FIM_TOKENS). It reads as the GGUF recipe, top
+    to bottom: metadata, tokenizer, then each tensor."""
     gguf = require("gguf")
     import numpy as np
     rng = np.random.default_rng(seed)
@@ -9628,7 +10114,7 @@ def make_bench_model(path: str, tokenizer_from: str, seed: int = 1234) -> str:
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
-    copy_tokenizer(gguf, src, w)
+    copy_tokenizer(gguf, src, w, fim)
     n_vocab = len(src.fields["tokenizer.ggml.tokens"].data)
 
     def q8(rows: int, cols: int):
@@ -10383,7 +10869,8 @@ def load_swarm(path: str, p: Plan, cfg: Config, verbose: bool = False, pool: Opt
     """Load the model (over the pool's workers too) and put the swarm's settings around it."""
     engine = make_engine(path, p, cfg, verbose, pool)
     swarm = Swarm(engine, cfg["swarm.consensus_strategy"], cfg["swarm.timeout"], served_model_id(p.variant),
-                  cfg["swarm.tool_grammar"], cfg["swarm.early_stop"], cfg["swarm.greedy_spread"])
+                  cfg["swarm.tool_grammar"], cfg["swarm.early_stop"], cfg["swarm.greedy_spread"],
+                  p.variant.fim or FIM_ORDERS[0], cfg["swarm.fim_voters"])
     log.info("ready: %s with %d voters", swarm.model_id, p.voters)
     return swarm
 

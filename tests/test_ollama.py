@@ -69,9 +69,11 @@ def test_bad_ollama_chats_say_what_is_wrong(body, match):
     assert ls.ollama_error(e.value) == {"error": e.value.message}
 
 
-def test_generate_refuses_a_suffix_until_fill_in_the_middle_lands():
+def test_generate_with_a_suffix_is_fill_in_the_middle_and_a_bad_suffix_is_a_400():
+    body, chat, _ = ls.ollama_generate_to_openai({"prompt": "def f(", "suffix": "    return x", "raw": True})
+    assert (body["prompt"], body["suffix"], chat) == ("def f(", "    return x", False)   # see tests/test_fim.py
     with pytest.raises(ls.ApiError, match="suffix"):
-        ls.ollama_generate_to_openai({"prompt": "def f(", "suffix": "    return x"})
+        ls.ollama_generate_to_openai({"prompt": "def f(", "suffix": ["x"]})
 
 
 def test_show_tells_the_served_context_and_tools(starter_path):
