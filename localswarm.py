@@ -2848,6 +2848,12 @@ class SamplingParams:
     max_predict_s: float = 0.0              # once a line is written, end after this long decoding (0: no limit)
     max_prompt_s: float = 0.0               # read the prompt within this, else end with no answer (0: no limit;
                                             # LlamaCppEngine, which keeps what was read in its prompt cache)
+    infill: bool = False                    # llama.cpp's infill sampler (FIM): end once ending is likelier
+                                            # than going on; merge tokens that share a prefix
+    replaces_source: bool = False           # the prompt's cache entry replaces the entry it reused (FIM: the
+                                            # last keystroke's prompt, which only its old end tells apart)
+    to_disk: bool = True                    # the prompt may be written to the disk cache (FIM's change with
+                                            # every keystroke: writing each would cost more than reading it)
     grammar: Optional["Grammar"] = None     # constrains every voter's output (tool calls)
     # Voters after the first sample at no less than this temperature, so that a greedy request
     # (temperature 0) still has voters that can differ (swarm.greedy_spread).
@@ -2897,6 +2903,7 @@ class GenRequest:
         self.results = [VoterResult(i, seed=s) for i, s in enumerate(self.seeds)]
         self.cached_tokens = 0
         self.cache_entry = None          # the prompt cache entry holding this prompt; engine thread
+        self.cache_source = None         # the entry its prefix was read from, if any; engine thread
         self.error: Optional[Exception] = None
         self.timed_out = False           # cancelled because the swarm's timeout passed
         self.early_stop: Optional[str] = None   # why the outstanding voters were stopped
@@ -2912,6 +2919,12 @@ class GenRequest:
     def cancel(self) -> None:
         """Stop this request's sequences within one decode step."""
         self._cancel.set()
+
+    def finish(self) -> None:
+        """The request is over (the engine's threads). voter_ended is set too: the waiting thread
+        sleeps on it, and must not sleep out its poll (0.1 s) when the end follows a voter's end."""
+        self._done.set()
+        self.voter_ended.set()
 
     def stop_outstanding(self, reason: str) -> None:
         """End the voters still decoding within one step (finish_reason early_stop); the
@@ -3287,6 +3300,8 @@ class LlamaAdapter:
             add(L.llama_sampler_init_penalties(64, p.repeat_penalty, p.frequency_penalty, p.presence_penalty))
             self._remembers.add(ctypes.cast(chain, ctypes.c_void_p).value)
         if p.temperature <= 0:
+            if p.infill:
+                add(L.llama_sampler_init_infill(self.vocab))
             add(L.llama_sampler_init_greedy())
             return chain
         if p.top_k > 0:
@@ -3294,6 +3309,8 @@ class LlamaAdapter:
         add(L.llama_sampler_init_top_p(p.top_p, 1))
         if p.min_p > 0:
             add(L.llama_sampler_init_min_p(p.min_p, 1))
+        if p.infill:
+            add(L.llama_sampler_init_infill(self.vocab))
         add(L.llama_sampler_init_temp(p.temperature))
         add(L.llama_sampler_init_dist(seed))
         return chain
@@ -4050,7 +4067,7 @@ class LlamaCppEngine:
                 self._start_run(req)
             except BaseException as exc:    # out of the queue but not a run yet: _fail_all would miss it
                 req.error = ApiError(500, f"inference failed: {exc}", type="server_error", code="engine_error")
-                req._done.set()
+                req.finish()
                 raise
 
     def _start_run(self, req: GenRequest) -> None:
@@ -4068,12 +4085,12 @@ class LlamaCppEngine:
             self.llm.clear()
         self._free.sort()
         seqs = [self._free.pop(0) for _ in range(req.voters)]
-        reuse = 0 if seeded else self._reuse_prefix(req.prompt_tokens, seqs[0])
+        reuse = 0 if seeded else self._reuse_prefix(req.prompt_tokens, seqs[0], req)
         req.cached_tokens = reuse
         self.counters["prompt_tokens_cached"] += reuse
         self._runs.append(_Run(req, seqs, reuse))
 
-    def _reuse_prefix(self, tokens: list, seq: int) -> int:
+    def _reuse_prefix(self, tokens: list, seq: int, req: Optional[GenRequest] = None) -> int:
         """Copy the longest cached prefix of `tokens` into `seq` (restoring it from RAM or disk
         first when that is where it is); returns how many tokens need no decoding."""
         entry, n = self._cache.match(tokens)
@@ -4083,7 +4100,7 @@ class LlamaCppEngine:
         if entry.seq < 0:
             restored = self._restore(entry)
             if restored is None and entry not in self._cache.entries:   # damaged: the next best
-                return self._reuse_prefix(tokens, seq)
+                return self._reuse_prefix(tokens, seq, req)
             if restored is None:
                 self.counters["prompt_cache_misses"] += 1
                 return 0
@@ -4091,6 +4108,8 @@ class LlamaCppEngine:
         entry.used = time.monotonic()
         self.llm.seq_cp(entry.seq, seq, 0, n)
         self.counters["prompt_cache_hits"] += 1
+        if req is not None:
+            req.cache_source = entry
         return n
 
     def _restore(self, entry: CacheEntry) -> Optional[CacheEntry]:
@@ -4145,10 +4164,13 @@ class LlamaCppEngine:
             entry.data = data
             self.counters["prompt_cache_to_ram"] += 1
 
-    def _cache_prompt(self, tokens: list, src: int, n: int) -> CacheEntry:
+    def _cache_prompt(self, tokens: list, src: int, n: int, replaces: Optional[CacheEntry] = None) -> CacheEntry:
         """Keep the first n cells of sequence `src` (holding `tokens`) as a cache entry: in the
-        longest KV entry it extends, if any, else in a new one. Entries it covers are dropped."""
+        longest KV entry it extends, if any, else in a new one. Entries it covers are dropped,
+        and so is `replaces` (a KV entry this prompt takes the place of)."""
         covered = self._cache.superseded(tokens, "kv")      # KV entries this prompt extends
+        if replaces is not None and replaces.seq >= 0 and replaces in self._cache.entries and replaces not in covered:
+            covered.append(replaces)
         entry = max(covered, key=lambda e: len(e.tokens)) if covered else None
         for old in covered:
             if old is not entry:
@@ -4254,19 +4276,23 @@ class LlamaCppEngine:
             batch = [b for b in batch if b[4] is not newest]
         return batch
 
+    @staticmethod
+    def _replaced(req: GenRequest) -> Optional[CacheEntry]:
+        return req.cache_source if req.params.replaces_source else None
+
     def _keep_read_part(self, run: _Run) -> None:
         """A prompt abandoned while it was read (the client left, an editor's next keystroke
         cancelled it, its time ran out): keep the part decoded so far in the prompt cache, as
         the next request most likely starts the same way (llama-server keeps it in its slot)."""
         if run.prefilling and run.prefill_pos >= RAM_CACHE_MIN_TOKENS and run.prefill_pos > run.req.cached_tokens:
             part = run.req.prompt_tokens[:run.prefill_pos]
-            self._cache_prompt(part, run.seqs[0], len(part))
+            self._cache_prompt(part, run.seqs[0], len(part), self._replaced(run.req))
             self.counters["prompt_parts_kept"] += 1
 
     def _start_voters(self, run: _Run) -> None:
         """Prompt done: share its cells with every voter's sequence and make their samplers."""
         req, n = run.req, len(run.req.prompt_tokens)
-        req.cache_entry = self._cache_prompt(req.prompt_tokens, run.seqs[0], n)
+        req.cache_entry = self._cache_prompt(req.prompt_tokens, run.seqs[0], n, self._replaced(req))
         for i, seq in enumerate(run.seqs):
             if i:
                 self.llm.seq_cp(run.seqs[0], seq, 0, n)
@@ -4349,10 +4375,10 @@ class LlamaCppEngine:
             self._runs.remove(run)
         if run.req.kept:
             self._kept.append(run.req)
-        if not run.req.keep_answers and run.req.cache_entry is not None:
+        if not run.req.keep_answers and run.req.cache_entry is not None and run.req.params.to_disk:
             self._persist(run.req.cache_entry)      # else once the chosen answer is remembered
         self.counters["requests"] += 1
-        run.req._done.set()
+        run.req.finish()
 
     def _release_seq(self, seq: int) -> None:
         self.llm.seq_rm(seq)
@@ -4376,7 +4402,7 @@ class LlamaCppEngine:
                 self._cache_prompt(req.prompt_tokens + tokens, seq, len(req.prompt_tokens) + len(tokens))
                 self.counters["answers_remembered"] += 1
             self._release_kept(req)
-            if entry is not None:
+            if entry is not None and req.params.to_disk:
                 self._persist(entry)
         self._remember = []
 
@@ -4394,12 +4420,12 @@ class LlamaCppEngine:
                 self._cv.release()
         for req in reqs:
             req.error = err
-            req._done.set()
+            req.finish()
 
     def _finish_request(self, req: GenRequest, reason: str) -> None:
         for res in req.results:
             res.finish_reason, res.finished = reason, True
-        req._done.set()
+        req.finish()
 
     def _fail_all(self, exc: Exception) -> None:
         self.healthy = False
@@ -4408,7 +4434,7 @@ class LlamaCppEngine:
         err = ApiError(500, f"inference failed: {exc}", type="server_error", code="engine_error")
         for run in list(self._runs):
             run.req.error = err
-            run.req._done.set()
+            run.req.finish()
         self._runs.clear()
         self._kept, self._remember = [], []
         for e in [e for e in self._cache.entries if e.seq >= 0]:
@@ -4638,7 +4664,7 @@ class MLXEngine:
                 self.counters["completion_tokens"] += res.completion_tokens
                 w.count(res)
         self.counters["requests"] += 1
-        req._done.set()
+        req.finish()
         return req
 
     def close(self) -> None:
@@ -5027,10 +5053,13 @@ class Swarm:
     def fim_params(self, inp: FimInput, params: SamplingParams) -> SamplingParams:
         """A middle ends at a FIM token, at the stops of fim_stops, at a dedented line (indent)
         and, once a line is written, when its decoding time runs out; the prompt must be read
-        within max_prompt_ms."""
+        within max_prompt_ms. Each keystroke makes a new prompt, which differs from the last one
+        only at the cursor and after: its cache entry replaces the last one's (eight keystrokes
+        would otherwise fill the KV slots and push whole prompts out to RAM, ~40 ms each), and
+        none goes to the disk cache."""
         return dataclasses.replace(params, stop=params.stop + fim_stops(inp), stop_tokens=self.fim_tokens().ends(),
                                    min_indent=inp.indent, max_predict_s=inp.max_predict_ms / 1000,
-                                   max_prompt_s=inp.max_prompt_ms / 1000)
+                                   max_prompt_s=inp.max_prompt_ms / 1000, to_disk=False, replaces_source=True)
 
     def remember(self, ans: SwarmAnswer, shown: Optional[int] = None) -> None:
         """Keep the answer the client got (the winner, or the voter it was shown) in the prompt
@@ -5668,7 +5697,7 @@ REQUEST_FIELDS = {
     "early_stop": ((bool, str), None, None), "stream_mode": (str, None, None), "stream_voters": (bool, None, None),
     # fill in the middle, on completions (llama-server's names where it has them; parse_fim)
     "suffix": (str, None, None), "fim": (bool, None, None), "input_extra": (list, None, None),
-    "single_line": (bool, None, None), "n_indent": (int, 0, 10000),
+    "single_line": (bool, None, None), "n_indent": (int, 0, 10000), "samplers": (list, None, None),
     "t_max_prompt_ms": (int, 0, 10 ** 9), "t_max_predict_ms": (int, 0, 10 ** 9),
 }
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -5809,7 +5838,7 @@ def parse_sampling(body: dict) -> SamplingParams:
     if not all(isinstance(s, str) and len(s) <= MAX_STOP_CHARS for s in stop) or len(stop) > MAX_STOP_STRINGS:
         raise ApiError(400, f"'stop' must be a string or up to {MAX_STOP_STRINGS} strings of at most "
                        f"{MAX_STOP_CHARS} characters", param="stop")
-    p = SamplingParams(stop=tuple(stop))
+    p = SamplingParams(stop=tuple(stop), infill="infill" in (body.get("samplers") or ()))
     for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty",
                  "frequency_penalty", "seed"):
         if body.get(name) is not None:
@@ -6774,7 +6803,7 @@ OLLAMA_GENERATE = dataclasses.replace(
 # Tests: tests/test_fim.py.
 ##############################################################################
 
-INFILL_PASSED = ("model", "stream", "temperature", "top_k", "top_p", "min_p", "seed", "stop", "repeat_penalty",
+INFILL_PASSED = ("model", "stream", "samplers", "temperature", "top_k", "top_p", "min_p", "seed", "stop", "repeat_penalty",
                  "presence_penalty", "frequency_penalty", "n_indent", "t_max_prompt_ms", "t_max_predict_ms",
                  "single_line", "voters", "consensus", "stream_mode")    # same meaning in the OpenAI body
 

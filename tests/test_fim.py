@@ -133,7 +133,7 @@ def test_infill_bodies_become_the_completions_body():
                                            "n_predict": 16, "t_max_prompt_ms": 500, "samplers": ["top_k"],
                                            "cache_prompt": True, "top_k": 40})
     assert body == {"prompt": "a\n  b", "suffix": "c\n", "fim": True, "input_extra": None, "max_tokens": 16,
-                    "t_max_prompt_ms": 500, "top_k": 40} and chat is False
+                    "t_max_prompt_ms": 500, "top_k": 40, "samplers": ["top_k"]} and chat is False
     assert not ask.prefill_only and ask.fields is None
     warm = ls.infill_to_openai({"input_prefix": "", "input_suffix": "", "n_predict": 0, "response_fields": [""]})
     assert warm[0]["max_tokens"] == 1 and warm[2].prefill_only and warm[2].fields == [""]
@@ -255,6 +255,24 @@ def test_the_next_keystroke_reads_only_the_end_of_the_prompt(fim_server):
     assert second["timings"]["prompt_n"] == second["tokens_evaluated"] - cached
 
 
+def test_keystrokes_replace_their_prompts_in_the_cache_and_none_goes_to_disk(fim_server):
+    """Each keystroke's prompt differs from the last only at the cursor and after: its entry
+    replaces the last one's, so typing neither fills the KV slots nor pushes prompts to RAM."""
+    _, app = fim_server
+    engine = app.swarm.engine
+    line = "def handler_y(request):\n    "
+    app.swarm.answer(ls.ChatRequest(fim=ls.FimInput(CODE + line, "\n\nx = 1\n"), max_tokens_requested=2))
+    before, to_ram = engine.cache_stats()["entries_kv"], engine.counters["prompt_cache_to_ram"]
+    for c in "abcdefghij":
+        line += c
+        ans = app.swarm.answer(ls.ChatRequest(fim=ls.FimInput(CODE + line, "\n\nx = 1\n"), max_tokens_requested=2))
+        assert ans.cached_tokens >= ans.prompt_tokens - 12
+    assert engine.cache_stats()["entries_kv"] <= before
+    assert engine.counters["prompt_cache_to_ram"] == to_ram
+    params = app.swarm.fim_params(ls.FimInput("x"), ls.SamplingParams())
+    assert params.replaces_source and not params.to_disk and params.stop_tokens == engine.fim_tokens().ends()
+
+
 def test_a_clients_next_fim_request_cancels_its_last_and_reuses_what_it_read(fim_server):
     _, app = fim_server
     swarm = app.swarm
@@ -297,6 +315,17 @@ def test_a_prompt_not_read_in_time_gets_no_answer_but_the_next_request_goes_on_f
     assert cut["content"] == "" and cut["stop_type"] == "limit" and cut["tokens_predicted"] == 0
     status, raw = call(port, "/infill", dict(body, t_max_prompt_ms=0))
     assert json.loads(raw)["x_localswarm"]["prompt_tokens_cached"] >= 256
+
+
+def test_the_infill_sampler_ends_a_middle_once_ending_is_likelier(fim_server):
+    """llama.vscode and llama.vim ask for llama.cpp's infill sampler (samplers: [..., "infill"])."""
+    port, _ = fim_server
+    body = {"input_prefix": CODE, "prompt": "def handler_x(request):\n    valu", "input_suffix": "\n\n",
+            "n_predict": 32, "temperature": 0, "samplers": ["top_k", "top_p"]}
+    plain = json.loads(call(port, "/infill", body)[1])
+    ended = json.loads(call(port, "/infill", dict(body, samplers=["top_k", "top_p", "infill"]))[1])
+    assert ls.parse_request({"prompt": "x", "samplers": ["infill"]}, False, FakeSwarm()).params.infill
+    assert ended["tokens_predicted"] < plain["tokens_predicted"], (ended["content"], plain["content"])
 
 
 def test_a_request_shaped_as_llama_vscode_sends_it(fim_server):
