@@ -286,6 +286,7 @@ def _s(section, key, typ, default, help, env=None, **kw) -> Setting:
 STRATEGIES = ("similarity", "quality", "fastest")
 STREAM_MODES = ("live", "consensus", "fastest")
 EARLY_STOP_RULES = ("adaptive", "strict", "off")
+EXECUTE_MODES = ("off", "examples", "behaviour")     # the executed vote (swarm.execute)
 GREEDY_SPREAD = 0.0         # a temperature-0 request runs one greedy voter: spreading the others (voter 0
                             # greedy, the rest at 0.7) did not beat it (BENCHMARKS, "Answers sooner")
 SETTINGS = [
@@ -319,6 +320,12 @@ SETTINGS = [
        "or keeps voter 0 greedy and samples the others at this temperature", minimum=0.0, maximum=2.0),
     _s("swarm", "fim_voters", int, 1, "voters per fill-in-the-middle (autocomplete) request, which waits on "
        "latency (a request's own 'voters' overrides)", minimum=1, maximum=64),
+    _s("swarm", "execute", str, "auto", "run the prompt's own examples on the answers' code, in a sandbox, "
+       "and vote on it: examples (drop answers that fail them), behaviour (also group answers by what they "
+       "return), off; auto: behaviour where the sandbox can keep the code off the network (Linux), else off",
+       choices=("auto",) + EXECUTE_MODES),
+    _s("swarm", "execute_budget_s", float, 10.0, "seconds the executed vote may take per request",
+       minimum=0.1, maximum=600),
     _s("swarm", "timeout", float, 600.0, "seconds a request may run", minimum=1),
     _s("swarm", "ctx", int, 0, "context tokens per request (0: the plan's choice)", minimum=0),
     _s("swarm", "parallel", int, 2, "requests decoded at once (continuous batching)", minimum=1, maximum=16),
@@ -4705,6 +4712,7 @@ class ChatRequest:
     prompt_len: int = 0                   # the prompt's tokens, known once the swarm rendered it
     fim: Optional[FimInput] = None        # fill in the middle (an editor's autocomplete), not chat or prompt
     truncated: bool = False               # FIM: part of the input was cut to fit the context
+    execute: Optional[str] = None         # run the prompt's checks on the answers (None: the server's setting)
     client: str = ""                      # who asked (address, user agent): an editor's next FIM request
                                           # cancels its last one (App.answer)
 
@@ -4724,6 +4732,10 @@ class ChatRequest:
     def must_call(self) -> bool:
         """tool_choice required or a named function: the answer is a call, from the first token."""
         return bool(self.offered_tool_defs()) and (self.tool_choice == "required" or isinstance(self.tool_choice, dict))
+
+    def system_text(self) -> str:
+        """The system messages' text (where a check may also be given)."""
+        return "\n".join(message_text(m.get("content")) for m in self.messages or [] if m.get("role") == "system")
 
     def question(self) -> str:
         """The text the vote reads as the question (the last user message, the prompt, or the
@@ -4761,6 +4773,7 @@ class SwarmAnswer:
                                                 # chose text/tool_calls; verdict/results stay local
     cross_tokens: Optional[int] = None          # federation: the winning node's answer's tokens
     gen: Any = field(default=None, repr=False)  # the engine's request (Swarm.remember)
+    execution: Optional[dict] = None            # the executed vote: checks, passes per voter, behaviours
 
     @property
     def confidence(self) -> float:
@@ -4810,6 +4823,8 @@ class SwarmAnswer:
             d["early_stop"] = {"reason": self.early_stop, "stopped": stopped}
         if self.greedy:
             d["greedy"] = self.greedy
+        if self.execution:
+            d["execution"] = {k: v for k, v in self.execution.items() if k not in ("note", "confidence")}
         if self.memory_pressure:
             d["memory_pressure"] = self.memory_pressure
         if self.nodes:
@@ -4886,13 +4901,19 @@ class Ballot:
     """One request's answers as the vote reads them: each voter's text parsed once (tool calls),
     the early decision while voters decode (decide), and the final pick."""
 
-    def __init__(self, req: ChatRequest, strategy: str, rule: str = "off"):
+    def __init__(self, req: ChatRequest, strategy: str, rule: str = "off", execute: str = "off",
+                 budget_s: float = 10.0):
         self.req, self.strategy, self.rule = req, strategy, rule
-        self.early = rule != "off"
         self.offered = req.offered_tools()
         self.schemas = {t["function"]["name"]: t["function"].get("parameters") for t in req.offered_tool_defs()}
         self.question = req.question()
         self._parsed: dict = {}
+        # the executed vote: only for code, only on checks the prompt itself carries
+        evidence = self.question + "\n" + req.system_text()
+        self.checks = extract_checks(evidence) if execute != "off" and req.fim is None and not self.offered \
+            and asks_for_code(self.question) else []
+        self.execute, self.budget_s, self.execution = (execute if self.checks else "off"), budget_s, None
+        self.early = rule != "off" and not self.checks      # the checks decide, once every voter has ended
 
     def parsed(self, r: VoterResult) -> tuple:
         """(content, tool_calls) of a voter's answer; parsed once when it has finished."""
@@ -4928,7 +4949,14 @@ class Ballot:
         cands = [self.candidate(r) for r in results]
         live = [i for i, c in enumerate(cands) if c.finish_reason not in ENDED_WITHOUT_ANSWER] \
             or list(range(len(cands)))
-        verdict = self._vote(cands, live)
+        voted = self._run_checks(cands, live) if self.execute != "off" else live
+        if sent and not any(cands[i].text.startswith(sent) for i in voted):
+            voted = live             # the checks' choice disagrees with what was streamed: the text decides
+        verdict = self._vote(cands, voted)
+        if voted != live and self.execution:
+            verdict.confidence = self.execution["confidence"]
+            kept = verdict.note if verdict.note and len(voted) > 1 else ""     # not "one voter: nothing to vote on"
+            verdict.note = (kept + "; " if kept else "") + self.execution["note"]
         if sent and not cands[verdict.index].text.startswith(sent):
             agree = [i for i in live if cands[i].text.startswith(sent)]
             if not agree:
@@ -4942,6 +4970,27 @@ class Ballot:
             if with_calls:
                 verdict.index = with_calls[0]
         return verdict
+
+    def _run_checks(self, cands: list, live: list) -> list:
+        """Run the prompt's checks on each live answer's code (sandbox); the answers the text
+        vote then chooses among (executed_groups), and what ran, in self.execution."""
+        t0 = time.monotonic()
+        code = prompt_code(self.question)
+        programs = [candidate_program(cands[i].text, code) for i in live]
+        outcomes = execute_candidates(programs, self.checks, self.budget_s)
+        among, groups, note = executed_groups(outcomes, self.execute)
+        chosen = [live[i] for i in among]
+        top = max((len(g) for g in groups), default=len(among) if len(among) < len(live) else 0)
+        self.execution = {
+            "mode": self.execute, "checks": len(self.checks), "seconds": round(time.monotonic() - t0, 3),
+            "with_expected": sum(1 for c in self.checks if c.expected is not None),
+            "passed": [next((sum(1 for p in o.passed if p) for j, o in zip(live, outcomes) if j == i and o), None)
+                       for i in range(len(cands))],
+            "ran": [live[i] for i, o in enumerate(outcomes) if o and o.ran],
+            "groups": [[live[i] for i in g] for g in groups], "note": note,
+            "network": next((o.network for o in outcomes if o and o.network), ""),
+            "confidence": round(top / len(cands), 4) if top else 0.0}
+        return chosen
 
     def _vote(self, cands: list, among: list) -> Verdict:
         """The vote among some voters, its lists indexed by voter like per_voter (those not
@@ -4959,8 +5008,10 @@ class Swarm:
 
     def __init__(self, engine, strategy: str = "similarity", timeout: float = 600.0,
                  model_id: Optional[str] = None, tool_grammar: bool = True, early_stop: str = "off",
-                 greedy_spread: float = GREEDY_SPREAD, fim_order: str = "psm", fim_voters: int = 1):
+                 greedy_spread: float = GREEDY_SPREAD, fim_order: str = "psm", fim_voters: int = 1,
+                 execute: str = "off", execute_budget: float = 10.0):
         self.engine, self.strategy, self.timeout = engine, strategy, timeout
+        self.execute, self.execute_budget = execute, execute_budget
         self.fim_order, self.fim_voters = fim_order, fim_voters
         self.tool_grammar, self.early_stop, self.greedy_spread = tool_grammar, early_stop, greedy_spread
         self.model_id = model_id or engine.model_id
@@ -5018,7 +5069,8 @@ class Swarm:
         if req.fim is not None:
             params = self.fim_params(req.fim, dataclasses.replace(params, max_tokens=min(asked or FIM_DEFAULT_TOKENS, room)))
         voters, greedy = self.greedy_voters(self.voters_for(req), params)
-        ballot = Ballot(req, self.strategy, self.early_stop_rule(req))
+        ballot = Ballot(req, self.strategy, self.early_stop_rule(req), req.execute or self.execute,
+                        self.execute_budget)
         if req.stream:
             req.stream.begin(voters)
         g = self.engine.generate(tokens, params, voters, on_token, self.timeout, req.cancel, keep_answers=True,
@@ -5036,7 +5088,7 @@ class Swarm:
                            [ballot.parsed(r) for r in g.results], len(tokens), g.cached_tokens,
                            time.monotonic() - t0, self.model_id, params.max_tokens,
                            asked if asked and asked > params.max_tokens else None, early_stop=g.early_stop,
-                           greedy=greedy, gen=g)
+                           greedy=greedy, gen=g, execution=ballot.execution)
         if remember:
             self.remember(ans, req.shown_voter)
         return ans
@@ -5674,6 +5726,360 @@ def cross_vote(answers: list, threshold: float = AGREEMENT_THRESHOLD) -> Verdict
 
 
 ##############################################################################
+# Executed vote: the checks a prompt carries (doctest examples, asserts,
+# "f(x) == y" lines), run against each candidate's code in a sandbox, and the
+# vote on what the code does. Pure: extract_checks, candidate_program,
+# executed_groups. Side effects: run_candidate (a fresh `python -I` child per
+# candidate, rlimits, a timeout with a process-group kill, no network, no
+# writes outside its temp dir) and execute_candidates. Ballot.pick (Swarm)
+# calls it before the text vote. Tests: tests/test_execute.py.
+##############################################################################
+
+MAX_CHECKS = 32                 # checks run per candidate (the prompt's first ones)
+MAX_CHECK_CHARS = 2000          # a longer call or expected value is not a check
+CHECK_TIMEOUT = 2.0             # seconds one candidate may run, its program and its checks together
+SANDBOX_MEMORY = 512 * MiB      # address space of the child
+SANDBOX_FILE_BYTES = 1 * MiB    # the largest file it may write (in its temp dir)
+SANDBOX_OUTPUT_BYTES = 256 * 1024   # what the parent reads of its answer; more is a failure
+ASSERT_LINE_RE = re.compile(r"^(?:[^:()]*:\s*)?(?:[-*>]\s*)?(assert\s.*)$")
+# "call -> value" lines, after a bullet or a lead-in ("for example:")
+CALL_ARROW_RE = re.compile(r"^\s*(?:[^:()]*:\s*)?(?:[-*>]\s*)?([A-Za-z_][\w.]*\(.*\))\s*(==|->|=>|➞|→)\s*(.+?)\s*[.;]?\s*$")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One runnable example: a call, and its expected value as Python source (None: the call
+    alone, an input for the behaviour vote)."""
+    call: str
+    expected: Optional[str]
+    source: str                 # doctest | assert | example
+
+
+@dataclass
+class Outcome:
+    """What one candidate did: per check, whether it gave the expected value, and what it
+    returned (repr, or the exception's type) for the behaviour vote."""
+    ran: bool = False           # the program ran (it was Python and the sandbox finished)
+    passed: list = field(default_factory=list)     # per check: True / False / None (no expected value)
+    results: list = field(default_factory=list)    # per check: repr of the value, or "raised TypeError"
+    error: str = ""             # why it did not run, or what its program raised
+    seconds: float = 0.0
+    network: str = ""           # how the child was kept off the network: namespace | audit hooks
+
+    @property
+    def passes_all(self) -> bool:
+        return self.ran and not self.error and all(p is not False for p in self.passed)
+
+
+def _is_call(expr: str) -> bool:
+    try:
+        node = ast.parse(expr.strip(), mode="eval").body
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return False
+    return isinstance(node, ast.Call) and isinstance(node.func, (ast.Name, ast.Attribute))
+
+
+def _is_value(expr: str) -> bool:
+    try:
+        ast.parse(expr.strip(), mode="eval")
+        return True
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return False
+
+
+def extract_checks(text: str) -> list:
+    """The runnable examples in a prompt's text (the user's and the system's, never an answer):
+    doctest `>>> call` with the output below it, `assert call == value` (or `assert call`,
+    `assert not call`), and lines `call == value`, `call -> value`, `call ➞ value`. Only calls of
+    a named function count, deduplicated, the first MAX_CHECKS."""
+    found: list = []
+    with contextlib.suppress(ValueError):
+        for ex in __import__("doctest").DocTestParser().get_examples(text):
+            src, want = ex.source.strip(), _docstring_want(ex.want)
+            if _is_call(src) and len(src) + len(want) < MAX_CHECK_CHARS:
+                found.append(Check(src, want if want and _is_value(want) else (None if want else "None"), "doctest"))
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith(">>>") or len(stripped) > MAX_CHECK_CHARS:
+            continue
+        found += _line_check(stripped)
+    seen, out = set(), []
+    for c in found:
+        if c.call not in seen:
+            seen.add(c.call)
+            out.append(c)
+    return out[:MAX_CHECKS]
+
+
+def _docstring_want(want: str) -> str:
+    """A doctest's output without the docstring's closing quotes, which doctest reads as part
+    of the last example's output when no blank line comes before them."""
+    lines = want.strip().splitlines()
+    while lines and lines[-1].strip() in ('"""', "'''"):
+        lines.pop()
+    return "\n".join(lines).strip()
+
+
+def _line_check(line: str) -> list:
+    """A check from one line: an assert, or a call with an arrow or == and a value (either
+    after a bullet or a lead-in such as "Tests:")."""
+    lead = ASSERT_LINE_RE.match(line)
+    if lead:
+        line = lead.group(1)
+    if line.startswith("assert "):
+        try:
+            node = ast.parse(line).body[0].test
+        except (SyntaxError, ValueError, IndexError, AttributeError, MemoryError, RecursionError):
+            return []
+        if isinstance(node, ast.Compare) and len(node.ops) == 1 and isinstance(node.ops[0], ast.Eq) \
+                and isinstance(node.left, ast.Call):
+            return [Check(ast.unparse(node.left), ast.unparse(node.comparators[0]), "assert")]
+        if isinstance(node, ast.Call):
+            return [Check(ast.unparse(node), "True", "assert")]
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not) and isinstance(node.operand, ast.Call):
+            return [Check(ast.unparse(node.operand), "False", "assert")]
+        return []
+    m = CALL_ARROW_RE.match(line)
+    if m and _is_call(m.group(1)) and _is_value(m.group(3)):
+        return [Check(m.group(1).strip(), m.group(3).strip(), "example")]
+    return []
+
+
+def prompt_code(text: str) -> str:
+    """The Python code in a prompt (its fenced blocks, or the whole text when it parses): a
+    completion that continues it is run as that code plus the completion."""
+    blocks, _ = split_answer(text)
+    return "\n\n".join(code for lang, code in blocks if _is_python(lang, code))
+
+
+def candidate_program(answer: str, prompt_src: str = "") -> Optional[str]:
+    """The Python an answer gives: its fenced blocks (or the whole answer when it is code);
+    an answer that continues the prompt's code (a function body) runs with that code."""
+    blocks, _ = split_answer(answer)
+    code = "\n\n".join(c for lang, c in blocks if _is_python(lang, c))
+    if code.strip() and _parses(code):
+        return code
+    if prompt_src and answer.strip() and _parses(prompt_src + answer):
+        return prompt_src + answer
+    return None
+
+
+def executed_groups(outcomes: list, mode: str) -> tuple:
+    """(the candidates the text vote chooses among, the behaviour groups, a note). examples:
+    the candidates that pass every example (all of them when none does); behaviour: of those,
+    the largest group that returned the same on every check (ties: the text vote decides among
+    the tied groups' members). Candidates that did not run count as failing."""
+    idx = list(range(len(outcomes)))
+    ran = [i for i in idx if outcomes[i] is not None and outcomes[i].ran]
+    passing = [i for i in ran if outcomes[i].passes_all]
+    pool = passing or idx
+    note = (f"{len(passing)} of {len(idx)} answers pass the prompt's examples" if passing
+            else "no answer passes the prompt's examples: the text vote decides")
+    if mode != "behaviour":
+        return pool, [], note
+    by_result: dict = {}
+    for i in [i for i in pool if outcomes[i] is not None and outcomes[i].ran]:
+        by_result.setdefault(tuple(outcomes[i].results), []).append(i)
+    groups = sorted(by_result.values(), key=len, reverse=True)
+    if not groups:
+        return pool, [], note
+    top = [i for g in groups if len(g) == len(groups[0]) for i in g]
+    return top, groups, note + f"; {len(groups)} behaviours, the largest of {len(groups[0])}"
+
+
+# The child's program: audit hooks first (no sockets, no processes, no writes outside the
+# working directory, no ctypes), then the candidate, then each check with its own deadline;
+# the answer goes out on a saved copy of stdout, after the candidate's own output is dropped.
+SANDBOX_RUNNER = r'''
+import sys, os, json, signal, resource
+data = json.load(open(sys.argv[1]))
+for what, value in data["limits"]:
+    try:
+        resource.setrlimit(getattr(resource, what), (value, value))
+    except (AttributeError, ValueError, OSError):
+        pass
+net = "audit hooks"
+if sys.platform.startswith("linux"):
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.unshare(0x40000000) == 0 or libc.unshare(0x10000000 | 0x40000000) == 0:
+            net = "namespace"
+        del ctypes, libc
+    except Exception:
+        pass
+out = os.fdopen(os.dup(1), "w")
+devnull = os.open(os.devnull, os.O_WRONLY)
+os.dup2(devnull, 1); os.dup2(devnull, 2)
+home = os.path.realpath(os.getcwd())
+BLOCKED = ("socket.", "subprocess.", "os.fork", "os.forkpty", "os.exec", "os.spawn", "os.posix_spawn",
+           "os.system", "os.kill", "os.killpg", "ctypes.", "pty.", "resource.setrlimit", "sys.addaudithook",
+           "os.chroot", "winreg.", "_winapi.", "webbrowser.", "ftplib.", "smtplib.", "http.", "urllib.",
+           "os.putenv", "os.unsetenv", "shutil.chown")
+PATHS = ("os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.link", "os.symlink",
+         "os.truncate", "os.utime", "shutil.rmtree", "shutil.copyfile", "shutil.move", "os.chdir")
+def inside(p):
+    try:
+        p = os.path.realpath(os.fsdecode(p) if not isinstance(p, int) else os.getcwd())
+    except Exception:
+        return False
+    return p == home or p.startswith(home + os.sep)
+def hook(event, args):
+    if event.startswith(BLOCKED):
+        raise PermissionError("sandbox: " + event + " is not allowed")
+    if event == "import" and args[0] in ("ctypes", "_ctypes", "socket", "_socket", "subprocess", "multiprocessing"):
+        raise ImportError("sandbox: import of " + args[0] + " is not allowed")
+    if event == "open":
+        path, mode, flags = (list(args) + [None, None, 0])[:3]
+        writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (flags or 0) & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+        if writing and not inside(path):
+            raise PermissionError("sandbox: writing outside its directory is not allowed")
+    if event in PATHS and args and not all(inside(a) for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))):
+        raise PermissionError("sandbox: " + event + " outside its directory is not allowed")
+sys.addaudithook(hook)
+class Late(BaseException):
+    pass
+def alarm(*_):
+    raise Late()
+signal.signal(signal.SIGALRM, alarm)
+res = {"ran": False, "passed": [], "results": [], "error": "", "network": net}
+g = {"__name__": "__candidate__", "__builtins__": __builtins__}
+try:
+    signal.setitimer(signal.ITIMER_REAL, data["timeout"])
+    exec(compile(data["program"], "<candidate>", "exec"), g)
+    res["ran"] = True
+    for call, expected in data["checks"]:
+        try:
+            value = eval(call, g)
+            shown = repr(value)[:300]
+        except Late:
+            raise
+        except BaseException as e:
+            res["passed"].append(False if expected is not None else None)
+            res["results"].append("raised " + type(e).__name__)
+            continue
+        ok = None
+        if expected is not None:
+            try:
+                ok = bool(value == eval(expected, {})) or shown == expected
+            except Late:
+                raise
+            except BaseException:
+                ok = shown == expected
+        res["passed"].append(ok)
+        res["results"].append(shown)
+    signal.setitimer(signal.ITIMER_REAL, 0)
+except Late:
+    res["error"] = "timed out"
+except BaseException as e:
+    res["error"] = "raised " + type(e).__name__
+try:
+    out.write(json.dumps(res)); out.flush()
+except BaseException:
+    pass
+os._exit(0)
+'''
+
+
+def sandbox_limits(timeout: float) -> list:
+    """The child's rlimits (it sets them itself, before any candidate code runs): CPU seconds,
+    address space, file size, no core dumps, few processes."""
+    return [("RLIMIT_CPU", int(timeout) + 2), ("RLIMIT_AS", SANDBOX_MEMORY), ("RLIMIT_FSIZE", SANDBOX_FILE_BYTES),
+            ("RLIMIT_CORE", 0), ("RLIMIT_NPROC", 64)]
+
+
+def execute_mode(configured: str) -> str:
+    """swarm.execute: auto is behaviour where the sandbox cuts the network by a namespace
+    (Linux, as root or with user namespaces), else off (README, "Executed vote")."""
+    if configured != "auto":
+        return configured
+    return "behaviour" if sandbox_guarantees()["network"] == "namespace" else "off"
+
+
+def sandbox_guarantees() -> dict:
+    """What the sandbox promises on this machine (README, "Executed vote"): the network is cut by
+    a network namespace (Linux, as root or with user namespaces) or only by the audit hooks."""
+    got = run_candidate("x = 1", [], 5.0)
+    return {"network": got.network or "unknown", "files": "audit hooks", "platform": sys.platform,
+            "works": got.ran}
+
+
+def run_candidate(program: str, checks: list, timeout: float = CHECK_TIMEOUT) -> Outcome:
+    """Run one candidate's program and its checks in a fresh `python -I -S` child: an empty
+    environment, a temporary working directory, stdin closed, the rlimits of sandbox_limits
+    and its own network namespace where Linux allows (the child sets both up before any
+    candidate code runs: no preexec_fn in a threaded server), the audit hooks of
+    SANDBOX_RUNNER, and a wall timeout after which its process group is killed. Its answer is
+    read through a pipe, bounded."""
+    t0 = time.monotonic()
+    if os.name == "nt":          # no rlimits, process groups or select() on pipes there
+        return Outcome(error="the sandbox runs on Linux and macOS only")
+    with tempfile.TemporaryDirectory(prefix="localswarm-run-") as tmp:
+        payload = os.path.join(tmp, ".payload.json")
+        with open(payload, "w", encoding="utf-8") as f:
+            json.dump({"program": program, "checks": [(c.call, c.expected) for c in checks],
+                       "timeout": timeout, "limits": sandbox_limits(timeout)}, f)
+        try:
+            proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", SANDBOX_RUNNER, payload], cwd=tmp, env={},
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                    start_new_session=True)
+        except OSError as exc:
+            return Outcome(error=f"could not start the sandbox: {exc}")
+        raw = _read_bounded(proc, timeout + 1.0)
+    got = Outcome(seconds=time.monotonic() - t0)
+    try:
+        data = json.loads(raw.decode("utf-8", "replace")) if raw else None
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        got.error = "the sandbox gave no answer (killed: too slow, too much memory or output)"
+        return got
+    got.ran, got.error, got.network = bool(data.get("ran")), str(data.get("error") or ""), str(data.get("network", ""))
+    got.passed, got.results = list(data.get("passed") or []), [str(r) for r in data.get("results") or []]
+    return got
+
+
+def _read_bounded(proc, deadline_s: float) -> bytes:
+    """The child's stdout up to SANDBOX_OUTPUT_BYTES before the deadline; then its whole
+    process group is killed (whatever it left running goes with it)."""
+    buf, end = b"", time.monotonic() + deadline_s
+    fd = proc.stdout.fileno()
+    try:
+        while len(buf) <= SANDBOX_OUTPUT_BYTES:
+            left = end - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                buf = b""
+                break
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            buf += chunk
+        else:
+            buf = b""
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.stdout.close()
+        proc.wait()
+    return buf
+
+
+def execute_candidates(programs: list, checks: list, budget_s: float, workers: int = 0) -> list:
+    """Run every candidate program (None: not runnable) on the checks, in parallel, within
+    budget_s in all; an Outcome per candidate (None where there was no program)."""
+    deadline = time.monotonic() + budget_s
+    workers = workers or max(1, min(4, os.cpu_count() or 1))
+
+    def one(program):
+        left = deadline - time.monotonic()
+        if program is None or left <= 0.05:
+            return None if program is None else Outcome(error="the time budget ran out")
+        return run_candidate(program, checks, min(CHECK_TIMEOUT, left))
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="localswarm-sandbox") as pool:
+        return list(pool.map(one, programs))
+
+
+##############################################################################
 # API dialects, OpenAI: chat completions and completions, the dialect the
 # Swarm's own types follow. Each API a client may speak is a parser into
 # the one ChatRequest and a writer from the one SwarmAnswer; no request
@@ -5695,6 +6101,7 @@ REQUEST_FIELDS = {
     "messages": (list, None, None), "stop": ((str, list), None, None),
     "parallel_tool_calls": (bool, None, None), "tool_grammar": (bool, None, None),
     "early_stop": ((bool, str), None, None), "stream_mode": (str, None, None), "stream_voters": (bool, None, None),
+    "execute": (str, None, None),
     # fill in the middle, on completions (llama-server's names where it has them; parse_fim)
     "suffix": (str, None, None), "fim": (bool, None, None), "input_extra": (list, None, None),
     "single_line": (bool, None, None), "n_indent": (int, 0, 10000), "samplers": (list, None, None),
@@ -5791,6 +6198,7 @@ def parse_request(body: Any, chat: bool, swarm: Swarm) -> ChatRequest:
     req.early_stop = body.get("early_stop") if isinstance(body.get("early_stop"), bool) else \
         one_of(body, "early_stop", EARLY_STOP_RULES)
     req.stream_voters = bool(body.get("stream_voters"))
+    req.execute = one_of(body, "execute", EXECUTE_MODES)
     return req
 
 
@@ -10616,7 +11024,8 @@ def client_setup(url: str, model_id: str, ctx: int, api_key: str = "") -> list:
             "  Claude Code (shell):", *("    " + line for line in claude_code_lines(url, model_id, api_key)),
             "  Codex (~/.codex/config.toml):",
             *("    " + line if line else "" for line in codex_config(url, model_id, ctx, api_key).splitlines()),
-            f"  Ollama clients (Copilot, Zed, Open WebUI, Continue): {url} as the Ollama address"]
+            f"  Ollama clients (Copilot, Zed, Open WebUI, Continue): {url} as the Ollama address",
+            f"  Editor autocomplete (llama.vscode, llama.vim; models with FIM tokens): {url} as the endpoint"]
 
 
 # --- the interactive menu ----------------------------------------------------
@@ -10899,7 +11308,8 @@ def load_swarm(path: str, p: Plan, cfg: Config, verbose: bool = False, pool: Opt
     engine = make_engine(path, p, cfg, verbose, pool)
     swarm = Swarm(engine, cfg["swarm.consensus_strategy"], cfg["swarm.timeout"], served_model_id(p.variant),
                   cfg["swarm.tool_grammar"], cfg["swarm.early_stop"], cfg["swarm.greedy_spread"],
-                  p.variant.fim or FIM_ORDERS[0], cfg["swarm.fim_voters"])
+                  p.variant.fim or FIM_ORDERS[0], cfg["swarm.fim_voters"], execute_mode(cfg["swarm.execute"]),
+                  cfg["swarm.execute_budget_s"])
     log.info("ready: %s with %d voters", swarm.model_id, p.voters)
     return swarm
 

@@ -13,10 +13,11 @@ SOURCE = os.path.join(ROOT, "localswarm.py")
 MAX_SECTION_LINES = 900
 MAX_FUNCTION_LINES = 60
 BAR = "#" * 78
-# The one dependency that points down the file, by design: the decided order reads engine ->
+# The dependencies that point down the file, by design: the decided order reads engine ->
 # swarm -> consensus, and the Swarm calls the consensus section's pure functions (vote,
-# settled, majority_prefix) as it gathers the voters' answers.
-DOWNWARD_ALLOWED = {("Swarm", "Consensus")}
+# settled, majority_prefix) as it gathers the voters' answers, and the executed vote just
+# below it (which runs the answers' code on the prompt's checks, then uses the consensus).
+DOWNWARD_ALLOWED = {("Swarm", "Consensus"), ("Swarm", "Executed vote")}
 
 
 class Section:
