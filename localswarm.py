@@ -5743,7 +5743,9 @@ SANDBOX_FILE_BYTES = 1 * MiB    # the largest file it may write (in its temp dir
 SANDBOX_OUTPUT_BYTES = 256 * 1024   # what the parent reads of its answer; more is a failure
 ASSERT_LINE_RE = re.compile(r"^(?:[^:()]*:\s*)?(?:[-*>]\s*)?(assert\s.*)$")
 # "call -> value" lines, after a bullet or a lead-in ("for example:")
-CALL_ARROW_RE = re.compile(r"^\s*(?:[^:()]*:\s*)?(?:[-*>]\s*)?([A-Za-z_][\w.]*\(.*\))\s*(==|->|=>|➞|→)\s*(.+?)\s*[.;]?\s*$")
+CALL_ARROW_RE = re.compile(r"^\s*(?:[^:()]*:\s*)?(?:[-*>]\s*)?(?:for\s+)?([A-Za-z_][\w.]*\(.*\))\s*"
+                           r"(==>|==|->|=>|➞|→|=|\s(?:should\s+)?returns?\s|#\s*(?:returns?|==>|=>|->)?)"
+                           r"\s*(.+?)\s*[.;]?\s*$")
 
 
 @dataclass(frozen=True)
@@ -5772,17 +5774,28 @@ class Outcome:
 
 
 def _is_call(expr: str) -> bool:
+    """A call of a named function on literal arguments (a recurrence such as f(n - 1) is not
+    an example)."""
     try:
         node = ast.parse(expr.strip(), mode="eval").body
     except (SyntaxError, ValueError, MemoryError, RecursionError):
         return False
-    return isinstance(node, ast.Call) and isinstance(node.func, (ast.Name, ast.Attribute))
+    return isinstance(node, ast.Call) and isinstance(node.func, (ast.Name, ast.Attribute)) \
+        and all(_literal(a) for a in node.args + [k.value for k in node.keywords])
+
+
+def _literal(node) -> bool:
+    try:
+        ast.literal_eval(node)
+        return True
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return False
 
 
 def _is_value(expr: str) -> bool:
+    """An expected value must be a literal: what an example shows, not an expression to evaluate."""
     try:
-        ast.parse(expr.strip(), mode="eval")
-        return True
+        return _literal(ast.parse(expr.strip(), mode="eval").body)
     except (SyntaxError, ValueError, MemoryError, RecursionError):
         return False
 
@@ -5796,8 +5809,12 @@ def extract_checks(text: str) -> list:
     with contextlib.suppress(ValueError):
         for ex in __import__("doctest").DocTestParser().get_examples(text):
             src, want = ex.source.strip(), _docstring_want(ex.want)
-            if _is_call(src) and len(src) + len(want) < MAX_CHECK_CHARS:
+            if len(src) + len(want) >= MAX_CHECK_CHARS:
+                continue
+            if _is_call(src):
                 found.append(Check(src, want if want and _is_value(want) else (None if want else "None"), "doctest"))
+            elif not want:                        # >>> f(x) == y, with no output line
+                found += _line_check(src)
     for line in text.splitlines():
         stripped = line.strip()
         if stripped.startswith(">>>") or len(stripped) > MAX_CHECK_CHARS:
@@ -5849,7 +5866,10 @@ def prompt_code(text: str) -> str:
     """The Python code in a prompt (its fenced blocks, or the whole text when it parses): a
     completion that continues it is run as that code plus the completion."""
     blocks, _ = split_answer(text)
-    return "\n\n".join(code for lang, code in blocks if _is_python(lang, code))
+    code = "\n\n".join(code for lang, code in blocks if _is_python(lang, code))
+    if not code and re.search(r"^\s*def \w+\(", text, re.M) and _parses(text):
+        return text              # a code prompt whose docstring outweighs its code lines (HumanEval's)
+    return code
 
 
 def candidate_program(answer: str, prompt_src: str = "") -> Optional[str]:
@@ -5875,6 +5895,12 @@ def executed_groups(outcomes: list, mode: str) -> tuple:
     pool = passing or idx
     note = (f"{len(passing)} of {len(idx)} answers pass the prompt's examples" if passing
             else "no answer passes the prompt's examples: the text vote decides")
+    if not passing:               # none passes every example: those that pass the most, if any
+        clean = [i for i in ran if not outcomes[i].error]
+        best = max((sum(1 for p in outcomes[i].passed if p) for i in clean), default=0)
+        if best:
+            pool = [i for i in clean if sum(1 for p in outcomes[i].passed if p) == best]
+            note = f"no answer passes every example: {len(pool)} pass {best}"
     if mode != "behaviour":
         return pool, [], note
     by_result: dict = {}

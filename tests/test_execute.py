@@ -32,6 +32,11 @@ def add(x: int, y: int):
      [("fizz(3)", "'Fizz'"), ("fizz(4)", "'4'"), ("fizz(15)", "'FizzBuzz'")]),
     ("for example: sort_third([5, 6, 3, 4]) → [2, 6, 3, 4].", [("sort_third([5, 6, 3, 4])", "[2, 6, 3, 4]")]),
     (">>> s.upper()\n'A'\n", [("s.upper()", "'A'")]),
+    ("triple(3) ==> 9\nis_odd(3)==>True", [("triple(3)", "9"), ("is_odd(3)", "True")]),
+    ("double(2) returns 4\ndouble(3) should return 6.", [("double(2)", "4"), ("double(3)", "6")]),
+    ("half(4) = 2\nname(1)  # returns 'a'\nname(2) # => 'b'", [("half(4)", "2"), ("name(1)", "'a'"), ("name(2)", "'b'")]),
+    (">>> below([1, 2], 5) == True\n", [("below([1, 2], 5)", "True")]),
+    ("for sum_of([1, 2]) == 3", [("sum_of([1, 2])", "3")]),
 ])
 def test_checks_are_found_in_the_shapes_prompts_use(text, want):
     assert [(c.call, c.expected) for c in ls.extract_checks(text)] == want
@@ -41,6 +46,7 @@ def test_checks_are_found_in_the_shapes_prompts_use(text, want):
     "Make it fast, so that x == y holds.", "a = b -> c", "assert x > 3", "assert f(1) > 0",
     ">>> import os\n", "f(1) -> this is prose, not a value ((", "Write a function that adds two numbers.",
     "assert f(" + "1," * 2000 + ") == 1",
+    "fibfib(n) == fibfib(n-1) + fibfib(n-2) + fibfib(n-3).", "f(x) = y", "f(2) -> 2 + 2", "if f(3) = 3 then",
 ])
 def test_prose_and_what_cannot_be_checked_give_no_checks(text):
     assert ls.extract_checks(text) == []
@@ -59,6 +65,8 @@ def test_candidate_programs_are_the_answers_python():
     assert ls.candidate_program("I would use a loop.") is None
     assert ls.candidate_program("```js\nfunction f(x) { return x }\n```") is None     # only Python runs
     assert ls.prompt_code("Fix this:\n```python\ndef f(x):\n    return x\n```") == "def f(x):\n    return x"
+    assert ls.prompt_code(HUMANEVAL_STYLE) == HUMANEVAL_STYLE        # its docstring outweighs its code
+    assert ls.candidate_program("    return x + y\n", ls.prompt_code(HUMANEVAL_STYLE)).endswith("return x + y\n")
 
 
 def outcome(passed, results, ran=True, error=""):
@@ -78,6 +86,9 @@ def test_examples_drop_the_failing_answers_and_behaviour_picks_the_largest_group
     assert among == [1, 2] and groups == [[1, 2], [0]]
     all_fail = [outcome([False], ["1"]), outcome([False], ["2"])]
     assert ls.executed_groups(all_fail, "examples")[0] == [0, 1]     # none passes: all stay
+    most = [outcome([True, False], ["1", "2"]), outcome([False, False], ["0", "0"]), outcome([True, False], ["1", "3"])]
+    among, _, note = ls.executed_groups(most, "examples")            # a wrong example: those that pass the most
+    assert among == [0, 2] and "pass 1" in note
 
 
 # --- the sandbox ---------------------------------------------------------------------------------
