@@ -4913,7 +4913,9 @@ class Ballot:
         self.checks = extract_checks(evidence) if execute != "off" and req.fim is None and not self.offered \
             and asks_for_code(self.question) else []
         self.execute, self.budget_s, self.execution = (execute if self.checks else "off"), budget_s, None
-        self.early = rule != "off" and not self.checks      # the checks decide, once every voter has ended
+        self.early = rule != "off"
+        self._outcomes: dict = {}        # voter index -> its Outcome (None: no program), run once
+        self._deadline: Optional[float] = None
 
     def parsed(self, r: VoterResult) -> tuple:
         """(content, tool_calls) of a voter's answer; parsed once when it has finished."""
@@ -4936,8 +4938,12 @@ class Ballot:
             stream.drop(r.index for r, c in zip(finished, cands) if not passes_gate(c, self.question))
         if not self.early:
             return None
-        reason = settled(cands, outstanding, self.req.strategy or self.strategy, self.question,
-                         self.offered or None, self.rule)
+        if self.execute != "off":        # what the code does decides: a behaviour group that cannot be caught
+            self._run_missing([r.index for r in finished], {r.index: c for r, c in zip(finished, cands)})
+            reason = behaviour_settled([self._outcomes.get(r.index) for r in finished], outstanding, self.rule)
+        else:
+            reason = settled(cands, outstanding, self.req.strategy or self.strategy, self.question,
+                             self.offered or None, self.rule)
         if reason and stream:       # the pick must start with what was sent; decided under its lock
             if not stream.close_if(lambda sent: self.pick(finished, sent).index >= 0):
                 return None
@@ -4975,9 +4981,8 @@ class Ballot:
         """Run the prompt's checks on each live answer's code (sandbox); the answers the text
         vote then chooses among (executed_groups), and what ran, in self.execution."""
         t0 = time.monotonic()
-        code = prompt_code(self.question)
-        programs = [candidate_program(cands[i].text, code) for i in live]
-        outcomes = execute_candidates(programs, self.checks, self.budget_s)
+        self._run_missing(live, {i: cands[i] for i in live})
+        outcomes = [self._outcomes.get(i) for i in live]
         among, groups, note = executed_groups(outcomes, self.execute)
         chosen = [live[i] for i in among]
         top = max((len(g) for g in groups), default=len(among) if len(among) < len(live) else 0)
@@ -4991,6 +4996,19 @@ class Ballot:
             "network": next((o.network for o in outcomes if o and o.network), ""),
             "confidence": round(top / len(cands), 4) if top else 0.0}
         return chosen
+
+    def _run_missing(self, voters: list, cands: dict) -> None:
+        """Run the checks on the answers of `voters` not run yet (in parallel), within the
+        request's budget, which starts with the first run."""
+        todo = [i for i in voters if i not in self._outcomes]
+        if not todo:
+            return
+        if self._deadline is None:
+            self._deadline = time.monotonic() + self.budget_s
+        code = prompt_code(self.question)
+        programs = [candidate_program(cands[i].text, code) for i in todo]
+        for i, o in zip(todo, execute_candidates(programs, self.checks, max(0.0, self._deadline - time.monotonic()))):
+            self._outcomes[i] = o
 
     def _vote(self, cands: list, among: list) -> Verdict:
         """The vote among some voters, its lists indexed by voter like per_voter (those not
@@ -5882,6 +5900,21 @@ def candidate_program(answer: str, prompt_src: str = "") -> Optional[str]:
     if prompt_src and answer.strip() and _parses(prompt_src + answer):
         return prompt_src + answer
     return None
+
+
+def behaviour_settled(outcomes: list, outstanding: int, rule: str) -> Optional[str]:
+    """Early decision by what the code does: why the voters still decoding need not be waited
+    for, or None. The largest group of answers that pass every example and return the same on
+    every check (a) against the next largest (b), by the early-stop rule (_decided)."""
+    groups: dict = {}
+    for o in outcomes:
+        if o is not None and o.passes_all:
+            groups.setdefault(tuple(o.results), []).append(o)
+    sizes = sorted((len(g) for g in groups.values()), reverse=True) + [0, 0]
+    a, b = sizes[0], sizes[1]
+    if not _decided(a, b, outstanding, rule):
+        return None
+    return f"{a} answers pass the prompt's examples and behave alike" + _why(a, b, outstanding)
 
 
 def executed_groups(outcomes: list, mode: str) -> tuple:

@@ -204,7 +204,22 @@ def test_without_checks_code_or_with_tools_nothing_runs():
             pytest.fail(f"checks for {req}")
         assert ballot.execute == "off"
     with_checks = ls.Ballot(chat("Write add.\n" + HUMANEVAL_STYLE), "similarity", "adaptive", execute="examples")
-    assert with_checks.checks and not with_checks.early      # the checks decide, after every voter
+    assert with_checks.checks and with_checks.early
+
+
+def test_an_early_decision_by_behaviour_stops_the_voters_still_decoding():
+    prompt = "Write the Python function add.\n" + HUMANEVAL_STYLE
+    same = [outcome([True, True], ["5", "12"])] * 2
+    assert "behave alike" in ls.behaviour_settled(same, 1, "strict")
+    assert ls.behaviour_settled(same, 2, "strict") is None                   # two outstanding could tie
+    assert ls.behaviour_settled([outcome([True, True], ["5", "12"]), outcome([False, True], ["4", "12"])],
+                                1, "adaptive") is None                          # one sound answer is no group
+    ballot = ls.Ballot(chat(prompt), "similarity", "strict", execute="behaviour")
+    done = results(RIGHT, RIGHT.replace("total", "s"))
+    assert "behave alike" in ballot.decide(done, 1)
+    wrong = ls.Ballot(chat(prompt), "similarity", "strict", execute="behaviour")
+    assert wrong.decide(results(WRONG, WRONG2), 1) is None                   # they agree, but fail the examples
+    assert ballot.pick(done).index in (0, 1) and set(ballot._outcomes) == {0, 1}   # run once, not again
 
 
 def test_the_checks_come_from_the_system_text_too_and_never_from_answers():
