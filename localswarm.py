@@ -10567,6 +10567,17 @@ def copy_fields(gguf, src, w, wanted: Callable[[str], bool], respell: Optional[d
             w.add_key_value(key, f.parts[f.data[0]][0].item(), vtype)
 
 
+def write_gguf(w, tmp: str, path: str) -> str:
+    """Write out a GGUFWriter's header, metadata and tensors to tmp, then move it to path (a
+    reader never sees half a file)."""
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, path)
+    return path
+
+
 def make_fim_model(path: str, src_path: str) -> str:
     """A copy of the GGUF at src_path (the starter model: real weights) whose vocabulary has
     FIM tokens (BENCH_FIM_TOKENS), for the FIM tests and benchmark. The weights were not
@@ -10580,12 +10591,7 @@ def make_fim_model(path: str, src_path: str) -> str:
     copy_tokenizer(gguf, src, w, fim=True)
     for t in src.tensors:
         w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    os.replace(tmp, path)
-    return path
+    return write_gguf(w, tmp, path)
 
 
 def make_bench_model(path: str, tokenizer_from: str, seed: int = 1234, fim: bool = False) -> str:
@@ -10637,12 +10643,7 @@ def make_bench_model(path: str, tokenizer_from: str, seed: int = 1234, fim: bool
         add(f"blk.{i}.ffn_gate.weight", s["n_ff"], e)
         add(f"blk.{i}.ffn_up.weight", s["n_ff"], e)
         add(f"blk.{i}.ffn_down.weight", e, s["n_ff"])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    os.replace(tmp, path)
-    return path
+    return write_gguf(w, tmp, path)
 
 
 def bench_model_path(models_dir: str) -> str:
