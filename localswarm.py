@@ -41,6 +41,7 @@ import ctypes
 import gc
 import dataclasses
 import difflib
+import doctest
 import hashlib
 import hmac
 import http.client
@@ -3843,6 +3844,7 @@ class LlamaCppEngine:
         self.workers = [WorkerStats(i) for i in range(voters)]
         self.healthy = True
         self._special_texts: Optional[list] = None
+        self._fim: Optional[FimTokens] = None
         self._reload_at, self._reload_delay = 0.0, 0.0
         self.counters = collections.Counter()
         self._waiting: collections.deque = collections.deque()
@@ -3875,7 +3877,9 @@ class LlamaCppEngine:
         return self.llm.tokenize(text, add_special=False, parse_special=False)
 
     def fim_tokens(self) -> FimTokens:
-        return self.llm.fim_tokens()
+        if self._fim is None:            # the vocabulary's: read once (every FIM request asks)
+            self._fim = self.llm.fim_tokens()
+        return self._fim
 
     @property
     def alive(self) -> bool:
@@ -4585,13 +4589,17 @@ class MLXEngine:
     def fim_tokens(self) -> FimTokens:
         """The FIM tokens of the first family whose spellings the vocabulary has (llama.cpp finds
         them itself; a Hugging Face tokenizer has no such notion)."""
+        if getattr(self, "_fim", None) is not None:
+            return self._fim
         vocab = self.tokenizer.get_vocab() if hasattr(self.tokenizer, "get_vocab") else {}
+        self._fim = FimTokens()
         for spelled in MLX_FIM_SPELLINGS:
             ids = [vocab.get(t, -1) if t else -1 for t in spelled]
             if min(ids[:3]) >= 0:
                 bos = getattr(self.tokenizer, "bos_token_id", None)
-                return FimTokens(*ids, bos=bos if bos is not None and self.tokenize_parts([("", True)]) else -1)
-        return FimTokens()
+                self._fim = FimTokens(*ids, bos=bos if bos is not None and self.tokenize_parts([("", True)]) else -1)
+                break
+        return self._fim
 
     def remember(self, req: GenRequest, index: int) -> None:
         """No prompt cache across requests here (README: "Prompt cache"): nothing to keep."""
@@ -4916,6 +4924,7 @@ class Ballot:
         self.early = rule != "off"
         self._outcomes: dict = {}        # voter index -> its Outcome (None: no program), run once
         self._deadline: Optional[float] = None
+        self._code = prompt_code(self.question) if self.checks else ""    # what a completion continues
 
     def parsed(self, r: VoterResult) -> tuple:
         """(content, tool_calls) of a voter's answer; parsed once when it has finished."""
@@ -5005,8 +5014,7 @@ class Ballot:
             return
         if self._deadline is None:
             self._deadline = time.monotonic() + self.budget_s
-        code = prompt_code(self.question)
-        programs = [candidate_program(cands[i].text, code) for i in todo]
+        programs = [candidate_program(cands[i].text, self._code) for i in todo]
         for i, o in zip(todo, execute_candidates(programs, self.checks, max(0.0, self._deadline - time.monotonic()))):
             self._outcomes[i] = o
 
@@ -5825,7 +5833,7 @@ def extract_checks(text: str) -> list:
     a named function count, deduplicated, the first MAX_CHECKS."""
     found: list = []
     with contextlib.suppress(ValueError):
-        for ex in __import__("doctest").DocTestParser().get_examples(text):
+        for ex in doctest.DocTestParser().get_examples(text):
             src, want = ex.source.strip(), _docstring_want(ex.want)
             if len(src) + len(want) >= MAX_CHECK_CHARS:
                 continue
