@@ -288,6 +288,7 @@ STRATEGIES = ("similarity", "quality", "fastest")
 STREAM_MODES = ("live", "consensus", "fastest")
 EARLY_STOP_RULES = ("adaptive", "strict", "off")
 EXECUTE_MODES = ("off", "examples", "behaviour")     # the executed vote (swarm.execute)
+SPECULATION_MODES = ("off", "ngram")                 # guessed tokens (swarm.speculation)
 GREEDY_SPREAD = 0.0         # a temperature-0 request runs one greedy voter: spreading the others (voter 0
                             # greedy, the rest at 0.7) did not beat it (BENCHMARKS, "Answers sooner")
 SETTINGS = [
@@ -327,6 +328,9 @@ SETTINGS = [
        choices=("auto",) + EXECUTE_MODES),
     _s("swarm", "execute_budget_s", float, 10.0, "seconds the executed vote may take per request",
        minimum=0.1, maximum=600),
+    _s("swarm", "speculation", str, "ngram", "guess each voter's next tokens from its prompt and its own "
+       "answer and check the guesses in the one batch (ngram; the answers are the same, faster where they "
+       "copy text, as an edit does) or off; llama.cpp only", choices=SPECULATION_MODES),
     _s("swarm", "timeout", float, 600.0, "seconds a request may run", minimum=1),
     _s("swarm", "ctx", int, 0, "context tokens per request (0: the plan's choice)", minimum=0),
     _s("swarm", "parallel", int, 2, "requests decoded at once (continuous batching)", minimum=1, maximum=16),
@@ -2863,6 +2867,7 @@ class SamplingParams:
     to_disk: bool = True                    # the prompt may be written to the disk cache (FIM's change with
                                             # every keystroke: writing each would cost more than reading it)
     grammar: Optional["Grammar"] = None     # constrains every voter's output (tool calls)
+    speculation: str = ""                   # off | ngram (see Speculative decoding); "": the engine's setting
     # Voters after the first sample at no less than this temperature, so that a greedy request
     # (temperature 0) still has voters that can differ (swarm.greedy_spread).
     others_temperature: float = 0.0
@@ -2886,6 +2891,8 @@ class VoterResult:
     latency: float = 0.0             # seconds from submit to last token
     seed: int = 0
     stop_sequence: str = ""          # the stop string that ended it (finish_reason stop), if one did
+    guessed_tokens: int = 0          # speculation: tokens guessed for it, and how many of those it wrote
+    taken_tokens: int = 0
     finished: bool = False           # set last, by the engine thread: the fields above are final
 
     @property
@@ -3761,6 +3768,163 @@ class DiskCache:
 
 
 ##############################################################################
+# Speculative decoding: a voter's next tokens guessed from text it has seen
+# (its prompt and its own answer: n-gram lookup, no draft model), and how
+# many to guess, from what this machine's decode steps cost and how often
+# each voter's guesses were right. Pure logic; the Engine scheduler decodes
+# the guesses in its one batch, keeps those the voter's own sampler agrees
+# with, and reports back. Tests: tests/test_speculation.py.
+##############################################################################
+
+SPEC_NGRAM = 3          # a guess continues where the voter's last 3 tokens were seen before
+SPEC_MAX_DRAFT = 16     # the most tokens guessed for one voter in one step
+SPEC_AGREE_MAX = 32     # how far back a guess's source is compared with what the voter wrote
+SPEC_FORGET = 0.7       # weight a voter's past guesses keep at each new one (acceptance rate)
+SPEC_PRIOR_SLOPE = 0.25  # until batches of two sizes are timed: an extra token costs this share of
+                         # a one-token step (optimistic, so that guessing gets tried, and timed)
+SPEC_MIN_GAIN = 1.03    # guess only when the batch's expected tokens per second rise by this
+
+
+def ngram_ends(tokens: list, n: int = SPEC_NGRAM) -> dict:
+    """Each n-gram of tokens -> the position just after its last occurrence that has a token
+    after it (where a guess would read from)."""
+    return {tuple(tokens[i - n:i]): i for i in range(n, len(tokens))}
+
+
+class Drafter:
+    """One voter's guesses. A guess is the tokens that followed the voter's last SPEC_NGRAM tokens
+    where they occurred before: where the last guess was read from, if that still lines up (a
+    copy goes on), else the latest place in the voter's own answer, else in the prompt. How
+    likely its tokens are to be taken (rate) grows with how long the source has agreed with
+    what the voter wrote, and with how its recent guesses went."""
+
+    def __init__(self, prompt: list, prompt_ends: dict, n: int = SPEC_NGRAM):
+        self.n, self.prompt, self.prompt_ends = n, prompt, prompt_ends      # shared by the voters
+        self.own: list = []
+        self.own_ends: dict = {}
+        self.source: Optional[tuple] = None      # (token list, position) the next guess reads from
+        self.agree = 0                           # tokens before source that match the voter's last ones
+        self.hits = self.tries = 0.0             # decayed counts of guessed tokens taken / judged
+
+    def add(self, tok: int) -> None:
+        """The voter's next token (the n-gram before it becomes a place a guess may read from)."""
+        own = self.own
+        own.append(tok)
+        if len(own) > self.n:
+            self.own_ends[tuple(own[-self.n - 1:-1])] = len(own) - 1
+        if self.source is not None:
+            seq, pos = self.source
+            self.source = (seq, pos + 1)
+
+    def _back(self, i: int) -> Optional[int]:
+        """The voter's i-th last token (0: the last), its prompt coming before its answer."""
+        own, prompt = self.own, self.prompt
+        if i < len(own):
+            return own[-1 - i]
+        i -= len(own)
+        return prompt[-1 - i] if i < len(prompt) else None
+
+    def _agreement(self, seq: list, pos: int) -> int:
+        n = 0
+        while n < SPEC_AGREE_MAX and n < pos and seq[pos - 1 - n] == self._back(n):
+            n += 1
+        return n
+
+    def guess(self, limit: int) -> list:
+        """Up to `limit` tokens the voter will likely write next ([] when it wrote nothing like this before)."""
+        places = [self.source] if self.source else []
+        key = tuple(self._back(i) for i in range(self.n - 1, -1, -1))
+        places += [(self.own, self.own_ends.get(key)), (self.prompt, self.prompt_ends.get(key))]
+        self.source, self.agree = None, 0
+        for seq, pos in places if limit > 0 and None not in key else ():
+            if pos is not None and pos < len(seq):
+                agree = self._agreement(seq, pos)
+                if agree >= self.n:
+                    self.source, self.agree = (seq, pos), agree
+                    return seq[pos:pos + limit]
+        return []
+
+    def judged(self, guessed: int, taken: int) -> None:
+        """How a guess went: `taken` of its `guessed` tokens were what the voter's sampler chose."""
+        self.hits = self.hits * SPEC_FORGET + taken
+        self.tries = self.tries * SPEC_FORGET + taken + (taken < guessed)
+
+    @property
+    def rate(self) -> float:
+        """The chance that the next guessed token is taken: the source's agreement counts as that
+        many tokens taken (a long copy goes on), beside the recent guesses' own record."""
+        return (self.hits + self.agree) / (self.tries + self.agree + 1)
+
+
+class StepCost:
+    """What one decode step costs by its batch size, learnt from the engine's own steps. A
+    one-token step has its own figure (CPUs run it on a faster path: two tokens cost up to 2x
+    one); from two tokens up, the line seconds = base + per_token * tokens through the recent
+    steps (least squares, older steps weighing less). CPUs pay most of a step per extra token
+    (every token reads the whole context), GPUs little: what a guess costs is measured, not
+    assumed. Until two sizes are timed, SPEC_PRIOR_SLOPE sets the slope."""
+    KEEP = 0.98         # weight a timed step keeps at each new one (the cost grows with the context)
+
+    def __init__(self):
+        self.one_w = self.one_y = 0.0
+        self.w = self.x = self.y = self.xx = self.xy = 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        k = self.KEEP
+        if tokens == 1:
+            self.one_w, self.one_y = self.one_w * k + 1, self.one_y * k + seconds
+            return
+        self.w, self.x, self.y = self.w * k + 1, self.x * k + tokens, self.y * k + seconds
+        self.xx, self.xy = self.xx * k + tokens * tokens, self.xy * k + tokens * seconds
+
+    @property
+    def known(self) -> bool:
+        return bool(self.one_w or self.w)
+
+    def line(self) -> tuple:
+        """(base, per_token) seconds of steps of two tokens or more; (0, 0) before any step was timed."""
+        one = self.one_y / self.one_w if self.one_w else 0.0
+        if self.w == 0:
+            return one * (1 - SPEC_PRIOR_SLOPE), one * SPEC_PRIOR_SLOPE
+        mx, my = self.x / self.w, self.y / self.w
+        var = self.xx / self.w - mx * mx
+        if var < 0.25:         # one size timed: the prior slope through it
+            slope = SPEC_PRIOR_SLOPE * (one or my / mx)
+        else:
+            slope = max(0.0, (self.xy / self.w - mx * my) / var)
+        return max(my - slope * mx, 0.0), slope
+
+    def seconds(self, tokens: int) -> float:
+        if tokens == 1 and self.one_w:
+            return self.one_y / self.one_w
+        base, per_token = self.line()
+        return base + per_token * tokens
+
+
+def plan_guesses(rates: list, available: list, base: int, cost: StepCost) -> list:
+    """How many guessed tokens each voter gets this step. Voter i's j-th guessed token brings
+    rates[i]**j expected tokens (it is taken only if every one before it was); the batch
+    already holds `base` tokens that each bring one. Take the best-paying guesses first, as
+    many as make the batch's expected tokens per second highest, and only if that beats no
+    guessing by SPEC_MIN_GAIN."""
+    gains = sorted(((rates[i] ** j, i) for i, n in enumerate(available) for j in range(1, n + 1)), reverse=True)
+    if not gains or not cost.known:
+        return [0] * len(available)
+    plain = base / cost.seconds(base)
+    best, best_m, expected = plain, 0, float(base)
+    for m, (g, _) in enumerate(gains, 1):
+        expected += g
+        speed = expected / cost.seconds(base + m)
+        if speed > best:
+            best, best_m = speed, m
+    counts = [0] * len(available)
+    if best >= plain * SPEC_MIN_GAIN:
+        for _, i in gains[:best_m]:
+            counts[i] += 1
+    return counts
+
+
+##############################################################################
 # Engine scheduler: one loaded model, N voters decoded together. A voter is
 # a sequence of one llama.cpp context with a unified KV cache: the prompt is
 # decoded once and shared, then every live sequence of every running
@@ -3780,11 +3944,13 @@ class _Voter:
     decoder: Any
     stop: StopMatcher
     grammar: Any = None          # llama.cpp grammar sampler, when the request has a grammar
-    pos: int = 0
-    logits_idx: int = -1
+    pos: int = 0                 # cells 0..pos-1 of seq hold the prompt and `tokens`
+    logits: list = field(default_factory=list)     # batch indices: [0] predicts pos, [j] follows guess[j-1]
     emitted: int = 0
     live: bool = True
     tokens: list = field(default_factory=list)     # generated tokens decoded into seq
+    guess: list = field(default_factory=list)      # guessed tokens decoded at pos.., not yet judged
+    drafter: Optional[Drafter] = None              # speculation on: where its guesses come from
 
 
 class _Run:
@@ -3831,8 +3997,11 @@ class LlamaCppEngine:
                  n_threads: int = 0, n_batch: int = N_BATCH, n_cells: int = 0, verbose: bool = False,
                  template: str = "chatml", adapter: Optional[LlamaAdapter] = None,
                  cache_ram_bytes: Optional[int] = None, cache_dir: str = "", cache_disk_bytes: int = 0,
-                 tool_format: str = "", rpc_servers: Optional[list] = None, head_gpu: bool = False):
+                 tool_format: str = "", rpc_servers: Optional[list] = None, head_gpu: bool = False,
+                 speculation: str = "ngram"):
         self.model_path, self.voters, self.ctx_limit = model_path, voters, ctx
+        self.speculation = speculation          # a request's SamplingParams.speculation overrides
+        self._step_cost = StepCost()            # decode seconds by batch size (what a guess costs)
         self.max_queue = max_queue
         n_seq = PROMPT_CACHE_SLOTS + voters * parallel
         cells = n_cells or kv_cells(ctx, voters)
@@ -4223,8 +4392,9 @@ class LlamaCppEngine:
                 self._cache.entries.append(CacheEntry(tokens, path=path))
 
     def _step(self) -> None:
-        """Sample one token for every live voter, add a chunk of a waiting prompt, decode once."""
-        batch = []       # (token, pos, seq, want_logits, run, owner): owner gets the logits index
+        """Sample one token for every live voter (judging its guesses first), add guesses where
+        they pay, else a chunk of a waiting prompt, and decode once."""
+        batch = []       # (token, pos, seq, want_logits, run, owner, guessed): owner gets the logits index
         for run in list(self._runs):
             if run.req.cancelled or (run.req.early_stop and not run.prefilling):
                 self._keep_read_part(run)
@@ -4238,31 +4408,92 @@ class LlamaCppEngine:
                     continue
                 self._start_voters(run)
             for v in run.voters:
-                if v.live:
-                    tok = self.llm.sample(v.sampler, v.logits_idx, v.grammar)
-                    if self._accept(run, v, tok):
-                        batch.append((tok, v.pos, v.seq, True, run, v))
-                        v.tokens.append(tok)
-                        v.pos += 1
+                tok = self._next_token(run, v) if v.live else None
+                if tok is not None:
+                    batch.append((tok, v.pos, v.seq, True, run, v, False))
+                    v.tokens.append(tok)
+                    v.pos += 1
+                    if v.drafter:
+                        v.drafter.add(tok)
             if all(not v.live for v in run.voters):
                 self._end_run(run, None)
+        if not self._add_prefill(batch):
+            self._add_guesses(batch)
+        started = time.perf_counter()
+        batch = self._decode(batch)
+        if batch and not any(isinstance(b[5], _Run) or b[5] is None for b in batch):
+            self._step_cost.add(len(batch), time.perf_counter() - started)     # decode steps only
+        for i, (tok, _, _, _, _, owner, guessed) in enumerate(batch):
+            if isinstance(owner, _Run):
+                owner.prompt_logits_idx = i
+            elif owner is not None:
+                owner.logits.append(i)
+                if guessed:
+                    owner.guess.append(tok)
+
+    def _next_token(self, run: _Run, v: _Voter) -> Optional[int]:
+        """The voter's next token to decode, or None when it has ended. Its guesses are judged
+        first, in order: each one its own sampler picks is taken as is (its cell is decoded
+        already); the first it does not pick ends the guess. The sampler sees exactly the
+        logits it would without guessing, so the answer is the same: token for token when
+        greedy, in distribution when sampled (the seed's draws come in the same order)."""
+        logits, guess = v.logits, v.guess
+        v.logits, v.guess = [], []
+        tok, j = -1, 0
+        for j, idx in enumerate(logits):
+            tok = self.llm.sample(v.sampler, idx, v.grammar)
+            if j >= len(guess) or tok != guess[j]:
+                break
+            if not self._accept(run, v, tok):        # it ended on a guessed token
+                self._judge(v, guess, j + 1)
+                return None
+            v.tokens.append(tok)
+            v.pos += 1
+            v.drafter.add(tok)
+        if guess:
+            self._judge(v, guess, j)
+        return tok if logits and self._accept(run, v, tok) else None
+
+    def _judge(self, v: _Voter, guess: list, taken: int) -> None:
+        """A guess was judged: count it, and drop the cells of the guessed tokens not taken."""
+        v.drafter.judged(len(guess), taken)
+        self.counters["spec_guessed_tokens"] += len(guess)
+        self.counters["spec_taken_tokens"] += taken
+        v.result.guessed_tokens += len(guess)
+        v.result.taken_tokens += taken
+        if taken < len(guess) or not v.live:
+            self.llm.seq_rm(v.seq, v.pos, -1)
+
+    def _add_prefill(self, batch: list) -> bool:
+        """Chunked prefill: at most one prompt at a time, in the room the voters left. True when
+        a prompt is still being read (it has the room guesses would take)."""
         room = self.llm.n_batch - len(batch)
-        for run in self._runs:    # chunked prefill: at most one prompt at a time, in the room left
-            if run.prefilling and run.prompt_logits_idx < 0 and room > 0:
+        for run in self._runs:
+            if run.prefilling and run.prompt_logits_idx < 0:
                 toks = run.req.prompt_tokens
                 end = min(len(toks), run.prefill_pos + room)
                 for pos in range(run.prefill_pos, end):
                     last = pos == len(toks) - 1
-                    batch.append((toks[pos], pos, run.seqs[0], last, run, run if last else None))
+                    batch.append((toks[pos], pos, run.seqs[0], last, run, run if last else None, False))
                 self.counters["prompt_tokens"] += end - run.prefill_pos
                 run.prefill_pos = end
-                break
-        batch = self._decode(batch)
-        for i, (_, _, _, _, _, owner) in enumerate(batch):
-            if isinstance(owner, _Run):
-                owner.prompt_logits_idx = i
-            elif owner is not None:
-                owner.logits_idx = i
+                return True
+        return False
+
+    def _add_guesses(self, batch: list) -> None:
+        """Each speculating voter's guess, as much of it as plan_guesses finds worth the batch's
+        time, at the positions after the token the voter just sampled."""
+        voters = [(b[4], b[5]) for b in batch if b[5].drafter is not None]
+        if not voters:
+            return
+        room = (self.llm.n_batch - len(batch)) // len(voters)
+        guesses = [v.drafter.guess(min(SPEC_MAX_DRAFT, room, run.req.params.max_tokens - v.result.completion_tokens))
+                   for run, v in voters]
+        counts = plan_guesses([v.drafter.rate for _, v in voters], [len(g) for g in guesses], len(batch),
+                              self._step_cost)
+        for (run, v), g, n in zip(voters, guesses, counts):
+            for j, tok in enumerate(g[:n]):
+                batch.append((tok, v.pos + j, v.seq, True, run, v, True))
 
     def _decode(self, batch: list) -> list:
         """Decode the batch; when the KV cache is full, drop the prompt cache, then end the newest
@@ -4273,6 +4504,9 @@ class LlamaCppEngine:
                 return batch
             if status != 1:
                 raise LocalswarmError(f"llama_decode failed with status {status}")
+            if any(b[6] for b in batch):        # no room for guesses: decode without them
+                batch = [b for b in batch if not b[6]]
+                continue
             self.counters["kv_full"] += 1
             if self._kept:
                 self._release_kept(self._kept[0])
@@ -4301,8 +4535,11 @@ class LlamaCppEngine:
             self.counters["prompt_parts_kept"] += 1
 
     def _start_voters(self, run: _Run) -> None:
-        """Prompt done: share its cells with every voter's sequence and make their samplers."""
+        """Prompt done: share its cells with every voter's sequence and make their samplers (and,
+        speculating, their drafters, which share the prompt's n-gram table)."""
         req, n = run.req, len(run.req.prompt_tokens)
+        ends = ngram_ends(req.prompt_tokens) if (req.params.speculation or self.speculation) == "ngram" else None
+        drafter = lambda i: Drafter(req.prompt_tokens, ends) if ends is not None else None
         req.cache_entry = self._cache_prompt(req.prompt_tokens, run.seqs[0], n, self._replaced(req))
         for i, seq in enumerate(run.seqs):
             if i:
@@ -4315,7 +4552,7 @@ class LlamaCppEngine:
             run.voters.append(_Voter(seq, res, self.llm.new_sampler(req.params.for_voter(i), req.seeds[i]),
                                      codecs.getincrementaldecoder("utf-8")("replace"),
                                      StopMatcher(req.params.stop, req.params.min_indent), grammar, pos=n,
-                                     logits_idx=run.prompt_logits_idx))
+                                     logits=[run.prompt_logits_idx], drafter=drafter(i)))
             if i < len(self.workers):
                 self.workers[i].busy = True
 
@@ -4823,7 +5060,9 @@ class SwarmAnswer:
                   "prompt_tokens_cached": self.cached_tokens, "max_tokens": self.max_tokens,
                   "per_voter": [{"latency_s": round(r.latency, 3), "ttft_s": round(r.ttft, 3),
                                  "tokens": r.completion_tokens, "finish_reason": r.finish_reason,
-                                 "tokens_per_s": round(r.tokens_per_s, 1)} for r in self.results]})
+                                 "tokens_per_s": round(r.tokens_per_s, 1),
+                                 **({"guessed_tokens": r.guessed_tokens, "taken_tokens": r.taken_tokens}
+                                    if r.guessed_tokens else {})} for r in self.results]})
         if self.max_tokens_clamped_from is not None:
             d["max_tokens_clamped_from"] = self.max_tokens_clamped_from
         stopped = [r.index for r in self.results if r.finish_reason == "early_stop"]
@@ -6168,7 +6407,7 @@ REQUEST_FIELDS = {
     "messages": (list, None, None), "stop": ((str, list), None, None),
     "parallel_tool_calls": (bool, None, None), "tool_grammar": (bool, None, None),
     "early_stop": ((bool, str), None, None), "stream_mode": (str, None, None), "stream_voters": (bool, None, None),
-    "execute": (str, None, None),
+    "execute": (str, None, None), "speculation": (str, None, None),
     # fill in the middle, on completions (llama-server's names where it has them; parse_fim)
     "suffix": (str, None, None), "fim": (bool, None, None), "input_extra": (list, None, None),
     "single_line": (bool, None, None), "n_indent": (int, 0, 10000), "samplers": (list, None, None),
@@ -6313,7 +6552,8 @@ def parse_sampling(body: dict) -> SamplingParams:
     if not all(isinstance(s, str) and len(s) <= MAX_STOP_CHARS for s in stop) or len(stop) > MAX_STOP_STRINGS:
         raise ApiError(400, f"'stop' must be a string or up to {MAX_STOP_STRINGS} strings of at most "
                        f"{MAX_STOP_CHARS} characters", param="stop")
-    p = SamplingParams(stop=tuple(stop), infill="infill" in (body.get("samplers") or ()))
+    p = SamplingParams(stop=tuple(stop), infill="infill" in (body.get("samplers") or ()),
+                       speculation=one_of(body, "speculation", SPECULATION_MODES) or "")
     for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty",
                  "frequency_penalty", "seed"):
         if body.get(name) is not None:
@@ -7858,6 +8098,8 @@ ENGINE_METRICS = [
     ("prompt_cache_restores_disk_total", "prompt_cache_restores_disk", "cached prompts restored from disk"),
     ("prompt_cache_to_ram_total", "prompt_cache_to_ram", "cached prompts moved from the KV cache to RAM"),
     ("prompt_parts_kept_total", "prompt_parts_kept", "prompts abandoned while read whose read part was cached"),
+    ("spec_guessed_tokens_total", "spec_guessed_tokens", "tokens guessed for voters (speculative decoding)"),
+    ("spec_taken_tokens_total", "spec_taken_tokens", "guessed tokens the voters' samplers took"),
 ]
 
 
@@ -11206,7 +11448,7 @@ def make_engine(path: str, p: Plan, cfg: Config, verbose: bool = False, pool: Op
                           cache_ram_bytes=None if ram < 0 else ram * MiB, cache_dir=cfg["swarm.prompt_cache_dir"],
                           cache_disk_bytes=cfg["swarm.prompt_cache_disk_mib"] * MiB,
                           tool_format=p.variant.tool_format, rpc_servers=pool.endpoints() if pool else None,
-                          head_gpu=bool(pool) and p.pool[0].backend != "cpu")
+                          head_gpu=bool(pool) and p.pool[0].backend != "cpu", speculation=cfg["swarm.speculation"])
 
 
 def startup_summary(app: App, url: str, budget: Budget, p: Plan) -> str:

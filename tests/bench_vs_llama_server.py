@@ -33,7 +33,7 @@ def post(port, path, body):
 
 
 def body(server, n, seed):
-    b = {"model": "m", "max_tokens": 48, "temperature": 0.8, "seed": seed, "ignore_eos": True,
+    b = {"model": "m", "max_tokens": 48, "temperature": 0.8, "ignore_eos": True,
          "messages": [{"role": "user", "content": ls.BENCH_PROMPT}]}
     return dict(b, voters=n, early_stop=False) if server == "localswarm" else dict(b, n=n)
 
