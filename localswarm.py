@@ -2868,6 +2868,8 @@ class SamplingParams:
                                             # every keystroke: writing each would cost more than reading it)
     grammar: Optional["Grammar"] = None     # constrains every voter's output (tool calls)
     speculation: str = ""                   # off | ngram (see Speculative decoding); "": the engine's setting
+    ignore_eos: bool = False                # never sample end-of-generation: answers run to max_tokens
+                                            # (llama-server's field, for benchmarks)
     # Voters after the first sample at no less than this temperature, so that a greedy request
     # (temperature 0) still has voters that can differ (swarm.greedy_spread).
     others_temperature: float = 0.0
@@ -3307,10 +3309,19 @@ class LlamaAdapter:
         b.n_tokens = len(items)
         return self.L.llama_decode(self.ctx, b)
 
+    def eog_tokens(self) -> list:
+        if getattr(self, "_eog", None) is None:
+            self._eog = [t for t in range(self.n_vocab) if self.is_eog(t)]
+        return self._eog
+
     def new_sampler(self, p: SamplingParams, seed: int):
         L = self.L
         chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
         add = lambda s: L.llama_sampler_chain_add(chain, s)
+        if p.ignore_eos and self.eog_tokens():
+            bias = (L.llama_logit_bias * len(self.eog_tokens()))(*[L.llama_logit_bias(t, -math.inf)
+                                                                  for t in self.eog_tokens()])
+            add(L.llama_sampler_init_logit_bias(self.n_vocab, len(bias), bias))
         if p.repeat_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
             add(L.llama_sampler_init_penalties(64, p.repeat_penalty, p.frequency_penalty, p.presence_penalty))
             self._remembers.add(ctypes.cast(chain, ctypes.c_void_p).value)
@@ -3805,6 +3816,7 @@ class Drafter:
         self.source: Optional[tuple] = None      # (token list, position) the next guess reads from
         self.agree = 0                           # tokens before source that match the voter's last ones
         self.hits = self.tries = 0.0             # decayed counts of guessed tokens taken / judged
+        self.expected = 0.0                      # tokens the guess in flight was expected to bring
 
     def add(self, tok: int) -> None:
         """The voter's next token (the n-gram before it becomes a place a guess may read from)."""
@@ -3901,13 +3913,36 @@ class StepCost:
         return base + per_token * tokens
 
 
-def plan_guesses(rates: list, available: list, base: int, cost: StepCost) -> list:
+class GuessRecord:
+    """How the guesses' expected tokens compared with the tokens taken, over the recent guesses
+    of all voters: trust scales what plan_guesses expects (the rates are a model; this is what
+    they earned here)."""
+    KEEP = 0.95         # per guess judged
+    REST = 0.995        # per step: while little is guessed the record fades, and trust returns
+
+    def __init__(self):
+        self.expected = self.taken = 0.0
+
+    def add(self, expected: float, taken: int) -> None:
+        self.expected = self.expected * self.KEEP + expected
+        self.taken = self.taken * self.KEEP + taken
+
+    def rest(self) -> None:
+        self.expected, self.taken = self.expected * self.REST, self.taken * self.REST
+
+    @property
+    def trust(self) -> float:
+        return min(1.0, (self.taken + 1) / (self.expected + 1))
+
+
+def plan_guesses(rates: list, available: list, base: int, cost: StepCost, trust: float = 1.0) -> list:
     """How many guessed tokens each voter gets this step. Voter i's j-th guessed token brings
-    rates[i]**j expected tokens (it is taken only if every one before it was); the batch
-    already holds `base` tokens that each bring one. Take the best-paying guesses first, as
-    many as make the batch's expected tokens per second highest, and only if that beats no
+    trust * rates[i]**j expected tokens (it is taken only if every one before it was); the
+    batch already holds `base` tokens that each bring one. Take the best-paying guesses first,
+    as many as make the batch's expected tokens per second highest, and only if that beats no
     guessing by SPEC_MIN_GAIN."""
-    gains = sorted(((rates[i] ** j, i) for i, n in enumerate(available) for j in range(1, n + 1)), reverse=True)
+    gains = sorted(((trust * rates[i] ** j, i) for i, n in enumerate(available) for j in range(1, n + 1)),
+                   reverse=True)
     if not gains or not cost.known:
         return [0] * len(available)
     plain = base / cost.seconds(base)
@@ -4002,6 +4037,7 @@ class LlamaCppEngine:
         self.model_path, self.voters, self.ctx_limit = model_path, voters, ctx
         self.speculation = speculation          # a request's SamplingParams.speculation overrides
         self._step_cost = StepCost()            # decode seconds by batch size (what a guess costs)
+        self._guesses = GuessRecord()           # what guesses were expected to bring, and brought
         self.max_queue = max_queue
         n_seq = PROMPT_CACHE_SLOTS + voters * parallel
         cells = n_cells or kv_cells(ctx, voters)
@@ -4457,6 +4493,7 @@ class LlamaCppEngine:
     def _judge(self, v: _Voter, guess: list, taken: int) -> None:
         """A guess was judged: count it, and drop the cells of the guessed tokens not taken."""
         v.drafter.judged(len(guess), taken)
+        self._guesses.add(v.drafter.expected, taken)
         self.counters["spec_guessed_tokens"] += len(guess)
         self.counters["spec_taken_tokens"] += taken
         v.result.guessed_tokens += len(guess)
@@ -4489,9 +4526,11 @@ class LlamaCppEngine:
         room = (self.llm.n_batch - len(batch)) // len(voters)
         guesses = [v.drafter.guess(min(SPEC_MAX_DRAFT, room, run.req.params.max_tokens - v.result.completion_tokens))
                    for run, v in voters]
-        counts = plan_guesses([v.drafter.rate for _, v in voters], [len(g) for g in guesses], len(batch),
-                              self._step_cost)
-        for (run, v), g, n in zip(voters, guesses, counts):
+        self._guesses.rest()
+        rates = [v.drafter.rate for _, v in voters]
+        counts = plan_guesses(rates, [len(g) for g in guesses], len(batch), self._step_cost, self._guesses.trust)
+        for (run, v), g, n, rate in zip(voters, guesses, counts, rates):
+            v.drafter.expected = sum(rate ** j for j in range(1, n + 1))
             for j, tok in enumerate(g[:n]):
                 batch.append((tok, v.pos + j, v.seq, True, run, v, True))
 
@@ -4721,14 +4760,15 @@ class LlamaCppEngine:
 # Tests: tests/test_engine.py (the contract), tests/test_planner.py (pure parts).
 ##############################################################################
 
-def mlx_sampling(p: SamplingParams) -> dict:
+def mlx_sampling(p: SamplingParams, eos_ids: Iterable = ()) -> dict:
     """SamplingParams -> keyword arguments of mlx_lm.sample_utils.make_sampler / make_logits_processors."""
     sampler = {"temp": max(0.0, p.temperature), "top_p": p.top_p if 0 < p.top_p < 1 else 0.0,
                "min_p": p.min_p, "top_k": p.top_k}
     processors = {"repetition_penalty": p.repeat_penalty if p.repeat_penalty != 1.0 else None,
                   "repetition_context_size": 64,      # as LlamaAdapter's penalty window
                   "presence_penalty": p.presence_penalty or None, "presence_context_size": 64,
-                  "frequency_penalty": p.frequency_penalty or None, "frequency_context_size": 64}
+                  "frequency_penalty": p.frequency_penalty or None, "frequency_context_size": 64,
+                  "logit_bias": {int(t): -1e9 for t in eos_ids} if p.ignore_eos and eos_ids else None}
     return {"sampler": sampler, "processors": processors}
 
 
@@ -4895,7 +4935,7 @@ class MLXEngine:
                 import mlx.core as mx
                 mx.random.seed(seed)
                 res.prompt_tokens = len(prompt_tokens)
-                args = mlx_sampling(params.for_voter(res.index))
+                args = mlx_sampling(params.for_voter(res.index), getattr(self.tokenizer, "eos_token_ids", ()) or ())
                 stream = self.mlx_lm.stream_generate(
                     self.model, self.tokenizer, prompt_tokens, max_tokens=params.max_tokens,
                     sampler=make_sampler(**args["sampler"]),
@@ -6407,7 +6447,7 @@ REQUEST_FIELDS = {
     "messages": (list, None, None), "stop": ((str, list), None, None),
     "parallel_tool_calls": (bool, None, None), "tool_grammar": (bool, None, None),
     "early_stop": ((bool, str), None, None), "stream_mode": (str, None, None), "stream_voters": (bool, None, None),
-    "execute": (str, None, None), "speculation": (str, None, None),
+    "execute": (str, None, None), "speculation": (str, None, None), "ignore_eos": (bool, None, None),
     # fill in the middle, on completions (llama-server's names where it has them; parse_fim)
     "suffix": (str, None, None), "fim": (bool, None, None), "input_extra": (list, None, None),
     "single_line": (bool, None, None), "n_indent": (int, 0, 10000), "samplers": (list, None, None),
@@ -6553,7 +6593,8 @@ def parse_sampling(body: dict) -> SamplingParams:
         raise ApiError(400, f"'stop' must be a string or up to {MAX_STOP_STRINGS} strings of at most "
                        f"{MAX_STOP_CHARS} characters", param="stop")
     p = SamplingParams(stop=tuple(stop), infill="infill" in (body.get("samplers") or ()),
-                       speculation=one_of(body, "speculation", SPECULATION_MODES) or "")
+                       speculation=one_of(body, "speculation", SPECULATION_MODES) or "",
+                       ignore_eos=body.get("ignore_eos") is True)
     for name in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty",
                  "frequency_penalty", "seed"):
         if body.get(name) is not None:

@@ -35,7 +35,7 @@ def rewrite_request() -> dict:
     code = "".join(lines[start:start + 300])
     return {"messages": [{"role": "user", "content": "Here is a Python file:\n\n```python\n" + code + "```\n\n"
                           "Rewrite the whole file with one change: rename `entry` to `item`. Output only the code."}],
-            "max_tokens": 400}
+            "max_tokens": 300}
 
 
 def edit_request() -> dict:
@@ -65,20 +65,22 @@ def post(port, body):
 
 
 def body(server, workload, n, spec):
-    b = dict(WORKLOADS[workload](), model="m", temperature=0.0 if n == 1 else 0.7, stream=False)
+    b = dict(WORKLOADS[workload](), model="m", temperature=0.0 if n == 1 else 0.7, stream=False, ignore_eos=True)
     b = {k: v for k, v in b.items() if v is not None}
     if server == "localswarm":
         return dict(b, voters=n, early_stop=False, execute="off", speculation=spec)
     return dict(b, n=n)
 
 
-def completion_tokens(server, out):
+def completion_tokens(server, out, n, max_tokens):
+    """(tokens of all answers, guessed tokens taken, tokens guessed). llama-server's usage and
+    timings cover one of its n answers; with ignore_eos each of them is max_tokens long."""
     if server == "localswarm":
         voters = out["x_localswarm"]["per_voter"]
         return sum(v["tokens"] for v in voters), sum(v.get("taken_tokens", 0) for v in voters), \
             sum(v.get("guessed_tokens", 0) for v in voters)
     timings = out.get("timings") or {}
-    return out["usage"]["completion_tokens"], timings.get("draft_n_accepted", 0), timings.get("draft_n", 0)
+    return n * max_tokens, timings.get("draft_n_accepted", 0), timings.get("draft_n", 0)
 
 
 def measure(server, port, specs, repeats):
@@ -92,7 +94,7 @@ def measure(server, port, specs, repeats):
                     t, out = post(port, body(server, workload, n, spec))
                     times.append(t)
                     last = out
-                tokens, taken, guessed = completion_tokens(server, last)
+                tokens, taken, guessed = completion_tokens(server, last, n, WORKLOADS[workload]()["max_tokens"])
                 wall = statistics.median(times)
                 rows.append({"workload": workload, "answers": n, "speculation": spec, "wall_s": round(wall, 2),
                              "tokens": tokens, "per_answer_tok_s": round(tokens / n / wall, 1),
@@ -124,11 +126,13 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", help="write the rows here as JSON")
+    ap.add_argument("--only", choices=("localswarm", "llama-server"), help="run one server only")
     args = ap.parse_args()
     model = args.model or ls.starter_model_path()
     home = tempfile.mkdtemp(prefix="bench-spec-")
     out = {}
     runs = [("localswarm", ("off", "ngram"))] + [(args.llama_server, (s,)) for s in ("off", "ngram")]
+    runs = [r for r in runs if not args.only or (r[0] == "localswarm") == (args.only == "localswarm")]
     for server, specs in runs:
         port = free_port()
         proc = start(server, model, port, home, args.threads, specs[0])
@@ -138,6 +142,11 @@ def main():
         finally:
             proc.terminate()
             proc.wait(60)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(out, f, indent=1)
+    if len(out) < 2:
+        return
     print("\n| workload | answers | localswarm off | localswarm ngram | speed-up | llama-server off | "
           "llama-server ngram-simple | speed-up |")
     key = lambda r: (r["workload"], r["answers"], r["speculation"])
@@ -151,9 +160,6 @@ def main():
             print(f"| {workload} | {n} | {cell(a)} | {cell(b)} ({b['taken']}/{b['guessed']}) | "
                   f"{b['per_answer_tok_s'] / a['per_answer_tok_s']:.2f}x | {cell(c)} | {cell(d)} ({d['taken']}/{d['guessed']}) | "
                   f"{d['per_answer_tok_s'] / c['per_answer_tok_s']:.2f}x |")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -394,3 +394,12 @@ def test_a_long_prompt_shows_its_reading_progress(engine):
         time.sleep(0.0005)
     assert any(0 < done < total == len(long) for done, total in seen), seen
     assert engine.prefill_progress() == []
+
+
+def test_ignore_eos_runs_every_answer_to_max_tokens(engine):
+    toks = prompt_tokens(engine, "Say hi.")
+    short = engine.generate(toks, ls.SamplingParams(max_tokens=60, temperature=0), 1)
+    assert short.results[0].finish_reason == "stop" and short.results[0].completion_tokens < 60
+    full = engine.generate(toks, ls.SamplingParams(max_tokens=60, temperature=0, ignore_eos=True), 2)
+    assert [(r.finish_reason, r.completion_tokens) for r in full.results] == [("length", 60)] * 2
+    assert full.results[0].text.startswith(short.results[0].text.strip()[:8])

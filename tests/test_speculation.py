@@ -128,6 +128,22 @@ def test_the_likelier_voter_gets_the_guesses_first():
     assert counts[0] >= counts[2] > 0 and counts[1] == 0 and counts[2] <= 3
 
 
+def test_trust_falls_when_guesses_bring_less_than_expected_and_returns_at_rest():
+    record = ls.GuessRecord()
+    assert record.trust == 1.0
+    for _ in range(20):
+        record.add(10.0, 4)
+    assert record.trust == pytest.approx(0.4, abs=0.05)
+    cpu = timed(CPU)
+    assert ls.plan_guesses([0.98], [16], 1, cpu, record.trust) == [0], "what the guesses earned counts"
+    for _ in range(2000):
+        record.rest()
+    assert record.trust > 0.95
+    for _ in range(20):
+        record.add(5.0, 9)
+    assert record.trust == 1.0, "never more than the rates promise"
+
+
 # --- the engine: same answers, fewer steps ------------------------------------
 
 class CheapGuesses(ls.StepCost):
