@@ -16,14 +16,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import localswarm as ls  # noqa: E402
-from benchlib import free_port, wait_up  # noqa: E402
+from benchlib import free_port, post_json, wait_up  # noqa: E402
 
 ANSWERS = (1, 4, 8)
 
@@ -55,15 +53,6 @@ def prose_request() -> dict:
 WORKLOADS = {"rewrite": rewrite_request, "edit": edit_request, "prose": prose_request}
 
 
-def post(port, body):
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(body).encode(),
-                                 {"Content-Type": "application/json"})
-    t = time.perf_counter()
-    with urllib.request.urlopen(req, timeout=1800) as r:
-        out = json.loads(r.read())
-    return time.perf_counter() - t, out
-
-
 def body(server, workload, n, spec):
     b = dict(WORKLOADS[workload](), model="m", temperature=0.0 if n == 1 else 0.7, stream=False, ignore_eos=True)
     b = {k: v for k, v in b.items() if v is not None}
@@ -86,12 +75,12 @@ def completion_tokens(server, out, n, max_tokens):
 def measure(server, port, specs, repeats):
     rows = []
     for workload in WORKLOADS:
-        post(port, dict(body(server, workload, 1, specs[0]), max_tokens=1))      # its prompt, cached
+        post_json(port, "/v1/chat/completions", dict(body(server, workload, 1, specs[0]), max_tokens=1))      # its prompt, cached
         for n in ANSWERS:
             for spec in specs:
                 times, last = [], None
                 for _ in range(repeats):
-                    t, out = post(port, body(server, workload, n, spec))
+                    t, out = post_json(port, "/v1/chat/completions", body(server, workload, n, spec))
                     times.append(t)
                     last = out
                 tokens, taken, guessed = completion_tokens(server, last, n, WORKLOADS[workload]()["max_tokens"])

@@ -13,23 +13,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 import localswarm as ls  # noqa: E402
-from benchlib import free_port, wait_up  # noqa: E402
-
-
-def post(port, path, body):
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", json.dumps(body).encode(),
-                                 {"Content-Type": "application/json"})
-    t = time.perf_counter()
-    with urllib.request.urlopen(req, timeout=900) as r:
-        out = json.loads(r.read())
-    return time.perf_counter() - t, out
+from benchlib import free_port, post_json, wait_up  # noqa: E402
 
 
 def body(server, n, seed):
@@ -45,12 +34,12 @@ def tokens(server, out):
 
 
 def measure(server, port, repeats):
-    post(port, "/v1/chat/completions", body(server, 1, 1))            # the prompt, cached
+    post_json(port, "/v1/chat/completions", body(server, 1, 1))            # the prompt, cached
     rows = {}
     for n in (1, 4):
         times, toks = [], []
         for r in range(repeats):
-            t, out = post(port, "/v1/chat/completions", body(server, n, 10 + r))
+            t, out = post_json(port, "/v1/chat/completions", body(server, n, 10 + r))
             times.append(t)
             toks.append(tokens(server, out))
         rows[n] = {"median_s": round(statistics.median(times), 3), "tokens": toks[-1]}
